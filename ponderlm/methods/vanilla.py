@@ -1,0 +1,40 @@
+"""`vanilla`: the backbone as a standard causal language model, the reference every method is compared with."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ponderlm.config import Config
+from ponderlm.model import KVCache, Transformer
+
+
+class Vanilla(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.backbone = Transformer(config.model)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, T, V) for token ids (B, T)."""
+        return self.backbone.lm_head(self.backbone.hidden_states(self.backbone.embed(input_ids)))
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training objective and statistics worth logging (none beyond the loss for vanilla)."""
+        logits = self(input_ids)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()), {}
+
+    def new_cache(self, batch_size: int, max_tokens: int, dtype: torch.dtype = torch.float32) -> KVCache:
+        device = self.backbone.lm_head.weight.device
+        return KVCache(self.config.model, batch_size, max_tokens, dtype, device)
+
+    def decode(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed (B, n) new tokens after the cached ones; return the logits (B, V) for the token after them."""
+        hidden = self.backbone.hidden_states(self.backbone.embed(input_ids), cache=cache)
+        cache.commit(input_ids.shape[1])
+        cache.tokens += input_ids.shape[1]
+        return self.backbone.lm_head(hidden[:, -1])
+
+    def extra_steps_per_token(self) -> float:
+        return 0.0

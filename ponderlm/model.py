@@ -1,0 +1,202 @@
+"""The LLaMA-style decoder every method shares (DESIGN §2).
+
+Read top to bottom: RMSNorm, rotary embeddings, attention (with an optional additive per-key bias and a KV
+cache), SwiGLU MLP, the block, the stack. The backbone maps input *embeddings* to final-norm hidden states, so
+methods that feed hidden states back as inputs (latent thoughts) use the same code path as plain tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ponderlm.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: bf16 sums of squares lose too much precision at large d.
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (..., S, head_dim) for integer positions (..., S); slots may share a position."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, plus each cached key's additive bias.
+
+    `length` counts cached slots; `tokens` counts real tokens seen, which is the next RoPE position (a method with
+    latent slots caches several slots per token).
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_slots: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        heads = config.num_attention_heads
+        head_dim = config.hidden_size // heads
+        shape = (config.num_hidden_layers, batch_size, heads, max_slots, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_bias = torch.zeros(batch_size, max_slots, dtype=torch.float32, device=device)
+        self.length = 0
+        self.tokens = 0
+
+    @property
+    def max_slots(self) -> int:
+        return self.keys.shape[3]
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this layer's new keys/values after the cached ones; return all of them."""
+        end = self.length + k.shape[2]
+        if end > self.max_slots:
+            raise ValueError(f"KV cache full: {end} slots needed, {self.max_slots} allocated")
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def commit(self, new_slots: int, new_bias: torch.Tensor | None = None) -> None:
+        """Called once all layers have stored `new_slots` slots."""
+        if new_bias is not None:
+            self.key_bias[:, self.length:self.length + new_slots] = new_bias
+        self.length += new_slots
+
+
+def attention_mask(q_len: int, past_len: int, key_bias: torch.Tensor | None, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor | None:
+    """Additive mask (B|1, 1, q_len, past_len + q_len): causal over the new slots plus the per-key bias.
+
+    None means "plain causal from position 0", which SDPA handles with its fused `is_causal` path.
+    """
+    if key_bias is None and past_len == 0:
+        return None
+    k_len = past_len + q_len
+    query_index = torch.arange(q_len, device=device)[:, None] + past_len
+    future = torch.arange(k_len, device=device)[None, :] > query_index
+    mask = torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill(future, float("-inf"))
+    if key_bias is None:
+        return mask[None, None]
+    return mask[None, None] + key_bias[:, None, None, :k_len].to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.num_heads
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.store(layer, k, v)
+        if mask is not None:
+            mask = mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        inner = config.resolved_intermediate_size()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * inner, bias=False)
+        self.down_proj = nn.Linear(inner, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Embedding, `num_hidden_layers` blocks, final RMSNorm and an untied `lm_head`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (it comes from the tokenizer)")
+        self.config = config
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        # sqrt(2.5 d) turns the init std sqrt(2 / 5d) into unit-scale token inputs (DESIGN §3, every method).
+        self.embed_scale = math.sqrt(2.5 * d)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = math.sqrt(2.0 / (5 * self.config.hidden_size))
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                s = residual_std if name.endswith(("o_proj", "down_proj")) else std
+                nn.init.trunc_normal_(module.weight, mean=0.0, std=s, a=-2 * s, b=2 * s)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids) * self.embed_scale
+
+    def hidden_states(self, inputs_embeds: torch.Tensor, positions: torch.Tensor | None = None,
+                      key_bias: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, S, d) for input embeddings (B, S, d).
+
+        positions: RoPE positions (S,) or (B, S); default 0..S-1 after the cached tokens.
+        key_bias: additive attention bias per key (B, past + S), added for every query, layer and head.
+        cache: if given, new keys/values are appended after the cached ones (the caller commits them).
+        """
+        seq = inputs_embeds.shape[1]
+        past = cache.length if cache is not None else 0
+        if positions is None:
+            start = cache.tokens if cache is not None else 0
+            positions = torch.arange(start, start + seq, device=inputs_embeds.device)
+        cos, sin = rotary_tables(positions, self.config.hidden_size // self.config.num_attention_heads,
+                                 self.config.rope_theta)
+        if cos.dim() == 3:  # per-sequence positions: broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
+        cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
+        mask = attention_mask(seq, past, key_bias, inputs_embeds.dtype, inputs_embeds.device)
+        x = inputs_embeds
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, index)
+        return self.norm(x)
+
+    def num_matmul_params(self) -> int:
+        """Weights of the blocks' Linear layers: the N_nonembedding of the FLOPs counter (DESIGN §5)."""
+        return sum(m.weight.numel() for m in self.layers.modules() if isinstance(m, nn.Linear))
