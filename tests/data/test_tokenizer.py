@@ -11,6 +11,7 @@ from ponderlm.data.tokenizer import EOS_TOKEN, gpt2_tokenizer, load_tokenizer, s
 from ponderlm.errors import PonderError
 
 FIXTURE_TEXTS = sorted((Path(__file__).parents[1] / "fixtures" / "text").glob("*.txt"))
+
 TRICKY = [
     "",
     " leading space",
