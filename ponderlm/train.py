@@ -60,7 +60,9 @@ def evaluate_loss(model, config: Config, shards: TokenShards, max_tokens: int | 
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for inputs, targets in eval_batches(shards, config.data.seq_len, config.train.micro_batch_size, max_tokens):
+    # Without gradients a batch of ~16K tokens fits wherever a training micro-batch does, and amortises overhead.
+    batch_size = max(config.train.micro_batch_size, 16384 // config.data.seq_len)
+    for inputs, targets in eval_batches(shards, config.data.seq_len, batch_size, max_tokens):
         with autocast(config):
             logits = model(inputs)
         total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),

@@ -1,0 +1,135 @@
+"""The backbone: causality, KV-cache decoding, the additive key bias, RoPE and initialisation."""
+
+import math
+
+import pytest
+import torch
+
+from ponderlm.config import load_config
+from ponderlm.methods import build_model
+from ponderlm.model import Attention, KVCache, apply_rotary, attention_mask, rotary_tables
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    config = load_config("tiny", ["model.vocab_size=97"])
+    return build_model(config).eval()
+
+
+def test_changing_a_later_token_never_changes_earlier_logits(model):
+    ids = torch.randint(0, 97, (2, 24))
+    base = model(ids)
+    for t in (0, 7, 22):
+        changed = ids.clone()
+        changed[:, t + 1] = (changed[:, t + 1] + 1) % 97
+        out = model(changed)
+        torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-5)
+        assert not torch.allclose(out[:, t + 1], base[:, t + 1])
+
+
+def test_kv_cached_decoding_equals_full_forward(model):
+    ids = torch.randint(0, 97, (2, 20))
+    full = model(ids)
+    cache = model.new_cache(2, 20)
+    steps = [model.decode(ids[:, :6], cache)]  # prefill
+    steps.append(model.decode(ids[:, 6:9], cache))  # a chunk after cached tokens: causal mask with an offset
+    steps += [model.decode(ids[:, t : t + 1], cache) for t in range(9, 20)]
+    positions = [5, 8] + list(range(9, 20))
+    for logits, t in zip(steps, positions):
+        torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-4)
+    assert cache.length == cache.tokens == 20
+
+
+def test_cache_overflow_is_an_error(model):
+    cache = model.new_cache(1, 4)
+    with pytest.raises(ValueError, match="KV cache full"):
+        model.decode(torch.zeros(1, 5, dtype=torch.long), cache)
+
+
+def naive_attention(attn: Attention, x, positions, key_bias):
+    """Softmax attention written out by hand, as an independent reference."""
+    batch, seq, d = x.shape
+    heads, hd = attn.num_heads, attn.head_dim
+    q, k, v = attn.qkv_proj(x).split(d, dim=-1)
+    q, k, v = (t.view(batch, seq, heads, hd).transpose(1, 2) for t in (q, k, v))
+    cos, sin = rotary_tables(positions, hd, 10000.0)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, float("-inf")) + key_bias[:, None, None, :]
+    out = scores.softmax(-1) @ v
+    return attn.o_proj(out.transpose(1, 2).reshape(batch, seq, d))
+
+
+def test_key_bias_is_added_to_every_querys_logit_for_that_key(model):
+    attn = model.backbone.layers[0].self_attn
+    x = torch.randn(2, 10, 64)
+    positions = torch.arange(10)
+    bias = torch.randn(2, 10) * 3
+    bias[:, 4] = -30.0  # a nearly invisible key
+    cos, sin = rotary_tables(positions, attn.head_dim, 10000.0)
+    mask = attention_mask(10, 0, bias, x.dtype, x.device)
+    ours = attn(x, cos, sin, mask, None, 0)
+    torch.testing.assert_close(ours, naive_attention(attn, x, positions, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_zero_key_bias_equals_no_bias(model):
+    emb = model.backbone.embed(torch.randint(0, 97, (1, 12)))
+    plain = model.backbone.hidden_states(emb)
+    biased = model.backbone.hidden_states(emb, key_bias=torch.zeros(1, 12))
+    torch.testing.assert_close(plain, biased, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(i, j):
+        cos_i, sin_i = rotary_tables(torch.tensor([i]), 16, 10000.0)
+        cos_j, sin_j = rotary_tables(torch.tensor([j]), 16, 10000.0)
+        return (apply_rotary(q, cos_i, sin_i) * apply_rotary(k, cos_j, sin_j)).sum()
+
+    torch.testing.assert_close(score(7, 3), score(107, 103), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(score(7, 3), score(7, 5))
+
+
+def test_rope_matches_complex_rotation():
+    x = torch.randn(3, 8)
+    positions = torch.arange(3)
+    cos, sin = rotary_tables(positions, 8, 10000.0)
+    ours = apply_rotary(x, cos, sin)
+    # Pair dimension i with i + 4 (half-split layout) and rotate it as a complex number by position * freq_i.
+    freqs = 1.0 / 10000.0 ** (torch.arange(0, 8, 2).float() / 8)
+    z = torch.complex(x[:, :4], x[:, 4:]) * torch.polar(torch.ones(3, 4), positions[:, None].float() * freqs)
+    torch.testing.assert_close(ours, torch.cat([z.real, z.imag], dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_initialisation_follows_the_design():
+    torch.manual_seed(0)
+    config = load_config("tiny", ["model.vocab_size=4096", "model.hidden_size=128", "model.num_hidden_layers=3"])
+    backbone = build_model(config).backbone
+    std = math.sqrt(2 / (5 * 128))
+    weight = backbone.embed_tokens.weight
+    assert abs(weight.std().item() - std * 0.88) < 0.02 * std  # a normal truncated at 2 std keeps 0.88 of it
+    assert weight.abs().max().item() <= 2 * std + 1e-7
+    o_proj = backbone.layers[0].self_attn.o_proj.weight
+    assert o_proj.abs().max().item() <= 2 * std / math.sqrt(6) + 1e-7
+    assert backbone.embed_scale == pytest.approx(math.sqrt(2.5 * 128))
+    tokens = backbone.embed(torch.arange(4096))
+    assert tokens.std().item() == pytest.approx(0.88, abs=0.03)  # unit scale before truncation
+
+
+def test_bf16_autocast_forward_is_close_to_fp32(model):
+    ids = torch.randint(0, 97, (2, 16))
+    full = model(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(ids)
+    assert (low.float() - full).abs().max().item() < 0.1
+
+
+def test_kv_cache_stores_key_bias():
+    config = load_config("tiny", ["model.vocab_size=11"])
+    cache = KVCache(config.model, 1, 8, torch.float32)
+    cache.commit(3, torch.tensor([[0.0, -1.0, -2.0]]))
+    assert cache.length == 3
+    torch.testing.assert_close(cache.key_bias[0, :3], torch.tensor([0.0, -1.0, -2.0]))

@@ -1,0 +1,129 @@
+"""The trainer: schedule, metrics, gradient accumulation, checkpoints and exact resume after SIGKILL."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ponderlm.batching import WindowSampler
+from ponderlm.checkpoint import list_checkpoints
+from ponderlm.config import load_config
+from ponderlm.data import TokenShards
+from ponderlm.errors import PonderError
+from ponderlm.methods import build_model
+from ponderlm.train import lr_at, train
+
+
+def tiny(data_dir, *overrides):
+    return load_config("tiny", [f"data.path={data_dir}", *overrides])
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_learning_rate_warms_up_then_decays_to_ten_percent():
+    config = load_config("tiny", ["train.steps=100", "train.warmup_steps=10", "train.lr=1.0"])
+    assert lr_at(1, config) == pytest.approx(0.1)
+    assert lr_at(10, config) == pytest.approx(1.0)
+    assert lr_at(55, config) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(100, config) == pytest.approx(0.1)
+    assert all(lr_at(s, config) >= lr_at(s + 1, config) for s in range(10, 100))
+
+
+def test_training_logs_metrics_and_lowers_the_loss(tiny_data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny(tiny_data_dir, "train.steps=30"), run, progress=False)
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == list(range(2, 31, 2))
+    assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= records[0].keys()
+    assert records[-1]["tokens"] == 30 * 256
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    assert "val_loss" in records[4] and math.isfinite(records[-1]["val_loss"])
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000020", "step_0000030"]  # keep_last = 2
+    assert (run / "config.yaml").is_file() and (run / "tokenizer.json").is_file()
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_data_dir):
+    grads = []
+    for micro in (4, 2, 1):
+        config = tiny(tiny_data_dir, f"train.micro_batch_size={micro}", "model.vocab_size=512")
+        torch.manual_seed(0)
+        model = build_model(config)
+        sampler = WindowSampler(TokenShards(tiny_data_dir, "train"), 32, 0)
+        accum = config.grad_accum_steps()
+        for m in range(accum):
+            loss, _ = model.loss(*sampler.batch(m * micro, micro))
+            (loss / accum).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_after_sigkill_reproduces_every_loss_bit_for_bit(tiny_data_dir, tmp_path):
+    overrides = ["train.steps=60", "train.save_every=5", "train.log_every=1", "train.eval_every=20"]
+    reference = tmp_path / "reference"
+    train(tiny(tiny_data_dir, *overrides), reference, progress=False)
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "ponderlm", "train", "tiny", "--out", str(killed),
+           "--set", f"data.path={tiny_data_dir}", *[a for o in overrides for a in ("--set", o)]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step_0000010").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted_at = int(list_checkpoints(killed)[-1].name.split("_")[1])
+    assert interrupted_at < 60
+
+    train(None, killed, resume=True, progress=False)
+    ours, theirs = read_metrics(killed), read_metrics(reference)
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+    for a, b in zip(ours, theirs):
+        assert (a["loss"], a["lr"], a.get("val_loss")) == (b["loss"], b["lr"], b.get("val_loss")), a["step"]
+
+
+def test_non_empty_run_dir_is_refused_without_resume_or_overwrite(tiny_data_dir, tmp_path):
+    run = tmp_path / "run"
+    config = tiny(tiny_data_dir, "train.steps=2")
+    train(config, run, progress=False)
+    with pytest.raises(PonderError, match="--resume .* --overwrite"):
+        train(config, run, progress=False)
+    train(config, run, overwrite=True, progress=False)
+    assert [r["step"] for r in read_metrics(run)] == [2]
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_data_dir):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(PonderError, match="does not look like a run"):
+        train(tiny(tiny_data_dir), tmp_path, overwrite=True, progress=False)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_resume_refuses_a_changed_config(tiny_data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny(tiny_data_dir, "train.steps=2"), run, progress=False)
+    with pytest.raises(PonderError, match="train.lr"):
+        train(tiny(tiny_data_dir, "train.steps=2", "train.lr=0.5"), run, resume=True, progress=False)
+
+
+def test_resume_of_a_finished_run_does_nothing_more(tiny_data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny(tiny_data_dir, "train.steps=4"), run, progress=False)
+    before = (run / "metrics.jsonl").read_text()
+    train(None, run, resume=True, progress=False)
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_vocab_size_mismatch_with_the_data_is_refused(tiny_data_dir, tmp_path):
+    with pytest.raises(PonderError, match="model.vocab_size=100 but the tokenizer"):
+        train(tiny(tiny_data_dir, "model.vocab_size=100"), tmp_path / "run", progress=False)
