@@ -8,6 +8,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ponderlm.checkpoint import latest_checkpoint, load_model_weights, read_run_config, sha256_file
+from ponderlm.data import load_tokenizer
 from ponderlm.errors import PonderError
 from ponderlm.methods import build_model
 
@@ -19,9 +20,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch
     if checkpoint is None:
         raise PonderError(f"{run_dir} has no checkpoint yet; train it first (`ponderlm train ... --out {run_dir}`)")
     tokenizer_path = run_dir / "tokenizer.json"
-    if not tokenizer_path.is_file():
-        raise PonderError(f"{run_dir} has no tokenizer.json; copy the tokenizer of {config.data.path} there")
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.get_vocab_size() != config.model.vocab_size:
         raise PonderError(f"{tokenizer_path} has {tokenizer.get_vocab_size()} tokens but the model was trained "
                           f"with {config.model.vocab_size}; restore the run's original tokenizer.json")
