@@ -38,7 +38,7 @@ def _eval(args) -> None:
     from ponderlm.evaluate import evaluate_run
 
     print(json.dumps(evaluate_run(args.run_dir, split=args.split, max_tokens=args.max_tokens,
-                                  data_path=args.data)))
+                                  data_path=args.data, tau=args.tau)))
 
 
 def _generate(args) -> None:
@@ -46,15 +46,23 @@ def _generate(args) -> None:
     from ponderlm.runs import load
 
     model, tokenizer = load(args.run_dir)
+    if args.tau is not None:
+        if not 0.0 <= args.tau < 1.0:
+            raise PonderError(f"--tau must lie in [0, 1), got {args.tau}")
+        model.config.ponder.tau = args.tau
 
     def emit(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
     sys.stdout.write(args.prompt)
+    steps: list[int] = []
     generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-             top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_text=emit)
+             top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_text=emit, steps_used=steps)
     sys.stdout.write("\n")
+    if args.show_steps:
+        print(json.dumps({"extra_steps_per_generated_token": steps,
+                          "mean_extra_steps": sum(steps) / max(1, len(steps))}), file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="val", choices=["val", "test"])
     ev.add_argument("--max-tokens", type=int, help="score only the first N tokens of the split")
     ev.add_argument("--data", help="prepared data directory (default: the run's data.path)")
+    ev.add_argument("--tau", type=float, help="ponderlm3 pruning threshold (default: the run's ponder.tau; "
+                    "0 runs all K slots for every token)")
     ev.set_defaults(handler=_eval)
 
     gen = commands.add_parser("generate", help="continue a prompt with a trained run")
@@ -98,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--tau", type=float, help="ponderlm3 pruning threshold (default: the run's ponder.tau)")
+    gen.add_argument("--show-steps", action="store_true",
+                     help="print the latent steps each generated token used (JSON, on stderr)")
     gen.set_defaults(handler=_generate)
     return parser
 

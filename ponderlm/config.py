@@ -6,17 +6,19 @@ not a silently ignored value.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ponderlm.errors import PonderError
 
 METHODS = ("vanilla", "pause", "loop", "ponderlm1", "ponderlm2", "ponderlm3")
-IMPLEMENTED_METHODS = ("vanilla",)
+IMPLEMENTED_METHODS = ("vanilla", "ponderlm2", "ponderlm3")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -65,6 +67,19 @@ class TrainConfig:
 
 
 @dataclass
+class PonderConfig:
+    """Latent thoughts (DESIGN §4): used by ponderlm2 and ponderlm3, ignored by vanilla."""
+
+    steps: int = 3  # K: latent slots per token (the maximum, for ponderlm3)
+    train_refine_passes: list[int] = field(default_factory=lambda: [2, 3])  # R is drawn from these in training
+    eval_refine_passes: int = 3
+    backprop_passes: int = 0  # backpropagate through only the last N Jacobi passes; 0 = all of them
+    router_init_bias: float = 0.0  # added to the router's k = K logit at init (> 0 starts near ponderlm2)
+    penalty: float = 0.0  # lambda: weight of the expected extra steps in the loss
+    tau: float = 1e-4  # inference pruning: keep latent slot k while its tail mass w_k >= tau
+
+
+@dataclass
 class DistributedConfig:
     strategy: str = "none"  # none | ddp | fsdp
 
@@ -75,6 +90,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ponder: PonderConfig = field(default_factory=PonderConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> Config:
@@ -98,6 +114,12 @@ class Config:
                     "train.micro_batch_size": t.micro_batch_size, "train.log_every": t.log_every,
                     "train.eval_every": t.eval_every, "train.save_every": t.save_every,
                     "train.keep_last": t.keep_last, "model.num_hidden_layers": m.num_hidden_layers}
+        p = self.ponder
+        if p.steps < 1 or p.eval_refine_passes < 0 or p.backprop_passes < 0 or not p.train_refine_passes \
+                or min(p.train_refine_passes) < 0:
+            raise PonderError("ponder.steps must be >= 1, refine passes >= 0 and train_refine_passes non-empty")
+        if not 0.0 <= p.tau < 1.0 or p.penalty < 0:
+            raise PonderError(f"ponder.tau must lie in [0, 1) and ponder.penalty be >= 0 (got {p.tau}, {p.penalty})")
         for key, value in positive.items():
             if value <= 0:
                 raise PonderError(f"{key} must be positive, got {value}")
@@ -111,6 +133,12 @@ class Config:
                 f"world_size = {self.train.micro_batch_size} x {self.data.seq_len} x {world_size} = {per_micro}"
             )
         return self.train.batch_tokens // per_micro
+
+    def autocast(self):
+        """The precision context for forward passes: bf16 autocast, or nothing for fp32."""
+        if self.train.dtype == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

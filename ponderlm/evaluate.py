@@ -1,20 +1,53 @@
-"""`ponderlm eval`: loss, perplexity and inference FLOPs of a run on a split of its data."""
+"""`ponderlm eval`: loss, perplexity, pondering and inference FLOPs of a run on a split of its data.
+
+Everything is measured on the inference path: for ponderlm3 the hard-pruned forward at tau, whose kept latent
+slots per token also drive the FLOPs count. For ponderlm3 the soft (training-mode) loss is reported beside it.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+from ponderlm.batching import eval_batches
 from ponderlm.checkpoint import sha256_file
+from ponderlm.config import Config
 from ponderlm.data import TokenShards, read_metadata
 from ponderlm.errors import PonderError
-from ponderlm.flops import vanilla_inference_flops_per_token
+from ponderlm.flops import inference_flops
 from ponderlm.runs import load
-from ponderlm.train import evaluate_loss
+
+
+@torch.no_grad()
+def evaluate_model(model, config: Config, shards: TokenShards, max_tokens: int | None = None,
+                   tau: float | None = None) -> dict:
+    """Mean next-token NLL (nats) over the first max_tokens of a split, with pondering statistics."""
+    was_training = model.training
+    model.eval()
+    nll, tokens, flops = 0.0, 0, 0.0
+    histogram = torch.zeros(config.ponder.steps + 1, dtype=torch.long)
+    n_mm = model.backbone.num_matmul_params()
+    # Without gradients a batch of ~16K tokens fits wherever a training micro-batch does, and amortises overhead.
+    batch_size = max(config.train.micro_batch_size, 16384 // config.data.seq_len)
+    for inputs, targets in eval_batches(shards, config.data.seq_len, batch_size, max_tokens):
+        with config.autocast():
+            logits, latent_slots = model.infer(inputs, tau)
+        nll += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+        tokens += targets.numel()
+        flops += inference_flops(config, n_mm, latent_slots)
+        histogram += torch.bincount(latent_slots.flatten().cpu(), minlength=len(histogram))[: len(histogram)]
+    model.train(was_training)
+    count = max(1, tokens)
+    extra_steps = (histogram * torch.arange(len(histogram))).sum().item()
+    return {"loss": nll / count, "tokens": tokens, "mean_extra_steps": extra_steps / count,
+            "extra_steps_histogram": histogram.tolist(), "inference_flops_per_token": flops / count}
 
 
 def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None = None,
-                 data_path: str | Path | None = None) -> dict:
+                 data_path: str | Path | None = None, tau: float | None = None) -> dict:
     run_dir = Path(run_dir)
     model, _ = load(run_dir)
     config = model.config
@@ -24,21 +57,23 @@ def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None
     if sha256_file(data_tokenizer) != sha256_file(run_dir / "tokenizer.json"):
         raise PonderError(f"the data at {data_dir} was tokenised with another tokenizer than {run_dir}; "
                           "evaluate on data prepared with the run's tokenizer")
+    if tau is not None and not 0.0 <= tau < 1.0:
+        raise PonderError(f"--tau must lie in [0, 1), got {tau}")
     shards = TokenShards(data_dir, split)
-    loss, tokens = evaluate_loss(model, config, shards, max_tokens)
-    result = {
-        "method": config.method,
-        "split": split,
-        "loss": loss,
-        "ppl": math.exp(loss),
-        "tokens": tokens,
-        "mean_extra_steps": model.extra_steps_per_token(),
-        "inference_flops_per_token": vanilla_inference_flops_per_token(
-            config, model.backbone.num_matmul_params(), config.data.seq_len),
-    }
+    measured = evaluate_model(model, config, shards, max_tokens, tau)
+    result = {"method": config.method, "split": split, "loss": measured["loss"], "ppl": math.exp(measured["loss"]),
+              "tokens": measured["tokens"], "mean_extra_steps": measured["mean_extra_steps"],
+              "inference_flops_per_token": measured["inference_flops_per_token"]}
+    if config.method != "vanilla":
+        result["max_extra_steps"] = config.ponder.steps
+        result["extra_steps_histogram"] = measured["extra_steps_histogram"]
+    if config.method == "ponderlm3":
+        result["tau"] = config.ponder.tau if tau is None else tau
+        soft = evaluate_model(model, config, shards, max_tokens, tau=0.0)["loss"]
+        result.update(soft_loss=soft, soft_ppl=math.exp(soft), pruned_minus_soft=measured["loss"] - soft)
     words = metadata["splits"][split].get("words")
-    if words and tokens == len(shards) - 1:
+    if words and measured["tokens"] == len(shards) - 1:
         # Every token of the split (EOS included, standing in for PTB's <eos>) was scored once.
-        result["word_ppl"] = math.exp(loss * tokens / words)
+        result["word_ppl"] = math.exp(measured["loss"] * measured["tokens"] / words)
         result["words"] = words
     return result

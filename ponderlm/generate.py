@@ -31,8 +31,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 @torch.no_grad()
 def generate(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
-             on_text: Callable[[str], None] | None = None) -> str:
-    """Continue `prompt`; `on_text` receives each new piece of decoded text as soon as it is known."""
+             on_text: Callable[[str], None] | None = None, steps_used: list[int] | None = None) -> str:
+    """Continue `prompt`; `on_text` receives each new piece of decoded text as soon as it is known.
+
+    steps_used, if given, receives the latent steps the model ran before emitting each generated token.
+    """
     eos_id = tokenizer.token_to_id("<|endoftext|>")
     ids = tokenizer.encode(prompt).ids
     if not ids:
@@ -41,7 +44,8 @@ def generate(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100
         raise PonderError("--max-new-tokens must be >= 0")
     generator = torch.Generator().manual_seed(seed)
     cache = model.new_cache(1, len(ids) + max_new_tokens)
-    logits = model.decode(torch.tensor([ids]), cache)
+    used: list[torch.Tensor] = []
+    logits = model.decode(torch.tensor([ids]), cache, used)
     new_ids: list[int] = []
     emitted = ""
     for _ in range(max_new_tokens):
@@ -49,13 +53,15 @@ def generate(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100
         if stop_at_eos and token.item() == eos_id:
             break
         new_ids.append(token.item())
+        if steps_used is not None:
+            steps_used.append(int(used[-1][0]))
         text = tokenizer.decode(new_ids)
         # A byte-level BPE token may end inside a UTF-8 character; wait until the character is complete.
         if on_text is not None and not text.endswith("\ufffd"):
             on_text(text[len(emitted):])
             emitted = text
         if len(new_ids) < max_new_tokens:
-            logits = model.decode(token[:, None], cache)
+            logits = model.decode(token[:, None], cache, used)
     text = tokenizer.decode(new_ids)
     if on_text is not None and len(text) > len(emitted):
         on_text(text[len(emitted):])

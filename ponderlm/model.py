@@ -106,16 +106,38 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None, layer: int) -> torch.Tensor:
+                cache: KVCache | None, layer: int, bias_column: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q, k, v = self.qkv_proj(x).view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.store(layer, k, v)
-        if mask is not None:
-            mask = mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1)
+        if bias_column is not None:
+            out = biased_causal_attention(q, k, v, bias_column)
+        else:
+            if mask is not None:
+                mask = mask.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def biased_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            bias_column: torch.Tensor) -> torch.Tensor:
+    """Causal attention plus a per-key bias, through the fused `is_causal` kernel (the "augmented matrix").
+
+    Each query gets an extra component 1 and each key the component bias / scale, so the scaled q.k of the
+    kernel already contains the bias; values get a 0. The bias receives gradients through k, and no float mask
+    (which would force SDPA onto a slow path when it requires grad) is ever built.
+    bias_column: (B, 1, S, 1), the per-key bias already divided by the softmax scale.
+    """
+    batch, heads, seq, head_dim = q.shape
+    pad = 8 - head_dim % 8  # keep the padded head dim a multiple of 8 for the kernels
+    zeros = q.new_zeros(batch, heads, seq, pad - 1)
+    q_aug = torch.cat((q, q.new_ones(batch, heads, seq, 1), zeros), dim=-1)
+    k_aug = torch.cat((k, bias_column.to(k.dtype).expand(batch, heads, seq, 1), zeros), dim=-1)
+    v_aug = F.pad(v, (0, pad))
+    out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, is_causal=True, scale=head_dim ** -0.5)
+    return out[..., :head_dim]
 
 
 class MLP(nn.Module):
@@ -138,8 +160,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache, layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache, layer, bias_column=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, bias_column)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -191,10 +213,15 @@ class Transformer(nn.Module):
         if cos.dim() == 3:  # per-sequence positions: broadcast over heads
             cos, sin = cos[:, None], sin[:, None]
         cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
-        mask = attention_mask(seq, past, key_bias, inputs_embeds.dtype, inputs_embeds.device)
+        mask, bias_column = None, None
+        if key_bias is not None and cache is None:
+            head_dim = self.config.hidden_size // self.config.num_attention_heads
+            bias_column = (key_bias * head_dim ** 0.5)[:, None, :, None]
+        else:
+            mask = attention_mask(seq, past, key_bias, inputs_embeds.dtype, inputs_embeds.device)
         x = inputs_embeds
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, index)
+            x = layer(x, cos, sin, mask, cache, index, bias_column)
         return self.norm(x)
 
     def num_matmul_params(self) -> int:

@@ -7,7 +7,6 @@ checkpoint's step before training continues, so the file ends up as if the run h
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -17,23 +16,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ponderlm.batching import WindowSampler, eval_batches
+from ponderlm.batching import WindowSampler
 from ponderlm.checkpoint import (atomic_write_text, latest_checkpoint, load_model_weights, load_trainer_state,
                                  prepare_run_dir, read_run_config, save_checkpoint, sha256_file)
 from ponderlm.config import Config
 from ponderlm.data import TokenShards, read_metadata
 from ponderlm.errors import PonderError
+from ponderlm.evaluate import evaluate_model
 from ponderlm.methods import build_model
 
 # Keys a resumed run may change: they do not alter what is computed at a given step.
 RESUMABLE_CHANGES = {"train.log_every", "train.eval_every", "train.save_every", "train.keep_last",
                      "train.tensorboard", "train.eval_tokens"}
-
-
-def autocast(config: Config):
-    if config.train.dtype == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def lr_at(step: int, config: Config) -> float:
@@ -52,24 +46,6 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW
     groups = [{"params": decay, "weight_decay": config.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.train.lr, betas=(config.train.beta1, config.train.beta2))
-
-
-@torch.no_grad()
-def evaluate_loss(model, config: Config, shards: TokenShards, max_tokens: int | None = None) -> tuple[float, int]:
-    """Mean next-token cross-entropy (nats) over the first max_tokens of a split, and the tokens scored."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    # Without gradients a batch of ~16K tokens fits wherever a training micro-batch does, and amortises overhead.
-    batch_size = max(config.train.micro_batch_size, 16384 // config.data.seq_len)
-    for inputs, targets in eval_batches(shards, config.data.seq_len, batch_size, max_tokens):
-        with autocast(config):
-            logits = model(inputs)
-        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                                   reduction="sum").item()
-        count += targets.numel()
-    model.train(was_training)
-    return total / max(1, count), count
 
 
 class MetricsLog:
@@ -198,7 +174,7 @@ def train(config: Config | None, run_dir: Path, resume: bool = False, overwrite:
         for micro in range(accum):
             inputs, targets = sampler.batch((step - 1) * sequences_per_step + micro * t.micro_batch_size,
                                             t.micro_batch_size)
-            with autocast(config):
+            with config.autocast():
                 loss, stats = model.loss(inputs, targets)
             (loss / accum).backward()
             step_loss += loss.item() / accum
@@ -220,7 +196,7 @@ def train(config: Config | None, run_dir: Path, resume: bool = False, overwrite:
             record = {"step": step, "loss": step_loss, "lr": lr, "tokens": step * tokens_per_step,
                       "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9), **stats_sum}
             if evaluate_now:
-                val_loss, _ = evaluate_loss(model, config, val_shards, t.eval_tokens)
+                val_loss = evaluate_model(model, config, val_shards, t.eval_tokens)["loss"]
                 record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
             metrics.write(record)
             bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")

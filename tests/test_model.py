@@ -7,7 +7,8 @@ import torch
 
 from ponderlm.config import load_config
 from ponderlm.methods import build_model
-from ponderlm.model import Attention, KVCache, apply_rotary, attention_mask, rotary_tables
+from ponderlm.model import (Attention, KVCache, apply_rotary, attention_mask, biased_causal_attention,
+                            rotary_tables)
 
 
 @pytest.fixture
@@ -133,3 +134,24 @@ def test_kv_cache_stores_key_bias():
     cache.commit(3, torch.tensor([[0.0, -1.0, -2.0]]))
     assert cache.length == 3
     torch.testing.assert_close(cache.key_bias[0, :3], torch.tensor([0.0, -1.0, -2.0]))
+
+
+def test_fused_biased_attention_equals_the_float_mask_and_passes_gradients():
+    q, k, v = (torch.randn(2, 4, 12, 16) for _ in range(3))
+    bias = (torch.randn(2, 12) * 2 - 1).requires_grad_()
+    fused = biased_causal_attention(q, k, v, (bias * 16**0.5)[:, None, :, None])  # augmented q.k, is_causal
+    mask = attention_mask(12, 0, bias, torch.float32, torch.device("cpu"))
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+    (grad_fused,) = torch.autograd.grad(fused.square().sum(), bias)
+    (grad_reference,) = torch.autograd.grad(reference.square().sum(), bias)
+    torch.testing.assert_close(grad_fused, grad_reference, rtol=1e-4, atol=1e-5)
+    assert grad_fused.abs().sum() > 0
+
+
+def test_backbone_with_key_bias_matches_cached_masked_path(model):
+    emb = model.backbone.embed(torch.randint(0, 97, (2, 12)))
+    bias = torch.randn(2, 12)
+    fused = model.backbone.hidden_states(emb, key_bias=bias)
+    masked = model.backbone.hidden_states(emb, key_bias=bias, cache=model.new_cache(2, 12))
+    torch.testing.assert_close(fused, masked, rtol=1e-4, atol=1e-4)

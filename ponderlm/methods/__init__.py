@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from ponderlm.config import Config
+from ponderlm.methods.latent import PonderLM2, PonderLM3
 from ponderlm.methods.vanilla import Vanilla
 
-METHOD_CLASSES: dict[str, type[nn.Module]] = {"vanilla": Vanilla}
+METHOD_CLASSES: dict[str, type[nn.Module]] = {"vanilla": Vanilla, "ponderlm2": PonderLM2, "ponderlm3": PonderLM3}
 
 
 def build_model(config: Config) -> nn.Module:

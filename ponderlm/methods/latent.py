@@ -1,0 +1,202 @@
+"""Latent thoughts: `ponderlm2` (K fixed latent slots per token) and `ponderlm3` (a learned share of K).
+
+Layout (DESIGN §4.1): slots interleave as [x_1, z_1^1..z_1^K, x_2, ...]; every slot of token t sits at RoPE
+position t; latent slot (t, k) takes as input the final-norm output h_t^(k-1) of the slot before it. Training
+solves this recurrence in parallel by Jacobi iteration: growth passes with 1..K slots per token, then refinement
+passes over all K + 1 slots; each pass feeds the previous pass's outputs in as latent inputs. Decoding with a KV
+cache runs the slots of each token one after another, which is the fixed point the Jacobi passes approach.
+
+PonderLM-3 (DESIGN §4.2) adds a router on h^(0): s = softmax(router(h^(0))) over k = 0..K and the tail mass
+w_k = sum_{j>=k} s_j. log w_k is added to every query's attention logit for latent key (t, k) (a soft mask), and
+the output is the mixture sum_k s_k h^(k). At inference, slots with w_k < tau are pruned: never computed, never
+cached; the mixture is truncated there without renormalising.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ponderlm.config import Config
+from ponderlm.model import KVCache, Transformer
+
+HARD_MASK = -1e9  # the bias of a pruned slot: invisible to every query, yet finite so nothing turns into NaN
+
+
+def log_tail_mass(router_logits: torch.Tensor) -> torch.Tensor:
+    """log w_k = log sum_{j>=k} softmax(logits)_j for k = 0..K, as logsumexp(tail) - logsumexp(all).
+
+    Never the log of a small sum: stays finite for any finite logits.
+    """
+    tails = torch.logcumsumexp(router_logits.flip(-1), dim=-1).flip(-1)
+    return tails - tails[..., :1]
+
+
+class PonderLM2(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.steps = config.ponder.steps
+        self.backbone = Transformer(config.model)
+
+    # ----- parallel forward (training and evaluation) -----
+
+    def _slot_bias(self, h0: torch.Tensor, slots: int, tau: float | None) -> torch.Tensor | None:
+        """Per-key attention bias (B, T * slots) for a pass with `slots` slots per token; None: no bias."""
+        return None
+
+    def _pass(self, token_embeds: torch.Tensor, latent_inputs: torch.Tensor, bias: torch.Tensor | None):
+        """One Jacobi pass: token slots plus latent slots (B, T, j-1, d) -> final-norm outputs (B, T, j, d)."""
+        batch, tokens, dim = token_embeds.shape
+        slots = torch.cat((token_embeds[:, :, None], latent_inputs), dim=2)
+        per_token = slots.shape[2]
+        positions = torch.arange(tokens, device=token_embeds.device).repeat_interleave(per_token)
+        hidden = self.backbone.hidden_states(slots.flatten(1, 2), positions, key_bias=bias)
+        return hidden.view(batch, tokens, per_token, dim)
+
+    def jacobi(self, input_ids: torch.Tensor, refine_passes: int, tau: float | None = None) -> torch.Tensor:
+        """Final-pass states h_t^(k), shape (B, T, K + 1, d), after K growth, R refinement and one final pass.
+
+        tau: ponderlm3 only; hard-mask the slots that inference would prune (None: the soft training mask).
+        """
+        token_embeds = self.backbone.embed(input_ids)
+        widths = list(range(1, self.steps + 1)) + [self.steps + 1] * (refine_passes + 1)
+        backprop = self.config.ponder.backprop_passes
+        first_with_grad = len(widths) - backprop if backprop else 0
+        hidden = token_embeds.new_zeros(*token_embeds.shape[:2], 0, token_embeds.shape[2])
+        for index, width in enumerate(widths):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and index >= first_with_grad):
+                if index == first_with_grad:
+                    hidden = hidden.detach()
+                bias = self._slot_bias(hidden[:, :, 0], width, tau) if width > 1 else None
+                hidden = self._pass(token_embeds, hidden[:, :, : width - 1], bias)
+        return hidden
+
+    def _output_states(self, states: torch.Tensor, tau: float | None = None):
+        """The hidden state each token predicts from (B, T, d), the latent slots it used (B, T), statistics."""
+        return states[:, :, -1], torch.full(states.shape[:2], self.steps, device=states.device), {}
+
+    def infer(self, input_ids: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inference path in parallel: logits (B, T, V) and latent slots run per token (B, T).
+
+        tau: pruning threshold (ponderlm3; default config.ponder.tau; 0 keeps every slot, i.e. the soft forward).
+        """
+        tau = self.config.ponder.tau if tau is None else tau
+        states = self.jacobi(input_ids, self.config.ponder.eval_refine_passes, tau)
+        output, used, _ = self._output_states(states, tau)
+        return self.backbone.lm_head(output), used
+
+    def forward(self, input_ids: torch.Tensor, tau: float | None = None) -> torch.Tensor:
+        return self.infer(input_ids, tau)[0]
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        options = self.config.ponder.train_refine_passes
+        refine = options[int(torch.randint(len(options), ()))]  # torch's RNG: checkpointed, so resume is exact
+        states = self.jacobi(input_ids, refine)
+        output, _, stats = self._output_states(states)
+        logits = self.backbone.lm_head(output)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return self._regularise(loss, stats), {k: v.item() if torch.is_tensor(v) else v for k, v in stats.items()
+                                               if not k.startswith("_")}
+
+    def _regularise(self, loss: torch.Tensor, stats: dict) -> torch.Tensor:
+        return loss
+
+    # ----- sequential decoding with a KV cache -----
+
+    def new_cache(self, batch_size: int, max_tokens: int, dtype: torch.dtype = torch.float32) -> KVCache:
+        device = self.backbone.lm_head.weight.device
+        return KVCache(self.config.model, batch_size, max_tokens * (self.steps + 1), dtype, device)
+
+    def _slot(self, inputs: torch.Tensor, cache: KVCache, bias: torch.Tensor | None) -> torch.Tensor:
+        """Run one slot per sequence (inputs (B, 1, d)) at the current token's position; cache it."""
+        key_bias = None
+        if bias is not None or cache.key_bias[:, : cache.length].any():
+            new = bias if bias is not None else cache.key_bias.new_zeros(inputs.shape[0])
+            key_bias = torch.cat((cache.key_bias[:, : cache.length], new[:, None].float()), dim=1)
+        hidden = self.backbone.hidden_states(inputs, key_bias=key_bias, cache=cache)
+        cache.commit(1, None if bias is None else bias[:, None])
+        return hidden
+
+    def _decode_token(self, token_ids: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """All slots of one token (B,); returns the output state (B, d) and the latent slots run (B,)."""
+        hidden = self._slot(self.backbone.embed(token_ids[:, None]), cache, None)
+        for _ in range(self.steps):
+            hidden = self._slot(hidden, cache, None)
+        return hidden[:, 0], torch.full_like(token_ids, self.steps)
+
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor, cache: KVCache, steps_used: list | None = None) -> torch.Tensor:
+        """Feed (B, n) tokens one by one after the cached ones; logits (B, V) for the next token.
+
+        steps_used, if given, receives the latent slots each fed token ran (a (B,) tensor per token).
+        """
+        for i in range(input_ids.shape[1]):
+            output, used = self._decode_token(input_ids[:, i], cache)
+            cache.tokens += 1
+            if steps_used is not None:
+                steps_used.append(used)
+        return self.backbone.lm_head(output)
+
+
+class PonderLM3(PonderLM2):
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.router = nn.Linear(config.model.hidden_size, self.steps + 1)
+        nn.init.zeros_(self.router.weight)
+        with torch.no_grad():
+            self.router.bias.zero_()
+            self.router.bias[-1] = config.ponder.router_init_bias
+
+    def route(self, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step distribution s (..., K + 1) and log tail mass log w (..., K + 1) from h^(0)."""
+        logits = self.router(h0).float()
+        return logits.softmax(-1), log_tail_mass(logits)
+
+    def kept_slots(self, log_w: torch.Tensor, tau: float) -> torch.Tensor:
+        """K_hat = max{k : w_k >= tau}; w_0 = 1, so at least 0."""
+        threshold = math.log(tau) if tau > 0 else float("-inf")
+        return (log_w[..., 1:] >= threshold).sum(-1)  # w is non-increasing in k, so a count is the max k
+
+    def _slot_bias(self, h0, slots, tau):
+        _, log_w = self.route(h0)
+        bias = log_w[..., :slots].clone()
+        bias[..., 0] = 0.0  # the token slot is never masked
+        if tau is not None:
+            pruned = torch.arange(slots, device=bias.device) > self.kept_slots(log_w, tau)[..., None]
+            bias = bias.masked_fill(pruned, HARD_MASK)
+        return bias.flatten(1, 2)
+
+    def _output_states(self, states, tau=None):
+        s, log_w = self.route(states[:, :, 0])
+        keep = torch.full(states.shape[:2], self.steps, device=states.device)
+        if tau is not None:  # truncate the mixture at K_hat, without renormalising
+            keep = self.kept_slots(log_w, tau)
+            s = s.masked_fill(torch.arange(self.steps + 1, device=s.device) > keep[..., None], 0.0)
+        mixture = torch.einsum("btk,btkd->btd", s.to(states.dtype), states)
+        expected_extra = log_w[..., 1:].exp().sum(-1)  # sum_{k>=1} w_k = expected extra steps
+        stats = {"_expected_extra": expected_extra.mean(),
+                 "expected_extra_steps": expected_extra.mean().detach(),
+                 "router_entropy": -(s * s.clamp_min(1e-12).log()).sum(-1).mean().detach()}
+        for k in range(self.steps + 1):
+            stats[f"step_mass_{k}"] = s[..., k].mean().detach()
+        return mixture, keep, stats
+
+    def _regularise(self, loss, stats):
+        return loss + self.config.ponder.penalty * stats["_expected_extra"]
+
+    def _decode_token(self, token_ids, cache):
+        hidden = self._slot(self.backbone.embed(token_ids[:, None]), cache, torch.zeros(len(token_ids)))
+        states = [hidden[:, 0]]
+        s, log_w = self.route(states[0])
+        keep = self.kept_slots(log_w, self.config.ponder.tau)
+        for k in range(1, int(keep.max()) + 1):
+            bias = torch.where(k <= keep, log_w[:, k], torch.full_like(log_w[:, k], HARD_MASK))
+            hidden = self._slot(hidden, cache, bias)
+            states.append(hidden[:, 0])
+        weights = s[:, : len(states)].masked_fill(torch.arange(len(states)) > keep[:, None], 0.0)
+        mixture = torch.einsum("bk,bkd->bd", weights.to(hidden.dtype), torch.stack(states, dim=1))
+        return mixture, keep

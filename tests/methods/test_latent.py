@@ -1,0 +1,168 @@
+"""PonderLM-2 and PonderLM-3: Jacobi training forward, soft mask, router, pruned inference, consistency."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+import ponderlm
+from ponderlm.checkpoint import list_checkpoints
+from ponderlm.config import load_config
+from ponderlm.methods import build_model
+from ponderlm.methods.latent import log_tail_mass
+from ponderlm.train import train
+
+VOCAB = 53
+
+
+def make(method, *overrides, seed=0):
+    torch.manual_seed(seed)
+    config = load_config("tiny", [f"method={method}", f"model.vocab_size={VOCAB}", "ponder.steps=2", *overrides])
+    return build_model(config).eval()
+
+
+def sharpen_router(model, scale):
+    """Give the router random, large weights so tokens get different step distributions."""
+    with torch.no_grad():
+        model.router.weight.normal_(0, scale)
+        model.router.bias.normal_(0, 1)
+
+
+def sequential_logits(model, ids):
+    cache = model.new_cache(ids.shape[0], ids.shape[1])
+    used = []
+    logits = torch.stack([model.decode(ids[:, t : t + 1], cache, used) for t in range(ids.shape[1])], dim=1)
+    return logits, torch.stack(used, dim=1)
+
+
+def test_log_tail_mass_matches_a_direct_computation_and_stays_finite():
+    logits = torch.randn(5, 4)
+    direct = logits.softmax(-1).flip(-1).cumsum(-1).flip(-1).log()
+    torch.testing.assert_close(log_tail_mass(logits), direct, rtol=1e-5, atol=1e-6)
+    extreme = torch.tensor([[1e4, -1e4, -1e4, -1e4], [-1e4, -1e4, -1e4, 1e4], [80.0, -80.0, 0.0, -3e38]])
+    log_w = log_tail_mass(extreme)
+    assert torch.isfinite(log_w).all()
+    assert (log_w[:, 0] == 0).all() and (log_w.diff(dim=-1) <= 0).all()
+    assert log_w[0, 1].item() == pytest.approx(-2e4, rel=1e-3)  # exact, where log(sum) would give -inf
+
+
+@pytest.mark.parametrize("method", ["ponderlm2", "ponderlm3"])
+def test_causality_through_latent_slots(method):
+    model = make(method)
+    if method == "ponderlm3":
+        sharpen_router(model, 0.5)
+    ids = torch.randint(0, VOCAB, (2, 10))
+    base = model(ids)
+    for t in (0, 4, 8):
+        changed = ids.clone()
+        changed[:, t + 1] = (changed[:, t + 1] + 1) % VOCAB
+        torch.testing.assert_close(model(changed)[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,tau", [("ponderlm2", 1e-4), ("ponderlm3", 0.0), ("ponderlm3", 0.2)])
+def test_jacobi_with_enough_passes_equals_sequential_decoding(method, tau):
+    tokens, K = 6, 2
+    model = make(method, f"ponder.eval_refine_passes={(K + 1) * tokens}", f"ponder.tau={tau}")
+    if method == "ponderlm3":
+        sharpen_router(model, 0.5)
+    ids = torch.randint(0, VOCAB, (2, tokens))
+    with torch.no_grad():
+        parallel, parallel_used = model.infer(ids)
+    sequential, sequential_used = sequential_logits(model, ids)
+    assert torch.equal(parallel_used, sequential_used)
+    torch.testing.assert_close(parallel, sequential, rtol=1e-4, atol=1e-4)
+    if tau == 0.2:
+        assert 0 < parallel_used.float().mean() < K  # the check covered pruned and kept slots
+
+
+def test_one_hot_router_makes_soft_forward_equal_pruned_forward():
+    model = make("ponderlm3")
+    sharpen_router(model, 200.0)  # saturated softmax: s is one-hot per token, at different k for different tokens
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        soft, soft_used = model.infer(ids, tau=0.0)
+        pruned, pruned_used = model.infer(ids, tau=1e-4)
+    assert (soft_used == 2).all() and len(pruned_used.unique()) > 1
+    torch.testing.assert_close(soft, pruned, rtol=1e-4, atol=1e-4)
+
+
+def test_tau_zero_runs_every_latent_slot():
+    model = make("ponderlm3", "ponder.tau=0.0")
+    with torch.no_grad():
+        model.router.bias.copy_(torch.tensor([30.0, 0.0, 0.0]))  # w_1 = w_2 ~ 1e-13: all mass on k = 0
+    ids = torch.randint(0, VOCAB, (1, 8))
+    _, used = sequential_logits(model, ids)
+    assert (used == 2).all()
+    model.config.ponder.tau = 1e-4  # the same model prunes everything once w_k < tau
+    _, used = sequential_logits(model, ids)
+    assert (used == 0).all()
+
+
+def test_router_gets_gradients_through_the_mask_and_through_the_mixture(monkeypatch):
+    model = make("ponderlm3").train()
+    sharpen_router(model, 0.1)
+    ids, targets = torch.randint(0, VOCAB, (2, 8)), torch.randint(0, VOCAB, (2, 8))
+
+    def router_grad():
+        model.zero_grad()
+        model.loss(ids, targets)[0].backward()
+        return model.router.weight.grad.abs().sum().item()
+
+    assert router_grad() > 0
+    route = type(model).route
+    original_bias = type(model)._slot_bias
+    # Only the mask: the mixture weights are cut from the graph.
+    monkeypatch.setattr(type(model), "route", lambda self, h0: tuple(x.detach() for x in route(self, h0)))
+    monkeypatch.setattr(type(model), "_slot_bias",
+                        lambda self, h0, slots, tau: _attached_bias(self, route, h0, slots))
+    assert router_grad() > 0
+    # Only the mixture: the mask is cut from the graph.
+    monkeypatch.setattr(type(model), "route", route)
+    monkeypatch.setattr(type(model), "_slot_bias",
+                        lambda self, h0, slots, tau: original_bias(self, h0, slots, tau).detach())
+    assert router_grad() > 0
+
+
+def _attached_bias(model, route, h0, slots):
+    log_w = route(model, h0)[1][..., :slots].clone()
+    log_w[..., 0] = 0.0
+    return log_w.flatten(1, 2)
+
+
+def test_large_penalty_drives_extra_steps_down(tiny_data_dir, tmp_path):
+    config = load_config("tiny", ["method=ponderlm3", f"data.path={tiny_data_dir}", "ponder.steps=2",
+                                  "ponder.penalty=2.0", "train.steps=16", "train.log_every=1", "train.lr=1e-2"])
+    train(config, tmp_path / "run", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["expected_extra_steps"] == pytest.approx(1.0, abs=0.05)  # zero router: uniform over 0..2
+    assert records[-1]["expected_extra_steps"] < 0.5
+    assert {"router_entropy", "step_mass_0", "step_mass_2"} <= records[-1].keys()
+
+
+def test_ponderlm3_resume_is_exact(tiny_data_dir, tmp_path):
+    overrides = ["method=ponderlm3", f"data.path={tiny_data_dir}", "ponder.steps=2", "ponder.penalty=0.01",
+                 "train.steps=6", "train.log_every=1", "train.save_every=3", "train.keep_last=5"]
+    run = tmp_path / "run"
+    train(load_config("tiny", overrides), run, progress=False)
+    full = read_metrics(run)
+    shutil.rmtree(list_checkpoints(run)[-1])  # as if killed between step 3 and step 6
+    train(None, run, resume=True, progress=False)
+    assert read_metrics(run) == full
+
+
+def read_metrics(run):
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+@pytest.mark.parametrize("method", ["ponderlm2", "ponderlm3"])
+def test_load_and_call_a_trained_run(method, tiny_data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(load_config("tiny", [f"method={method}", f"data.path={tiny_data_dir}", "train.steps=2"]), run,
+          progress=False)
+    model, tokenizer = ponderlm.load(run)
+    ids = torch.tensor([tokenizer.encode("Four score and seven").ids])
+    assert model(ids).shape == (1, ids.shape[1], tokenizer.get_vocab_size())
+    assert math.isfinite(model(ids).sum().item())
