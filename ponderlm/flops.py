@@ -3,6 +3,7 @@
 Per executed slot: 2 * N_nonembedding (every block matmul, forward) + 4 * n_layers * d * (keys that slot attends
 to: q.k and attention-weighted v), plus the lm-head 2 * d * V once per token, plus the router 2 * d * (K + 1) for
 ponderlm3. Slots a token did not run are neither computed nor attended to, so they cost nothing anywhere.
+Elementwise work (norms, activations, the ponderlm3 output mixture) is not counted, as in FlopCounterMode.
 """
 
 from __future__ import annotations
@@ -33,19 +34,20 @@ def inference_flops(config: Config, num_matmul_params: int, latent_slots: torch.
     return total.sum().item()
 
 
-def training_flops_per_token(config: Config, num_matmul_params: int) -> float:
+def training_flops_per_token(config: Config, num_matmul_params: int, causal: bool = True) -> float:
     """Forward + backward (3x forward) per token for one training sequence of data.seq_len tokens.
 
     Vanilla: one pass. Latent methods: every Jacobi pass (K growth passes of 1..K slots per token, then the mean
     number of refinement passes + 1 over all K + 1 slots), each pass over the interleaved causal sequence.
+    causal=False counts every query against every key, as attention kernels that compute masked blocks do.
     """
     m, T = config.model, config.data.seq_len
 
     def pass_flops(width: int) -> float:
         length = width * T
+        keys = length * (length + 1) / 2 if causal else length * length
         router = 2 * m.hidden_size * (config.ponder.steps + 1) * T if config.method == "ponderlm3" else 0
-        return 2 * num_matmul_params * length + 4 * m.num_hidden_layers * m.hidden_size * length * (length + 1) / 2 \
-            + router
+        return 2 * num_matmul_params * length + 4 * m.num_hidden_layers * m.hidden_size * keys + router
 
     if config.method == "vanilla":
         forward = pass_flops(1)

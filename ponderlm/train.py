@@ -196,8 +196,10 @@ def train(config: Config | None, run_dir: Path, resume: bool = False, overwrite:
             record = {"step": step, "loss": step_loss, "lr": lr, "tokens": step * tokens_per_step,
                       "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9), **stats_sum}
             if evaluate_now:
-                val_loss = evaluate_model(model, config, val_shards, t.eval_tokens)["loss"]
-                record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+                val = evaluate_model(model, config, val_shards, t.eval_tokens)
+                record.update(val_loss=val["loss"], val_ppl=math.exp(min(val["loss"], 50.0)))
+                if config.method != "vanilla":
+                    record["val_extra_steps"] = val["mean_extra_steps"]
             metrics.write(record)
             bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             window_start, window_tokens = time.perf_counter(), 0

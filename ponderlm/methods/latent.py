@@ -176,7 +176,7 @@ class PonderLM3(PonderLM2):
         if tau is not None:  # truncate the mixture at K_hat, without renormalising
             keep = self.kept_slots(log_w, tau)
             s = s.masked_fill(torch.arange(self.steps + 1, device=s.device) > keep[..., None], 0.0)
-        mixture = torch.einsum("btk,btkd->btd", s.to(states.dtype), states)
+        mixture = (s.to(states.dtype)[..., None] * states).sum(dim=2)
         expected_extra = log_w[..., 1:].exp().sum(-1)  # sum_{k>=1} w_k = expected extra steps
         stats = {"_expected_extra": expected_extra.mean(),
                  "expected_extra_steps": expected_extra.mean().detach(),
@@ -198,5 +198,5 @@ class PonderLM3(PonderLM2):
             hidden = self._slot(hidden, cache, bias)
             states.append(hidden[:, 0])
         weights = s[:, : len(states)].masked_fill(torch.arange(len(states)) > keep[:, None], 0.0)
-        mixture = torch.einsum("bk,bkd->bd", weights.to(hidden.dtype), torch.stack(states, dim=1))
+        mixture = (weights.to(hidden.dtype)[..., None] * torch.stack(states, dim=1)).sum(dim=1)
         return mixture, keep
