@@ -109,6 +109,7 @@ class Attention(nn.Module):
                 cache: KVCache | None, layer: int, bias_column: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q, k, v = self.qkv_proj(x).view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # rotate in the activation dtype: no bf16 -> fp32 round trip
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.store(layer, k, v)
