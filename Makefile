@@ -27,7 +27,7 @@ demo: $(STAMP)
 	else \
 		$(BIN)/ponderlm train small --out $(DEMO_RUN) --set data.path=$(DATA); \
 	fi
-	$(BIN)/ponderlm eval $(DEMO_RUN) --split test > $(DEMO_RUN)/eval_test.json
+	$(BIN)/ponderlm eval $(DEMO_RUN) --split test --max-tokens 65536 > $(DEMO_RUN)/eval_test.json
 	@cat $(DEMO_RUN)/eval_test.json
 	@echo "run directory: $(DEMO_RUN)  (metrics: $(DEMO_RUN)/metrics.jsonl, eval report: $(DEMO_RUN)/eval_test.json)"
 
