@@ -84,11 +84,13 @@ def attention_mask(q_len: int, past_len: int, key_bias: torch.Tensor | None, dty
                    device: torch.device) -> torch.Tensor | None:
     """Additive mask (B|1, 1, q_len, past_len + q_len): causal over the new slots plus the per-key bias.
 
-    None means "plain causal from position 0", which SDPA handles with its fused `is_causal` path.
+    None means no mask is needed: plain causal from position 0 (SDPA's fused `is_causal` path) or a single query.
     """
-    if key_bias is None and past_len == 0:
-        return None
+    if key_bias is None and (past_len == 0 or q_len == 1):
+        return None  # plain causal from 0 (is_causal), or one new query that sees every key
     k_len = past_len + q_len
+    if q_len == 1:
+        return key_bias[:, None, None, :k_len].to(dtype)
     query_index = torch.arange(q_len, device=device)[:, None] + past_len
     future = torch.arange(k_len, device=device)[None, :] > query_index
     mask = torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill(future, float("-inf"))

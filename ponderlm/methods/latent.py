@@ -114,11 +114,11 @@ class PonderLM2(nn.Module):
     def _slot(self, inputs: torch.Tensor, cache: KVCache, bias: torch.Tensor | None) -> torch.Tensor:
         """Run one slot per sequence (inputs (B, 1, d)) at the current token's position; cache it."""
         key_bias = None
-        if bias is not None or cache.key_bias[:, : cache.length].any():
-            new = bias if bias is not None else cache.key_bias.new_zeros(inputs.shape[0])
-            key_bias = torch.cat((cache.key_bias[:, : cache.length], new[:, None].float()), dim=1)
+        if bias is not None:  # ponderlm3: every cached key has a bias (0 for token slots)
+            cache.key_bias[:, cache.length] = bias
+            key_bias = cache.key_bias[:, : cache.length + 1]
         hidden = self.backbone.hidden_states(inputs, key_bias=key_bias, cache=cache)
-        cache.commit(1, None if bias is None else bias[:, None])
+        cache.commit(1)
         return hidden
 
     def _decode_token(self, token_ids: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,14 +189,16 @@ class PonderLM3(PonderLM2):
         return loss + self.config.ponder.penalty * stats["_expected_extra"]
 
     def _decode_token(self, token_ids, cache):
-        hidden = self._slot(self.backbone.embed(token_ids[:, None]), cache, torch.zeros(len(token_ids)))
-        states = [hidden[:, 0]]
-        s, log_w = self.route(states[0])
+        token_slot_bias = torch.zeros(len(token_ids))  # the token slot is never masked
+        hidden = self._slot(self.backbone.embed(token_ids[:, None]), cache, token_slot_bias)
+        s, log_w = self.route(hidden[:, 0])
         keep = self.kept_slots(log_w, self.config.ponder.tau)
-        for k in range(1, int(keep.max()) + 1):
-            bias = torch.where(k <= keep, log_w[:, k], torch.full_like(log_w[:, k], HARD_MASK))
-            hidden = self._slot(hidden, cache, bias)
-            states.append(hidden[:, 0])
-        weights = s[:, : len(states)].masked_fill(torch.arange(len(states)) > keep[:, None], 0.0)
-        mixture = (weights.to(hidden.dtype)[..., None] * torch.stack(states, dim=1)).sum(dim=1)
-        return mixture, keep
+        run = int(keep.max())  # a batch runs up to its longest kept chain; shorter rows hard-mask the rest
+        kept = torch.arange(self.steps + 1, device=keep.device) <= keep[:, None]
+        bias = log_w.masked_fill(~kept, HARD_MASK)
+        states = [hidden]
+        for k in range(1, run + 1):
+            hidden = self._slot(hidden, cache, bias[:, k])
+            states.append(hidden)
+        weights = s.masked_fill(~kept, 0.0)[:, : run + 1, None].to(hidden.dtype)
+        return (weights * torch.cat(states, dim=1)).sum(dim=1), keep

@@ -9,6 +9,7 @@ import torch
 
 import ponderlm
 from ponderlm.checkpoint import list_checkpoints
+from ponderlm.cli import main
 from ponderlm.config import load_config
 from ponderlm.methods import build_model
 from ponderlm.methods.latent import log_tail_mass
@@ -158,11 +159,22 @@ def read_metrics(run):
 
 
 @pytest.mark.parametrize("method", ["ponderlm2", "ponderlm3"])
-def test_load_and_call_a_trained_run(method, tiny_data_dir, tmp_path):
+def test_load_call_generate_and_evaluate_a_trained_run(method, tiny_data_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    train(load_config("tiny", [f"method={method}", f"data.path={tiny_data_dir}", "train.steps=2"]), run,
-          progress=False)
+    train(load_config("tiny", [f"method={method}", f"data.path={tiny_data_dir}", "train.steps=2",
+                               "ponder.steps=2"]), run, progress=False)
     model, tokenizer = ponderlm.load(run)
     ids = torch.tensor([tokenizer.encode("Four score and seven").ids])
     assert model(ids).shape == (1, ids.shape[1], tokenizer.get_vocab_size())
     assert math.isfinite(model(ids).sum().item())
+
+    assert main(["generate", str(run), "--prompt", "Four score", "--max-new-tokens", "4", "--show-steps"]) == 0
+    shown = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert len(shown["extra_steps_per_generated_token"]) <= 4
+    assert all(0 <= k <= 2 for k in shown["extra_steps_per_generated_token"])
+
+    assert main(["eval", str(run), "--max-tokens", "200", "--tau", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["mean_extra_steps"] == 2 and sum(result["extra_steps_histogram"]) == result["tokens"]
+    if method == "ponderlm3":  # tau = 0 keeps every slot: the pruned forward is the soft forward
+        assert result["pruned_minus_soft"] == pytest.approx(0, abs=1e-6)
