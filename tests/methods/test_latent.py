@@ -178,3 +178,17 @@ def test_load_call_generate_and_evaluate_a_trained_run(method, tiny_data_dir, tm
     assert result["mean_extra_steps"] == 2 and sum(result["extra_steps_histogram"]) == result["tokens"]
     if method == "ponderlm3":  # tau = 0 keeps every slot: the pruned forward is the soft forward
         assert result["pruned_minus_soft"] == pytest.approx(0, abs=1e-6)
+
+
+def test_truncated_backprop_keeps_the_forward_and_cuts_early_passes():
+    ids, targets = torch.randint(0, VOCAB, (2, 8)), torch.randint(0, VOCAB, (2, 8))
+    losses, grads = [], []
+    for passes in (0, 1):
+        model = make("ponderlm2", "ponder.train_refine_passes=[2]", f"ponder.backprop_passes={passes}").train()
+        loss, _ = model.loss(ids, targets)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(model.backbone.layers[0].mlp.down_proj.weight.grad.clone())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert torch.isfinite(grads[1]).all() and grads[1].abs().sum() > 0
+    assert not torch.allclose(grads[0], grads[1])

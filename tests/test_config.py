@@ -1,0 +1,41 @@
+"""Config presets, overrides and validation."""
+
+import pytest
+
+from ponderlm.config import CONFIG_DIR, IMPLEMENTED_METHODS, load_config
+from ponderlm.errors import PonderError
+
+PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def test_the_documented_presets_exist():
+    assert {"tiny", "small", "125m", "410m", "1.4b"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("method", IMPLEMENTED_METHODS)
+def test_one_field_switches_any_preset_to_any_method(preset, method):
+    config = load_config(preset, [f"method={method}"])
+    baseline = load_config(preset)
+    assert config.method == method
+    assert (config.model, config.data, config.train) == (baseline.model, baseline.data, baseline.train)
+
+
+def test_overrides_reach_nested_and_list_values():
+    config = load_config("tiny", ["ponder.train_refine_passes=[1,4]", "train.lr=0.5", "ponder.tau=0.01"])
+    assert config.ponder.train_refine_passes == [1, 4] and config.train.lr == 0.5 and config.ponder.tau == 0.01
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.batch_tokens=100", "not a multiple"),
+    ("model.num_attention_heads=3", "heads"),
+    ("train.dtype=fp16", "fp32 or bf16"),
+    ("distributed.strategy=mpi", "none, ddp or fsdp"),
+    ("ponder.tau=1.5", "ponder.tau"),
+    ("ponder.steps=0", "ponder.steps"),
+    ("method=pause", "not implemented yet"),
+])
+def test_bad_values_are_explained(override, message):
+    with pytest.raises(PonderError, match=message):
+        config = load_config("tiny", [override])
+        config.grad_accum_steps()
