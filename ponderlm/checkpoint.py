@@ -7,7 +7,6 @@ renamed into place, so a kill at any moment leaves either the whole checkpoint o
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -23,23 +22,6 @@ from ponderlm.errors import PonderError
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7})$")
 RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl", "checkpoints")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:

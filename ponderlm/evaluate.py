@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from ponderlm.batching import eval_batches
-from ponderlm.checkpoint import sha256_file
 from ponderlm.config import Config
 from ponderlm.data import TokenShards, read_metadata
 from ponderlm.errors import PonderError
+from ponderlm.files import sha256_file
 from ponderlm.flops import inference_flops
 from ponderlm.runs import load
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from ponderlm.checkpoint import latest_checkpoint, load_model_weights, read_run_config, sha256_file
+from ponderlm.checkpoint import latest_checkpoint, load_model_weights, read_run_config
 from ponderlm.data import load_tokenizer
 from ponderlm.errors import PonderError
+from ponderlm.files import sha256_file
 from ponderlm.methods import build_model
 
 

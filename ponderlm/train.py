@@ -17,12 +17,13 @@ import torch
 from tqdm import tqdm
 
 from ponderlm.batching import WindowSampler
-from ponderlm.checkpoint import (atomic_write_text, latest_checkpoint, load_model_weights, load_trainer_state,
-                                 prepare_run_dir, read_run_config, save_checkpoint, sha256_file)
+from ponderlm.checkpoint import (latest_checkpoint, load_model_weights, load_trainer_state, prepare_run_dir,
+                                 read_run_config, save_checkpoint)
 from ponderlm.config import Config
 from ponderlm.data import TokenShards, read_metadata
 from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_model
+from ponderlm.files import atomic_write_text, sha256_file
 from ponderlm.methods import build_model
 
 # Keys a resumed run may change: they do not alter what is computed at a given step.

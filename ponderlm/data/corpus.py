@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ponderlm.errors import PonderError
+from ponderlm.files import sha256_file
 
 USER_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -84,14 +85,6 @@ def _decode(data: bytes, where: str) -> str:
         return data.decode("utf-8").replace("\r\n", "\n")
     except UnicodeDecodeError as exc:
         raise PonderError(f"{where} is not valid UTF-8 text ({exc})") from exc
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def source_record(archive: Path, package: str, version: str, texts: list[str]) -> dict:

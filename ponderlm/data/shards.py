@@ -14,8 +14,8 @@ from typing import Iterable
 
 import numpy as np
 
-from ponderlm.data.corpus import sha256_file
 from ponderlm.errors import PonderError
+from ponderlm.files import atomic_write_text, sha256_file
 
 METADATA_FILE = "metadata.json"
 PREPARE_HINT = "re-run `ponderlm data prepare`"
@@ -26,9 +26,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _write_shard(out_dir: Path, name: str, tokens: np.ndarray) -> dict:
