@@ -115,10 +115,7 @@ class Runner:
 
     def step(self, inputs, targets, dtype):
         start = time.perf_counter()
-        if dtype == "bf16":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = self.loss_fn(self.model, inputs, targets)
-        else:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
             loss = self.loss_fn(self.model, inputs, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -147,10 +144,7 @@ def counted_matmul_flops(runner, inputs, targets, dtype):
 
     counter = FlopCounterMode(display=False)
     with counter:
-        if dtype == "bf16":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = runner.loss_fn(runner.model, inputs, targets)
-        else:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
             loss = runner.loss_fn(runner.model, inputs, targets)
         loss.backward()
     runner.model.zero_grad(set_to_none=True)
@@ -244,7 +238,7 @@ def main(argv=None):
     cpu, cores = machine_info()
     load_end = os.getloadavg()
     lines = [
-        f"# Training step: ponderlm vanilla vs HF LlamaForCausalLM",
+        "# Training step: ponderlm vanilla vs HF LlamaForCausalLM",
         "",
         "```",
         command,
@@ -259,8 +253,8 @@ def main(argv=None):
         f"{config.model.resolved_intermediate_size()}, vocab {args.vocab}, seq {args.seq_len}, micro-batch "
         f"{args.batch} ({n_tokens} tokens/step), untied embeddings, no biases, rms eps 1e-5, rope theta 10000, SDPA",
         f"- parameters: ours {n_ours:,}, HF {n_hf:,} ({'equal' if n_ours == n_hf else 'DIFFERENT'})",
-        f"- step: forward + F.cross_entropy(logits.float()) + backward + clip_grad_norm_(1.0) + AdamW(0.9/0.95, "
-        f"lr 1e-3, wd 0.1) step + zero_grad; bf16 = autocast over forward+loss",
+        "- step: forward + F.cross_entropy(logits.float()) + backward + clip_grad_norm_(1.0) + AdamW(0.9/0.95, "
+        "lr 1e-3, wd 0.1) step + zero_grad; bf16 = autocast over forward+loss",
         f"- timing: ours/HF alternate each round (order flips), {args.warmup} warm-up rounds dropped, median of "
         f"{args.steps} steps each",
         f"- torch.mm {args.mm_size}x{args.mm_size} peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
