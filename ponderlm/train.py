@@ -109,11 +109,11 @@ def train(config: Config | None, run_dir: Path, resume: bool = False, overwrite:
     prepare_run_dir(run_dir, resume, overwrite)
     if resume:
         saved = read_run_config(run_dir)
-        if config is not None:
+        if config is None:
+            config = saved
+        else:  # only RESUMABLE_CHANGES may differ, so the requested config is the one to run
             _check_resumed_config(saved, config)
-            saved.train.log_every, saved.train.eval_every = config.train.log_every, config.train.eval_every
-            saved.train.save_every, saved.train.keep_last = config.train.save_every, config.train.keep_last
-        config = saved
+            config.model.vocab_size = saved.model.vocab_size
     elif config is None:
         raise PonderError("a config is required to start a new run")
 
