@@ -18,7 +18,6 @@ from omegaconf.errors import OmegaConfBaseException
 from ponderlm.errors import PonderError
 
 METHODS = ("vanilla", "pause", "loop", "ponderlm1", "ponderlm2", "ponderlm3")
-IMPLEMENTED_METHODS = ("vanilla", "ponderlm2", "ponderlm3")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -68,9 +67,9 @@ class TrainConfig:
 
 @dataclass
 class PonderConfig:
-    """Latent thoughts (DESIGN §4): used by ponderlm2 and ponderlm3, ignored by vanilla."""
+    """Extra compute per token: K for every method but vanilla; the rest is for ponderlm2/3 (DESIGN §3, §4)."""
 
-    steps: int = 3  # K: latent slots per token (the maximum, for ponderlm3)
+    steps: int = 3  # K: pause slots, extra passes or latent slots per token (the maximum, for ponderlm3)
     train_refine_passes: list[int] = field(default_factory=lambda: [2, 3])  # R is drawn from these in training
     eval_refine_passes: int = 3
     backprop_passes: int = 0  # backpropagate through only the last N Jacobi passes; 0 = all of them
@@ -96,10 +95,6 @@ class Config:
     def validate(self) -> Config:
         if self.method not in METHODS:
             raise PonderError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.method not in IMPLEMENTED_METHODS:
-            raise PonderError(
-                f"method {self.method!r} is not implemented yet; available: {', '.join(IMPLEMENTED_METHODS)}"
-            )
         m, t = self.model, self.train
         if m.hidden_size % m.num_attention_heads or (m.hidden_size // m.num_attention_heads) % 2:
             raise PonderError(
@@ -115,9 +110,10 @@ class Config:
                     "train.eval_every": t.eval_every, "train.save_every": t.save_every,
                     "train.keep_last": t.keep_last, "model.num_hidden_layers": m.num_hidden_layers}
         p = self.ponder
-        if p.steps < 1 or p.eval_refine_passes < 0 or p.backprop_passes < 0 or not p.train_refine_passes \
+        if p.steps < 0 or p.eval_refine_passes < 0 or p.backprop_passes < 0 or not p.train_refine_passes \
                 or min(p.train_refine_passes) < 0:
-            raise PonderError("ponder.steps must be >= 1, refine passes >= 0 and train_refine_passes non-empty")
+            raise PonderError("ponder.steps, the refine passes and backprop_passes must be >= 0, and "
+                              "ponder.train_refine_passes a non-empty list")
         if not 0.0 <= p.tau < 1.0 or p.penalty < 0:
             raise PonderError(f"ponder.tau must lie in [0, 1) and ponder.penalty be >= 0 (got {p.tau}, {p.penalty})")
         for key, value in positive.items():

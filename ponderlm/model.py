@@ -50,10 +50,11 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_slots: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", passes: int = 1):
         heads = config.num_attention_heads
         head_dim = config.hidden_size // heads
-        shape = (config.num_hidden_layers, batch_size, heads, max_slots, head_dim)
+        # Methods that run the layer stack several times per token (loop, ponderlm1) cache every pass's keys.
+        shape = (passes * config.num_hidden_layers, batch_size, heads, max_slots, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.key_bias = torch.zeros(batch_size, max_slots, dtype=torch.float32, device=device)
@@ -199,12 +200,15 @@ class Transformer(nn.Module):
         return self.embed_tokens(input_ids) * self.embed_scale
 
     def hidden_states(self, inputs_embeds: torch.Tensor, positions: torch.Tensor | None = None,
-                      key_bias: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                      key_bias: torch.Tensor | None = None, cache: KVCache | None = None, repeats: int = 1,
+                      cache_pass: int = 0) -> torch.Tensor:
         """Final-norm hidden states (B, S, d) for input embeddings (B, S, d).
 
         positions: RoPE positions (S,) or (B, S); default 0..S-1 after the cached tokens.
         key_bias: additive attention bias per key (B, past + S), added for every query, layer and head.
         cache: if given, new keys/values are appended after the cached ones (the caller commits them).
+        repeats: apply the whole layer stack this many times with shared weights (`loop`); final norm once.
+        cache_pass: which pass of a multi-pass cache this call's first repeat writes to.
         """
         seq = inputs_embeds.shape[1]
         past = cache.length if cache is not None else 0
@@ -223,8 +227,10 @@ class Transformer(nn.Module):
         else:
             mask = attention_mask(seq, past, key_bias, inputs_embeds.dtype, inputs_embeds.device)
         x = inputs_embeds
-        for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, index, bias_column)
+        layers = len(self.layers)
+        for repeat in range(repeats):
+            for index, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, mask, cache, (cache_pass + repeat) * layers + index, bias_column)
         return self.norm(x)
 
     def num_matmul_params(self) -> int:

@@ -23,8 +23,8 @@ def counted(fn) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("method,tau", [("vanilla", 1e-4), ("ponderlm2", 1e-4), ("ponderlm3", 0.0),
-                                        ("ponderlm3", 0.3)])
+@pytest.mark.parametrize("method,tau", [("vanilla", 1e-4), ("pause", 1e-4), ("loop", 1e-4), ("ponderlm1", 1e-4),
+                                        ("ponderlm2", 1e-4), ("ponderlm3", 0.0), ("ponderlm3", 0.3)])
 def test_inference_flops_match_the_counted_decode(method, tau):
     model = make(method, f"ponder.tau={tau}")
     if method == "ponderlm3":
@@ -38,10 +38,14 @@ def test_inference_flops_match_the_counted_decode(method, tau):
     slots = torch.stack(used, dim=1)
     if method == "ponderlm3" and tau > 0:
         assert 0 < slots.float().mean() < 2  # pruning happened and the counter saw only the kept slots
-    assert inference_flops(model.config, model.backbone.num_matmul_params(), slots) == measured
+    expected = inference_flops(model.config, model.backbone.num_matmul_params(), slots)
+    if method == "pause":  # a token's K + 1 slots go in as one chunk: the kernel also scores the masked pairs
+        m = model.config.model
+        expected += 9 * (3 * 2 / 2) * 4 * m.num_hidden_layers * m.hidden_size
+    assert expected == measured
 
 
-@pytest.mark.parametrize("method", ["vanilla", "ponderlm2"])
+@pytest.mark.parametrize("method", ["vanilla", "pause", "loop", "ponderlm1", "ponderlm2"])
 def test_training_flops_match_the_counted_forward_and_backward(method):
     model = make(method).train()
     ids = torch.randint(0, 101, (2, 8))

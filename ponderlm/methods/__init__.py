@@ -5,10 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from ponderlm.config import Config
+from ponderlm.methods.baselines import Loop, Pause, PonderLM1
 from ponderlm.methods.latent import PonderLM2, PonderLM3
 from ponderlm.methods.vanilla import Vanilla
 
-METHOD_CLASSES: dict[str, type[nn.Module]] = {"vanilla": Vanilla, "ponderlm2": PonderLM2, "ponderlm3": PonderLM3}
+METHOD_CLASSES: dict[str, type[nn.Module]] = {
+    "vanilla": Vanilla, "pause": Pause, "loop": Loop, "ponderlm1": PonderLM1, "ponderlm2": PonderLM2,
+    "ponderlm3": PonderLM3,
+}
 
 
 def build_model(config: Config) -> nn.Module:
