@@ -65,6 +65,14 @@ def _generate(args) -> None:
                           "mean_extra_steps": sum(steps) / max(1, len(steps))}), file=sys.stderr)
 
 
+def _sweep(args) -> None:
+    from ponderlm.sweep import run_sweep
+
+    rows = run_sweep(Path(args.recipe), Path(args.out))
+    print(json.dumps({"out": args.out, "rows": len(rows), "results": str(Path(args.out) / "results.csv"),
+                      "plot": str(Path(args.out) / "pareto.png")}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ponderlm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--show-steps", action="store_true",
                      help="print the latent steps each generated token used (JSON, on stderr)")
     gen.set_defaults(handler=_generate)
+    sw = commands.add_parser("sweep", help="train and evaluate every run of a recipe; write table and plot")
+    sw.add_argument("recipe", help="recipe YAML (see recipes/)")
+    sw.add_argument("--out", required=True, help="sweep directory (runs/, results.csv/json/md, pareto.png)")
+    sw.set_defaults(handler=_sweep)
     return parser
 
 

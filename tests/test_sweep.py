@@ -1,0 +1,74 @@
+"""`ponderlm sweep`: every run trained once, evaluated the same way, tau swept, files written, resumable."""
+
+import csv
+import json
+import shutil
+
+import pytest
+
+import ponderlm.sweep as sweep_module
+from ponderlm.cli import main
+from ponderlm.errors import PonderError
+from ponderlm.sweep import frontier, run_sweep
+
+
+def write_recipe(path, data_dir, runs):
+    path.write_text(json.dumps({
+        "base": "tiny",
+        "set": [f"data.path={data_dir}", "train.steps=4", "ponder.steps=2", "train.save_every=2"],
+        "eval": {"split": "val", "max_tokens": 256},
+        "taus": [0.0, 0.3],
+        "runs": runs,
+    }))
+    return path
+
+
+RUNS = [{"name": "vanilla", "set": ["method=vanilla"]}, {"name": "p3", "set": ["method=ponderlm3"]}]
+
+
+def test_sweep_writes_one_row_per_run_and_tau(tiny_data_dir, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_data_dir, RUNS)
+    assert main(["sweep", str(recipe), "--out", str(tmp_path / "sweep")]) == 0
+    out = tmp_path / "sweep"
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["run"], r["tau"]) for r in rows] == [("vanilla", ""), ("p3", "0.0"), ("p3", "0.3")]
+    assert {"method", "run", "ppl", "inference_flops_per_token", "mean_extra_steps", "train_flops", "tau"} <= \
+        rows[0].keys()
+    by_tau = {r["tau"]: r for r in rows if r["run"] == "p3"}
+    assert float(by_tau["0.0"]["mean_extra_steps"]) == 2.0  # tau 0 keeps every slot
+    assert float(by_tau["0.3"]["inference_flops_per_token"]) <= float(by_tau["0.0"]["inference_flops_per_token"])
+    assert float(rows[0]["train_flops"]) < float(by_tau["0.0"]["train_flops"])
+    assert len(json.loads((out / "results.json").read_text())) == 3
+    assert (out / "results.md").read_text().count("\n") == 5
+    assert (out / "pareto.png").stat().st_size > 10_000
+
+
+def test_a_killed_sweep_resumes_without_retraining_finished_runs(tiny_data_dir, tmp_path, monkeypatch):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_data_dir, RUNS)
+    out = tmp_path / "sweep"
+    run_sweep(recipe, out, progress=False)
+    # As if killed while training the second run, after its step-2 checkpoint and before any results.
+    (out / "results.csv").unlink()
+    (out / "runs" / "p3" / "sweep_eval.json").unlink()
+    shutil.rmtree(out / "runs" / "p3" / "checkpoints" / "step_0000004")
+    trained = []
+    real_train = sweep_module.train
+    monkeypatch.setattr(sweep_module, "train", lambda config, run_dir, **kw: trained.append(
+        (run_dir.name, kw["resume"])) or real_train(config, run_dir, **kw))
+    run_sweep(recipe, out, progress=False)
+    assert trained == [("p3", True)]
+    assert (out / "results.csv").exists()
+
+
+def test_frontier_keeps_only_undominated_points():
+    points = [(1.0, 50.0), (2.0, 60.0), (3.0, 40.0), (4.0, 45.0), (5.0, 30.0)]
+    assert frontier(points) == [(1.0, 50.0), (3.0, 40.0), (5.0, 30.0)]
+
+
+def test_bad_recipes_are_explained(tmp_path, tiny_data_dir):
+    with pytest.raises(PonderError, match="unique name"):
+        run_sweep(write_recipe(tmp_path / "r.yaml", tiny_data_dir, [{"name": "a"}, {"name": "a"}]), tmp_path / "o")
+    with pytest.raises(PonderError, match="unknown config key"):
+        run_sweep(write_recipe(tmp_path / "r.yaml", tiny_data_dir, [{"name": "a", "set": ["train.stpes=1"]}]),
+                  tmp_path / "o")
