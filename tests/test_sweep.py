@@ -72,3 +72,16 @@ def test_bad_recipes_are_explained(tmp_path, tiny_data_dir):
     with pytest.raises(PonderError, match="unknown config key"):
         run_sweep(write_recipe(tmp_path / "r.yaml", tiny_data_dir, [{"name": "a", "set": ["train.stpes=1"]}]),
                   tmp_path / "o")
+
+
+def test_shipped_recipes_are_valid():
+    from pathlib import Path
+
+    from ponderlm.sweep import Recipe
+
+    for path in sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml")):
+        recipe = Recipe.load(path)
+        methods = {recipe.config(run).method for run in recipe.runs}
+        assert methods == {"vanilla", "pause", "loop", "ponderlm1", "ponderlm2", "ponderlm3"}, path
+        steps = {recipe.config(run).train.steps for run in recipe.runs}
+        assert len(steps) == 1, f"{path}: every run must train the same number of steps"
