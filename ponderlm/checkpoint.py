@@ -67,7 +67,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer_state: dict,
+def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: dict,
                     metadata: dict[str, str], keep_last: int) -> Path:
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer_st
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    state = {name: tensor.detach().contiguous() for name, tensor in weights.items()}
     save_file(state, tmp / "model.safetensors", metadata={**metadata, "step": str(step)})
     torch.save(trainer_state, tmp / "trainer_state.pt")
     for name in ("model.safetensors", "trainer_state.pt"):
@@ -90,16 +90,25 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer_st
     return final
 
 
-def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> dict[str, str]:
-    """Load `model.safetensors` into the model; return the checkpoint's metadata."""
+def read_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return _read_safetensors(checkpoint)[0]
+
+
+def _read_safetensors(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = checkpoint / "model.safetensors"
     try:
         state = load_file(path)
         with safe_open(path, "pt") as handle:
-            metadata = handle.metadata() or {}
+            return state, handle.metadata() or {}
     except (OSError, SafetensorError, ValueError) as exc:
         raise PonderError(f"cannot read checkpoint {path}: {exc}; delete that folder to fall back to an "
                           "earlier checkpoint") from None
+
+
+def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> dict[str, str]:
+    """Load `model.safetensors` into the model; return the checkpoint's metadata."""
+    path = checkpoint / "model.safetensors"
+    state, metadata = _read_safetensors(checkpoint)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise PonderError(f"checkpoint {path} does not fit the configured model (missing {missing[:3]}, "

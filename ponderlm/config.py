@@ -130,10 +130,10 @@ class Config:
             )
         return self.train.batch_tokens // per_micro
 
-    def autocast(self):
+    def autocast(self, device_type: str = "cpu"):
         """The precision context for forward passes: bf16 autocast, or nothing for fp32."""
         if self.train.dtype == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return torch.autocast(device_type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def to_dict(self) -> dict:

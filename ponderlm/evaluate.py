@@ -23,8 +23,13 @@ from ponderlm.runs import load
 
 @torch.no_grad()
 def evaluate_model(model, config: Config, shards: TokenShards, max_tokens: int | None = None,
-                   tau: float | None = None) -> dict:
-    """Mean next-token NLL (nats) over the first max_tokens of a split, with pondering statistics."""
+                   tau: float | None = None, runner=None) -> dict:
+    """Mean next-token NLL (nats) over the first max_tokens of a split, with pondering statistics.
+
+    runner: the distributed wrapper to call the model through (`runner("infer", ...)`), if any.
+    """
+    infer = model.infer if runner is None else (lambda ids, t: runner("infer", ids, t))
+    device = model.backbone.lm_head.weight.device
     was_training = model.training
     model.eval()
     nll, tokens, flops = 0.0, 0, 0.0
@@ -33,12 +38,13 @@ def evaluate_model(model, config: Config, shards: TokenShards, max_tokens: int |
     # Without gradients a batch of ~16K tokens fits wherever a training micro-batch does, and amortises overhead.
     batch_size = max(config.train.micro_batch_size, 16384 // config.data.seq_len)
     for inputs, targets in eval_batches(shards, config.data.seq_len, batch_size, max_tokens):
-        with config.autocast():
-            logits, latent_slots = model.infer(inputs, tau)
-        nll += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+        with config.autocast(device.type):
+            logits, latent_slots = infer(inputs.to(device), tau)
+        nll += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum").item()
         tokens += targets.numel()
+        latent_slots = latent_slots.cpu()
         flops += inference_flops(config, n_mm, latent_slots)
-        histogram += torch.bincount(latent_slots.flatten().cpu(), minlength=len(histogram))[: len(histogram)]
+        histogram += torch.bincount(latent_slots.flatten(), minlength=len(histogram))[: len(histogram)]
     model.train(was_training)
     count = max(1, tokens)
     extra_steps = (histogram * torch.arange(len(histogram))).sum().item()

@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from ponderlm.batching import WindowSampler
-from ponderlm.checkpoint import (latest_checkpoint, load_model_weights, load_trainer_state, prepare_run_dir,
+from ponderlm import distributed
+from ponderlm.checkpoint import (latest_checkpoint, load_trainer_state, prepare_run_dir, read_model_weights,
                                  read_run_config, save_checkpoint)
 from ponderlm.config import Config
 from ponderlm.data import TokenShards, read_metadata
@@ -102,21 +103,35 @@ def _check_resumed_config(saved: Config, requested: Config) -> None:
                           "or start a new run")
 
 
-def train(config: Config | None, run_dir: Path, resume: bool = False, overwrite: bool = False,
-          progress: bool | None = None) -> dict:
-    """Train (or continue) a run; returns the last logged record."""
-    run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, resume, overwrite)
+def _resolve_config(config: Config | None, run_dir: Path, resume: bool, overwrite: bool) -> Config:
+    if resume and overwrite:
+        raise PonderError("pass either --resume or --overwrite, not both")
     if resume:
         saved = read_run_config(run_dir)
         if config is None:
-            config = saved
-        else:  # only RESUMABLE_CHANGES may differ, so the requested config is the one to run
-            _check_resumed_config(saved, config)
-            config.model.vocab_size = saved.model.vocab_size
+            return saved
+        _check_resumed_config(saved, config)  # only RESUMABLE_CHANGES may differ: run the requested config
+        config.model.vocab_size = saved.model.vocab_size
     elif config is None:
         raise PonderError("a config is required to start a new run")
+    return config
 
+
+def train(config: Config | None, run_dir: Path, resume: bool = False, overwrite: bool = False,
+          progress: bool | None = None) -> dict:
+    """Train (or continue) a run; returns the last logged record. Under torchrun, every rank calls this."""
+    run_dir = Path(run_dir)
+    config = _resolve_config(config, run_dir, resume, overwrite)
+    topology = distributed.setup(config.distributed.strategy)
+    try:
+        return _train(config, run_dir, resume, overwrite, progress, topology)
+    finally:
+        distributed.teardown()
+
+
+def _train(config: Config, run_dir: Path, resume: bool, overwrite: bool, progress: bool | None,
+           topology: distributed.Topology) -> dict:
+    main = topology.is_main
     data_meta = read_metadata(Path(config.data.path))
     data_tokenizer = Path(config.data.path) / data_meta["tokenizer"]["file"]
     vocab_size = data_meta["tokenizer"]["vocab_size"]
@@ -128,62 +143,76 @@ def train(config: Config | None, run_dir: Path, resume: bool = False, overwrite:
         if sha256_file(data_tokenizer) != sha256_file(run_dir / "tokenizer.json"):
             raise PonderError(f"the tokenizer of {config.data.path} does not match the one this run was trained "
                               f"with ({run_dir / 'tokenizer.json'}); point data.path at the original data")
-    else:
-        shutil.copyfile(data_tokenizer, run_dir / "tokenizer.json")
-        atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+    if main:
+        prepare_run_dir(run_dir, resume, overwrite)
+        if not resume:
+            shutil.copyfile(data_tokenizer, run_dir / "tokenizer.json")
+            atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+    distributed.barrier(topology)
     train_shards = TokenShards(Path(config.data.path), "train")
     val_shards = TokenShards(Path(config.data.path), "val")
 
     t = config.train
-    accum = config.grad_accum_steps()
-    torch.manual_seed(t.seed)
-    model = build_model(config)
+    accum = config.grad_accum_steps(topology.world_size)
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    model = build_model(config).to(topology.device)
+    wrapped = distributed.wrap(model, config.distributed.strategy, topology)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s + 1, config) / t.lr)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", run_dir if t.tensorboard else None)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", run_dir if t.tensorboard and main else None)
     tokenizer_sha = sha256_file(run_dir / "tokenizer.json")
 
     start_step = 0
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
-        load_model_weights(model, checkpoint)
+        distributed.load_full_model_state(wrapped, read_model_weights(checkpoint))
         state = load_trainer_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_full_optimizer_state(wrapped, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_torch"])
         start_step = state["step"]
-    metrics.truncate(start_step)
+    if main:
+        metrics.truncate(start_step)
 
     sampler = WindowSampler(train_shards, config.data.seq_len, t.seed)
     sequences_per_step = t.batch_tokens // config.data.seq_len
     tokens_per_step = sequences_per_step * config.data.seq_len
     model.train()
     record: dict = {}
-    bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", disable=None if progress is None else not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+               disable=True if not main else None if progress is None else not progress)
     window_start, window_tokens = time.perf_counter(), 0
 
     def checkpoint_now(step: int) -> None:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng_torch": torch.get_rng_state(), "samples_seen": step * sequences_per_step}
-        save_checkpoint(run_dir, step, model, state, {"method": config.method, "tokenizer_sha256": tokenizer_sha},
-                        t.keep_last)
+        weights = distributed.full_model_state(wrapped)  # collective under FSDP: every rank takes part
+        state = {"step": step, "optimizer": distributed.full_optimizer_state(wrapped, optimizer),
+                 "scheduler": scheduler.state_dict(), "rng_torch": torch.get_rng_state(),
+                 "samples_seen": step * sequences_per_step}
+        if main:
+            save_checkpoint(run_dir, step, weights, state,
+                            {"method": config.method, "tokenizer_sha256": tokenizer_sha}, t.keep_last)
+        distributed.barrier(topology)
 
     for step in range(start_step + 1, t.steps + 1):
         step_loss = 0.0
         stats_sum: dict[str, float] = {}
         for micro in range(accum):
-            inputs, targets = sampler.batch((step - 1) * sequences_per_step + micro * t.micro_batch_size,
-                                            t.micro_batch_size)
-            with config.autocast():
-                loss, stats = model.loss(inputs, targets)
+            # This rank's slice of the step's global batch: the same tokens train the step at any world size.
+            slot = micro * topology.world_size + topology.rank
+            first = (step - 1) * sequences_per_step + slot * t.micro_batch_size
+            inputs, targets = (x.to(topology.device) for x in sampler.batch(first, t.micro_batch_size))
+            with distributed.gradient_sync(wrapped, micro == accum - 1), config.autocast(topology.device.type):
+                loss, stats = wrapped("loss", inputs, targets)
             (loss / accum).backward()
             step_loss += loss.item() / accum
             for key, value in stats.items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + value / accum
+        averaged = distributed.mean_over_ranks({"loss": step_loss, **stats_sum}, topology)
+        step_loss, stats_sum = averaged.pop("loss"), averaged
         if not math.isfinite(step_loss):
             raise PonderError(f"loss became {step_loss} at step {step}; lower train.lr or use train.dtype=fp32")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -196,12 +225,13 @@ def train(config: Config | None, run_dir: Path, resume: bool = False, overwrite:
             elapsed = time.perf_counter() - window_start
             record = {"step": step, "loss": step_loss, "lr": lr, "tokens": step * tokens_per_step,
                       "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9), **stats_sum}
-            if evaluate_now:
-                val = evaluate_model(model, config, val_shards, t.eval_tokens)
+            if evaluate_now:  # every rank evaluates (FSDP needs them all for its gathers); rank 0 logs
+                val = evaluate_model(model, config, val_shards, t.eval_tokens, runner=wrapped)
                 record.update(val_loss=val["loss"], val_ppl=math.exp(min(val["loss"], 50.0)))
                 if config.method != "vanilla":
                     record["val_extra_steps"] = val["mean_extra_steps"]
-            metrics.write(record)
+            if main:
+                metrics.write(record)
             bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             window_start, window_tokens = time.perf_counter(), 0
         if step % t.save_every == 0 or step == t.steps:

@@ -1,0 +1,98 @@
+"""Two CPU processes with gloo: DDP and FSDP2 gradients equal one process's, and checkpoints change world size."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ponderlm import distributed
+from ponderlm.config import load_config
+from ponderlm.methods import build_model
+from ponderlm.train import train
+
+OVERRIDES = ["model.vocab_size=61", "ponder.steps=2", "ponder.train_refine_passes=[2]"]
+
+
+def batch():
+    generator = torch.Generator().manual_seed(3)
+    return torch.randint(0, 61, (4, 16), generator=generator), torch.randint(0, 61, (4, 16), generator=generator)
+
+
+def full_gradients(model) -> dict[str, torch.Tensor]:
+    grads = {}
+    for name, param in model.named_parameters():
+        grad = param.grad
+        grads[name] = (grad.full_tensor() if hasattr(grad, "full_tensor") else grad).clone()
+    return grads
+
+
+def _worker(rank, world_size, init_file, method, strategy, out_file):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        config = load_config("tiny", [f"method={method}", f"distributed.strategy={strategy}", *OVERRIDES])
+        model = build_model(config)
+        topology = distributed.setup(strategy)
+        wrapped = distributed.wrap(model, strategy, topology)
+        inputs, targets = batch()
+        share = slice(2 * rank, 2 * rank + 2)  # each rank takes its half of the global batch
+        torch.manual_seed(1)
+        loss, _ = wrapped("loss", inputs[share], targets[share])
+        loss.backward()
+        grads = full_gradients(model)
+        if rank == 0:
+            torch.save(grads, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("method", ["vanilla", "ponderlm3"])
+def test_two_process_gradients_equal_one_process_gradients(method, strategy, tmp_path):
+    mp.spawn(_worker, args=(2, tmp_path / "init", method, strategy, tmp_path / "grads.pt"), nprocs=2, join=True)
+    parallel = torch.load(tmp_path / "grads.pt")
+
+    torch.manual_seed(0)
+    model = build_model(load_config("tiny", [f"method={method}", *OVERRIDES]))
+    inputs, targets = batch()
+    torch.manual_seed(1)
+    model.loss(inputs, targets)[0].backward()
+    single = full_gradients(model)
+    assert parallel.keys() == single.keys()
+    for name in single:
+        torch.testing.assert_close(parallel[name], single[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def read_losses(run_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_checkpoint_from_two_processes_resumes_on_one(strategy, tiny_data_dir, tmp_path):
+    overrides = [f"data.path={tiny_data_dir}", "train.steps=4", "train.save_every=2", "train.log_every=1",
+                 "train.keep_last=4", "train.micro_batch_size=2"]
+    reference = tmp_path / "reference"
+    train(load_config("tiny", overrides), reference, progress=False)
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ponderlm",
+           "train", "tiny", "--out", str(run), "--set", f"distributed.strategy={strategy}",
+           *[a for o in overrides for a in ("--set", o)]]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    two = read_losses(run)
+    for step in (1, 2, 3, 4):  # the same global batches, so the same losses up to reduction order
+        assert two[step] == pytest.approx(read_losses(reference)[step], rel=1e-4)
+
+    shutil.rmtree(run / "checkpoints" / "step_0000004")  # continue from step 2, now on one process
+    train(None, run, resume=True, progress=False)
+    one = read_losses(run)
+    for step in (3, 4):
+        assert one[step] == pytest.approx(read_losses(reference)[step], rel=1e-4)
