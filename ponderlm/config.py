@@ -30,6 +30,9 @@ class ModelConfig:
     intermediate_size: int = 0  # 0: LLaMA's 8/3 * hidden_size rounded up to a multiple of 256
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
+    # How the ponderlm3 soft mask reaches attention: `sdpa` (augmented q.k through the fused causal kernel) or
+    # `flex` (flex_attention with a score_mod bias; CUDA only, compiled). benchmarks/gpu_check.sh compares them.
+    attention_backend: str = "sdpa"
 
     def resolved_intermediate_size(self) -> int:
         if self.intermediate_size:
@@ -63,6 +66,7 @@ class TrainConfig:
     save_every: int = 200
     keep_last: int = 2  # checkpoints kept on disk
     tensorboard: bool = False
+    compile: bool = False  # torch.compile each block (first steps pay the compile time)
 
 
 @dataclass
@@ -101,6 +105,8 @@ class Config:
                 f"model.hidden_size={m.hidden_size} must split into num_attention_heads={m.num_attention_heads} "
                 "heads of even size (RoPE rotates pairs)"
             )
+        if m.attention_backend not in ("sdpa", "flex"):
+            raise PonderError(f"model.attention_backend must be sdpa or flex, not {m.attention_backend!r}")
         if t.dtype not in ("fp32", "bf16"):
             raise PonderError(f"train.dtype must be fp32 or bf16, not {t.dtype!r}")
         if self.distributed.strategy not in ("none", "ddp", "fsdp"):

@@ -103,6 +103,7 @@ def attention_mask(q_len: int, past_len: int, key_bias: torch.Tensor | None, dty
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.flex = config.attention_backend == "flex"
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.num_heads
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
@@ -116,7 +117,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.store(layer, k, v)
-        if bias_column is not None:
+        if bias_column is not None and self.flex and q.is_cuda:
+            out = flex_biased_causal_attention(q, k, v, bias_column[:, 0, :, 0] / self.head_dim ** 0.5)
+        elif bias_column is not None:
             out = biased_causal_attention(q, k, v, bias_column)
         else:
             if mask is not None:
@@ -142,6 +145,24 @@ def biased_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     v_aug = F.pad(v, (0, pad))
     out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, is_causal=True, scale=head_dim ** -0.5)
     return out[..., :head_dim]
+
+
+_compiled_flex = None
+
+
+def flex_biased_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 key_bias: torch.Tensor) -> torch.Tensor:
+    """The same as biased_causal_attention through flex_attention: causal block mask plus a score_mod bias."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    seq = q.shape[2]
+    causal = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, seq, seq, device=q.device)
+    bias = key_bias.to(q.dtype)
+    return _compiled_flex(q, k, v, score_mod=lambda score, b, h, q_idx, kv_idx: score + bias[b, kv_idx],
+                          block_mask=causal)
 
 
 class MLP(nn.Module):

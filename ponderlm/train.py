@@ -156,6 +156,9 @@ def _train(config: Config, run_dir: Path, resume: bool, overwrite: bool, progres
     accum = config.grad_accum_steps(topology.world_size)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = build_model(config).to(topology.device)
+    if t.compile:  # per block, as torchtitan does: small graphs, one compile reused by every layer
+        for block in model.backbone.layers:
+            block.compile()
     wrapped = distributed.wrap(model, config.distributed.strategy, topology)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s + 1, config) / t.lr)

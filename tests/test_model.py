@@ -155,3 +155,28 @@ def test_backbone_with_key_bias_matches_cached_masked_path(model):
     fused = model.backbone.hidden_states(emb, key_bias=bias)
     masked = model.backbone.hidden_states(emb, key_bias=bias, cache=model.new_cache(2, 12))
     torch.testing.assert_close(fused, masked, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_blocks_agree_with_eager():
+    torch.manual_seed(0)
+    model = build_model(load_config("tiny", ["method=ponderlm3", "model.vocab_size=61", "ponder.steps=2"])).eval()
+    with torch.no_grad():
+        model.router.weight.normal_(0, 0.5)  # a non-trivial soft mask through the augmented attention
+    ids = torch.randint(0, 61, (2, 12))
+    eager = model(ids)
+    for block in model.backbone.layers:
+        block.compile()
+    torch.testing.assert_close(model(ids), eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention is used on CUDA only")
+def test_flex_attention_equals_the_augmented_sdpa_on_cuda():
+    from ponderlm.model import flex_biased_causal_attention
+
+    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", requires_grad=True) for _ in range(3))
+    bias = (torch.randn(2, 256, device="cuda") - 1).requires_grad_()
+    fused = biased_causal_attention(q, k, v, (bias * 8)[:, None, :, None])
+    flex = flex_biased_causal_attention(q, k, v, bias)
+    torch.testing.assert_close(flex, fused, rtol=2e-3, atol=2e-3)
+    grads = [torch.autograd.grad(out.square().sum(), bias)[0] for out in (fused, flex)]
+    torch.testing.assert_close(grads[1], grads[0], rtol=2e-3, atol=2e-3)
