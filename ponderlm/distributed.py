@@ -43,7 +43,7 @@ def setup(strategy: str) -> Topology:
         raise PonderError(f"launched on {world_size} processes but distributed.strategy=none; "
                           "add --set distributed.strategy=ddp (or fsdp)")
     if world_size == 1:
-        return Topology()
+        return Topology(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
