@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -125,6 +126,11 @@ def train(config: Config | None, run_dir: Path, resume: bool = False, overwrite:
     topology = distributed.setup(config.distributed.strategy)
     try:
         return _train(config, run_dir, resume, overwrite, progress, topology)
+    except BaseException as exc:
+        # Free the DDP/FSDP objects the traceback holds before the process group goes: a gloo group destroyed
+        # from a Reducer's destructor can deadlock on the GIL.
+        traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
         distributed.teardown()
 

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -36,27 +37,39 @@ def _worker(rank, world_size, init_file, method, strategy, out_file):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        torch.manual_seed(0)
-        config = load_config("tiny", [f"method={method}", f"distributed.strategy={strategy}", *OVERRIDES])
-        model = build_model(config)
-        topology = distributed.setup(strategy)
-        wrapped = distributed.wrap(model, strategy, topology)
-        inputs, targets = batch()
-        share = slice(2 * rank, 2 * rank + 2)  # each rank takes its half of the global batch
-        torch.manual_seed(1)
-        loss, _ = wrapped("loss", inputs[share], targets[share])
-        loss.backward()
-        grads = full_gradients(model)
+        grads = _parallel_gradients(rank, method, strategy)
         if rank == 0:
             torch.save(grads, out_file)
     finally:
+        # The DDP/FSDP objects are gone with _parallel_gradients' frame: a Reducer freed after the process group
+        # is destroyed can deadlock gloo's worker thread on the GIL.
         dist.destroy_process_group()
+
+
+def _parallel_gradients(rank, method, strategy):
+    torch.manual_seed(0)
+    config = load_config("tiny", [f"method={method}", f"distributed.strategy={strategy}", *OVERRIDES])
+    model = build_model(config)
+    wrapped = distributed.wrap(model, strategy, distributed.setup(strategy))
+    inputs, targets = batch()
+    share = slice(2 * rank, 2 * rank + 2)  # each rank takes its half of the global batch
+    torch.manual_seed(1)
+    loss, _ = wrapped("loss", inputs[share], targets[share])
+    loss.backward()
+    return full_gradients(model)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("method", ["vanilla", "ponderlm3"])
 def test_two_process_gradients_equal_one_process_gradients(method, strategy, tmp_path):
-    mp.spawn(_worker, args=(2, tmp_path / "init", method, strategy, tmp_path / "grads.pt"), nprocs=2, join=True)
+    context = mp.spawn(_worker, args=(2, tmp_path / "init", method, strategy, tmp_path / "grads.pt"), nprocs=2,
+                       join=False)
+    deadline = time.time() + 180  # never let a hung collective hang the suite
+    while not context.join(timeout=1):
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("distributed workers did not finish within 180 s")
     parallel = torch.load(tmp_path / "grads.pt")
 
     torch.manual_seed(0)
