@@ -74,10 +74,8 @@ class KVCache:
         self.values[layer, :, :, self.length:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
-    def commit(self, new_slots: int, new_bias: torch.Tensor | None = None) -> None:
-        """Called once all layers have stored `new_slots` slots."""
-        if new_bias is not None:
-            self.key_bias[:, self.length:self.length + new_slots] = new_bias
+    def commit(self, new_slots: int) -> None:
+        """Called once all layers have stored `new_slots` slots (whose key_bias entries the caller has set)."""
         self.length += new_slots
 
 

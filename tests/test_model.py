@@ -7,7 +7,7 @@ import torch
 
 from ponderlm.config import load_config
 from ponderlm.methods import build_model
-from ponderlm.model import (Attention, KVCache, apply_rotary, attention_mask, biased_causal_attention,
+from ponderlm.model import (Attention, apply_rotary, attention_mask, biased_causal_attention,
                             rotary_tables)
 
 
@@ -126,14 +126,6 @@ def test_bf16_autocast_forward_is_close_to_fp32(model):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(ids)
     assert (low.float() - full).abs().max().item() < 0.1
-
-
-def test_kv_cache_stores_key_bias():
-    config = load_config("tiny", ["model.vocab_size=11"])
-    cache = KVCache(config.model, 1, 8, torch.float32)
-    cache.commit(3, torch.tensor([[0.0, -1.0, -2.0]]))
-    assert cache.length == 3
-    torch.testing.assert_close(cache.key_bias[0, :3], torch.tensor([0.0, -1.0, -2.0]))
 
 
 def test_fused_biased_attention_equals_the_float_mask_and_passes_gradients():
