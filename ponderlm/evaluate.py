@@ -53,7 +53,8 @@ def evaluate_model(model, config: Config, shards: TokenShards, max_tokens: int |
 
 
 def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None = None,
-                 data_path: str | Path | None = None, tau: float | None = None) -> dict:
+                 data_path: str | Path | None = None, tau: float | None = None, with_soft: bool = True) -> dict:
+    """The `ponderlm eval` JSON. with_soft=False skips ponderlm3's soft loss (it does not depend on tau)."""
     run_dir = Path(run_dir)
     model, _ = load(run_dir)
     config = model.config
@@ -75,6 +76,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None
         result["extra_steps_histogram"] = measured["extra_steps_histogram"]
     if config.method == "ponderlm3":
         result["tau"] = config.ponder.tau if tau is None else tau
+    if config.method == "ponderlm3" and with_soft:
         soft = evaluate_model(model, config, shards, max_tokens, tau=0.0)["loss"]
         result.update(soft_loss=soft, soft_ppl=math.exp(soft), pruned_minus_soft=measured["loss"] - soft)
     words = metadata["splits"][split].get("words")

@@ -73,14 +73,14 @@ def _finished(run_dir: Path, steps: int) -> bool:
     return checkpoint is not None and int(checkpoint.name.split("_")[1]) >= steps
 
 
-def _evaluate(run_dir: Path, split: str, max_tokens: int | None, tau: float | None) -> dict:
+def _evaluate(run_dir: Path, split: str, max_tokens: int | None, tau: float | None, with_soft: bool) -> dict:
     """Evaluate once and store the result in the run directory, keyed by what was asked."""
     store = run_dir / "sweep_eval.json"
     stored = json.loads(store.read_text()) if store.exists() else {}
     checkpoint = latest_checkpoint(run_dir).name
-    key = f"{checkpoint}|{split}|{max_tokens}|{tau}"
+    key = f"{checkpoint}|{split}|{max_tokens}|{tau}|{with_soft}"
     if key not in stored:
-        stored[key] = evaluate_run(run_dir, split=split, max_tokens=max_tokens, tau=tau)
+        stored[key] = evaluate_run(run_dir, split=split, max_tokens=max_tokens, tau=tau, with_soft=with_soft)
         store.write_text(json.dumps(stored, indent=1))
     return stored[key]
 
@@ -99,13 +99,16 @@ def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None) -> lis
         model = build_model(config)
         train_tokens = config.train.steps * (config.train.batch_tokens // config.data.seq_len) * config.data.seq_len
         train_flops = training_flops_per_token(config, model.backbone.num_matmul_params()) * train_tokens
-        for tau in recipe.taus if config.method == "ponderlm3" else [None]:
-            result = _evaluate(run_dir, split, max_tokens, tau)
+        soft_ppl = ""
+        for index, tau in enumerate(recipe.taus if config.method == "ponderlm3" else [None]):
+            # ponderlm3's soft loss does not depend on tau: compute it with the first tau only.
+            result = _evaluate(run_dir, split, max_tokens, tau, with_soft=index == 0)
+            soft_ppl = result.get("soft_ppl", soft_ppl)
             rows.append({"method": config.method, "run": name, "tau": "" if tau is None else tau,
                          "ppl": result["ppl"], "loss": result["loss"],
                          "inference_flops_per_token": result["inference_flops_per_token"],
                          "mean_extra_steps": result["mean_extra_steps"], "train_flops": train_flops,
-                         "train_tokens": train_tokens, "soft_ppl": result.get("soft_ppl", ""), "split": split,
+                         "train_tokens": train_tokens, "soft_ppl": soft_ppl, "split": split,
                          "eval_tokens": result["tokens"]})
     write_results(rows, out)
     return rows
