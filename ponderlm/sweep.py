@@ -147,14 +147,16 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    largest = max(r["inference_flops_per_token"] for r in rows)
+    scale, unit = (1e9, "GFLOPs") if largest >= 1e9 else (1e6, "MFLOPs")
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=130)
     for method in MARKERS:
-        points = [(r["inference_flops_per_token"] / 1e9, r["ppl"]) for r in rows if r["method"] == method]
+        points = [(r["inference_flops_per_token"] / scale, r["ppl"]) for r in rows if r["method"] == method]
         if not points:
             continue
         line = ax.plot(*zip(*frontier(points)), "-", alpha=0.6)[0]
         ax.scatter(*zip(*points), marker=MARKERS[method], s=60, color=line.get_color(), label=method, zorder=3)
-    ax.set_xlabel("inference FLOPs per token (GFLOPs, analytic, slots actually run)")
+    ax.set_xlabel(f"inference FLOPs per token ({unit}, analytic, slots actually run)")
     ax.set_ylabel("validation perplexity")
     ax.set_title("Perplexity vs inference compute (lines: each method's frontier)")
     ax.grid(alpha=0.3)
