@@ -1,4 +1,5 @@
 """The training loop: AdamW, warm-up + cosine, gradient accumulation, bf16 autocast, checkpoints, exact resume.
+One process or many (torchrun); everything distributed goes through ponderlm/distributed.py.
 
 Exact resume rests on three things: the batch of every step is a pure function of (seed, step)
 (see batching.py); optimizer, scheduler and RNG states are checkpointed; and metrics.jsonl is cut back to the
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ponderlm.batching import WindowSampler
 from ponderlm import distributed
+from ponderlm.batching import WindowSampler
 from ponderlm.checkpoint import (latest_checkpoint, load_trainer_state, prepare_run_dir, read_model_weights,
                                  read_run_config, save_checkpoint)
 from ponderlm.config import Config
