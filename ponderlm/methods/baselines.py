@@ -69,9 +69,11 @@ class Pause(FixedSteps):
 
 
 class Loop(FixedSteps):
+    def _final_states(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        return self.backbone.hidden_states(self.backbone.embed(input_ids), cache=cache, repeats=self.steps + 1)
+
     def forward(self, input_ids: torch.Tensor, tau: float | None = None) -> torch.Tensor:
-        hidden = self.backbone.hidden_states(self.backbone.embed(input_ids), repeats=self.steps + 1)
-        return self.backbone.lm_head(hidden)
+        return self.backbone.lm_head(self._final_states(input_ids, None))
 
     def new_cache(self, batch_size: int, max_tokens: int, dtype: torch.dtype = torch.float32) -> KVCache:
         device = self.backbone.lm_head.weight.device
@@ -79,7 +81,7 @@ class Loop(FixedSteps):
 
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, cache: KVCache, steps_used: list | None = None) -> torch.Tensor:
-        hidden = self.backbone.hidden_states(self.backbone.embed(input_ids), cache=cache, repeats=self.steps + 1)
+        hidden = self._final_states(input_ids, cache)
         cache.commit(input_ids.shape[1])
         cache.tokens += input_ids.shape[1]
         self._record(steps_used, *input_ids.shape)
@@ -87,7 +89,7 @@ class Loop(FixedSteps):
 
 
 class PonderLM1(Loop):
-    def _passes(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def _final_states(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """K soft-embedding refinement passes, then the last pass; final-norm states (B, T, d)."""
         base = self.backbone.embed(input_ids)
         scaled_embeddings = self.backbone.embed_tokens.weight * self.backbone.embed_scale
@@ -98,14 +100,3 @@ class PonderLM1(Loop):
                 probs = self.backbone.lm_head(hidden).float().softmax(-1)
                 inputs = base + (probs.to(scaled_embeddings.dtype) @ scaled_embeddings).to(base.dtype)
         return hidden
-
-    def forward(self, input_ids: torch.Tensor, tau: float | None = None) -> torch.Tensor:
-        return self.backbone.lm_head(self._passes(input_ids, None))
-
-    @torch.no_grad()
-    def decode(self, input_ids: torch.Tensor, cache: KVCache, steps_used: list | None = None) -> torch.Tensor:
-        hidden = self._passes(input_ids, cache)
-        cache.commit(input_ids.shape[1])
-        cache.tokens += input_ids.shape[1]
-        self._record(steps_used, *input_ids.shape)
-        return self.backbone.lm_head(hidden[:, -1])
