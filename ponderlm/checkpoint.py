@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from ponderlm.config import Config, config_from_dict
 from ponderlm.errors import PonderError
+from ponderlm.files import sha256_file
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7})$")
 RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl", "checkpoints")
@@ -26,8 +27,6 @@ RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl", "checkpoints")
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to train into a used directory unless the user said --resume or --overwrite."""
-    if resume and overwrite:
-        raise PonderError("pass either --resume or --overwrite, not both")
     if run_dir.exists() and not run_dir.is_dir():
         raise PonderError(f"{run_dir} exists and is not a directory")
     used = run_dir.is_dir() and any(run_dir.iterdir())
@@ -122,6 +121,14 @@ def load_trainer_state(checkpoint: Path) -> dict:
         return torch.load(path, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged pickle/zip
         raise PonderError(f"cannot read trainer state {path}: {exc}") from None
+
+
+def require_run_tokenizer(run_dir: Path, data_dir: Path, data_metadata: dict) -> None:
+    """Refuse data tokenised with another tokenizer than the run's own tokenizer.json."""
+    data_tokenizer = data_dir / data_metadata["tokenizer"]["file"]
+    if sha256_file(data_tokenizer) != sha256_file(run_dir / "tokenizer.json"):
+        raise PonderError(f"the data at {data_dir} was tokenised with another tokenizer than the run {run_dir} "
+                          "(its tokenizer.json); use data prepared with the run's tokenizer")
 
 
 def read_run_config(run_dir: Path) -> Config:

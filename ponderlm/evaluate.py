@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from ponderlm.batching import eval_batches
+from ponderlm.checkpoint import require_run_tokenizer
 from ponderlm.config import Config
 from ponderlm.data import TokenShards, read_metadata
 from ponderlm.errors import PonderError
-from ponderlm.files import sha256_file
 from ponderlm.flops import inference_flops
 from ponderlm.runs import load
 
@@ -60,10 +60,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None
     config = model.config
     data_dir = Path(data_path or config.data.path)
     metadata = read_metadata(data_dir)
-    data_tokenizer = data_dir / metadata["tokenizer"]["file"]
-    if sha256_file(data_tokenizer) != sha256_file(run_dir / "tokenizer.json"):
-        raise PonderError(f"the data at {data_dir} was tokenised with another tokenizer than {run_dir}; "
-                          "evaluate on data prepared with the run's tokenizer")
+    require_run_tokenizer(run_dir, data_dir, metadata)
     if tau is not None and not 0.0 <= tau < 1.0:
         raise PonderError(f"--tau must lie in [0, 1), got {tau}")
     shards = TokenShards(data_dir, split)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ponderlm import distributed
 from ponderlm.batching import WindowSampler
 from ponderlm.checkpoint import (latest_checkpoint, load_trainer_state, prepare_run_dir, read_model_weights,
-                                 read_run_config, save_checkpoint)
+                                 read_run_config, require_run_tokenizer, save_checkpoint)
 from ponderlm.config import Config
 from ponderlm.data import TokenShards, read_metadata
 from ponderlm.errors import PonderError
@@ -147,9 +147,7 @@ def _train(config: Config, run_dir: Path, resume: bool, overwrite: bool, progres
                           f"has {vocab_size} tokens; drop model.vocab_size to take it from the data")
     config.model.vocab_size = vocab_size
     if resume:
-        if sha256_file(data_tokenizer) != sha256_file(run_dir / "tokenizer.json"):
-            raise PonderError(f"the tokenizer of {config.data.path} does not match the one this run was trained "
-                              f"with ({run_dir / 'tokenizer.json'}); point data.path at the original data")
+        require_run_tokenizer(run_dir, Path(config.data.path), data_meta)
     if main:
         prepare_run_dir(run_dir, resume, overwrite)
         if not resume:
