@@ -41,14 +41,24 @@ def _eval(args) -> None:
                                   data_path=args.data, tau=args.tau)))
 
 
+def _analyze(args) -> None:
+    from ponderlm.analyze import analyze_run
+
+    summary = analyze_run(args.run_dir, split=args.split, max_tokens=args.max_tokens, tau=args.tau,
+                          data_path=args.data, out_dir=args.out)
+    headline = ("method", "split", "tau", "tokens", "mean_kept_steps", "mean_expected_steps", "fraction_pruned",
+                "kept_steps_histogram", "correlations", "files")
+    print(json.dumps({key: summary[key] for key in headline}))
+
+
 def _generate(args) -> None:
+    from ponderlm.config import check_tau
     from ponderlm.generate import generate
     from ponderlm.runs import load
 
+    check_tau(args.tau)
     model, tokenizer = load(args.run_dir)
     if args.tau is not None:
-        if not 0.0 <= args.tau < 1.0:
-            raise PonderError(f"--tau must lie in [0, 1), got {args.tau}")
         model.config.ponder.tau = args.tau
 
     def emit(piece: str) -> None:
@@ -107,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tau", type=float, help="ponderlm3 pruning threshold (default: the run's ponder.tau; "
                     "0 runs all K slots for every token)")
     ev.set_defaults(handler=_eval)
+
+    an = commands.add_parser("analyze", help="ponderlm3: which tokens get more latent steps (JSON, plot, HTML page)")
+    an.add_argument("run_dir")
+    an.add_argument("--split", default="test", choices=["val", "test"])
+    an.add_argument("--max-tokens", type=int, default=16384, help="analyse the first N tokens (default 16384)")
+    an.add_argument("--tau", type=float, help="pruning threshold (default: the run's ponder.tau)")
+    an.add_argument("--data", help="prepared data directory (default: the run's data.path)")
+    an.add_argument("--out", help="output directory (default: RUN_DIR/analysis)")
+    an.set_defaults(handler=_analyze)
 
     gen = commands.add_parser("generate", help="continue a prompt with a trained run")
     gen.add_argument("run_dir")

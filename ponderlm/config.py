@@ -78,8 +78,15 @@ class PonderConfig:
     eval_refine_passes: int = 3
     backprop_passes: int = 0  # backpropagate through only the last N Jacobi passes; 0 = all of them
     router_init_bias: float = 0.0  # added to the router's k = K logit at init (> 0 starts near ponderlm2)
+    router_warmup_steps: int = 0  # ponderlm3 trains as ponderlm2 (s = one-hot K) for its first N steps
     penalty: float = 0.0  # lambda: weight of the expected extra steps in the loss
     tau: float = 1e-4  # inference pruning: keep latent slot k while its tail mass w_k >= tau
+
+
+def check_tau(tau: float | None, name: str = "--tau") -> None:
+    """The pruning threshold: w_0 = 1 is always kept, so tau >= 1 would be meaningless; None = the run's."""
+    if tau is not None and not 0.0 <= tau < 1.0:
+        raise PonderError(f"{name} must lie in [0, 1), got {tau}")
 
 
 @dataclass
@@ -116,12 +123,13 @@ class Config:
                     "train.eval_every": t.eval_every, "train.save_every": t.save_every,
                     "train.keep_last": t.keep_last, "model.num_hidden_layers": m.num_hidden_layers}
         p = self.ponder
-        if p.steps < 0 or p.eval_refine_passes < 0 or p.backprop_passes < 0 or not p.train_refine_passes \
-                or min(p.train_refine_passes) < 0:
-            raise PonderError("ponder.steps, the refine passes and backprop_passes must be >= 0, and "
+        if p.steps < 0 or p.eval_refine_passes < 0 or p.backprop_passes < 0 or p.router_warmup_steps < 0 \
+                or not p.train_refine_passes or min(p.train_refine_passes) < 0:
+            raise PonderError("ponder.steps, the refine passes, backprop_passes and router_warmup_steps must be >= 0, and "
                               "ponder.train_refine_passes a non-empty list")
-        if not 0.0 <= p.tau < 1.0 or p.penalty < 0:
-            raise PonderError(f"ponder.tau must lie in [0, 1) and ponder.penalty be >= 0 (got {p.tau}, {p.penalty})")
+        check_tau(p.tau, "ponder.tau")
+        if p.penalty < 0:
+            raise PonderError(f"ponder.penalty must be >= 0, got {p.penalty}")
         for key, value in positive.items():
             if value <= 0:
                 raise PonderError(f"{key} must be positive, got {value}")

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 
 from ponderlm.batching import eval_batches
 from ponderlm.checkpoint import require_run_tokenizer
-from ponderlm.config import Config
+from ponderlm.config import Config, check_tau
 from ponderlm.data import TokenShards, read_metadata
-from ponderlm.errors import PonderError
 from ponderlm.flops import inference_flops
 from ponderlm.runs import load
 
@@ -61,8 +60,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None
     data_dir = Path(data_path or config.data.path)
     metadata = read_metadata(data_dir)
     require_run_tokenizer(run_dir, data_dir, metadata)
-    if tau is not None and not 0.0 <= tau < 1.0:
-        raise PonderError(f"--tau must lie in [0, 1), got {tau}")
+    check_tau(tau)
     shards = TokenShards(data_dir, split)
     measured = evaluate_model(model, config, shards, max_tokens, tau)
     result = {"method": config.method, "split": split, "loss": measured["loss"], "ppl": math.exp(measured["loss"]),

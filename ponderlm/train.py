@@ -210,7 +210,7 @@ def _train(config: Config, run_dir: Path, resume: bool, overwrite: bool, progres
             first = (step - 1) * sequences_per_step + slot * t.micro_batch_size
             inputs, targets = (x.to(topology.device) for x in sampler.batch(first, t.micro_batch_size))
             with distributed.gradient_sync(wrapped, micro == accum - 1), config.autocast(topology.device.type):
-                loss, stats = wrapped("loss", inputs, targets)
+                loss, stats = wrapped("loss", inputs, targets, step=step)
             (loss / accum).backward()
             step_loss += loss.item() / accum
             for key, value in stats.items():

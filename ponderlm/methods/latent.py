@@ -92,7 +92,8 @@ class PonderLM2(nn.Module):
     def forward(self, input_ids: torch.Tensor, tau: float | None = None) -> torch.Tensor:
         return self.infer(input_ids, tau)[0]
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, step: int | None = None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
         options = self.config.ponder.train_refine_passes
         refine = options[int(torch.randint(len(options), ()))]  # torch's RNG: checkpointed, so resume is exact
         states = self.jacobi(input_ids, refine)
@@ -150,11 +151,25 @@ class PonderLM3(PonderLM2):
         with torch.no_grad():
             self.router.bias.zero_()
             self.router.bias[-1] = config.ponder.router_init_bias
+        self._router_bypassed = False
 
     def route(self, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Step distribution s (..., K + 1) and log tail mass log w (..., K + 1) from h^(0)."""
         logits = self.router(h0).float()
+        if self._router_bypassed:  # s = one-hot(K): every slot fully visible, output h^(K), i.e. ponderlm2
+            # `0 * logits` keeps the router in the graph (zero gradient), so DDP sees every parameter used.
+            logits = 0 * logits + torch.full_like(logits, -1e4).index_fill_(-1, torch.tensor(self.steps), 0.0)
         return logits.softmax(-1), log_tail_mass(logits)
+
+    def loss(self, input_ids, targets, step=None):
+        # Router warm-up: early in training h^(0) predicts better than the untrained latent slots, and the
+        # cross-entropy through the mixture moves all router mass to k = 0 within tens of steps (measured, with
+        # and without the penalty). Training as ponderlm2 first lets the latent slots become worth routing to.
+        self._router_bypassed = step is not None and step <= self.config.ponder.router_warmup_steps
+        try:
+            return super().loss(input_ids, targets, step)
+        finally:
+            self._router_bypassed = False
 
     def kept_slots(self, log_w: torch.Tensor, tau: float) -> torch.Tensor:
         """K_hat = max{k : w_k >= tau}; w_0 = 1, so at least 0."""

@@ -24,8 +24,12 @@ class Vanilla(nn.Module):
         """Logits and the latent slots run per token: none."""
         return self(input_ids), torch.zeros(input_ids.shape, dtype=torch.long, device=input_ids.device)
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """The training objective and statistics worth logging (none beyond the loss for vanilla)."""
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, step: int | None = None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training objective and statistics worth logging (none beyond the loss for vanilla).
+
+        step: the training step (from 1), for methods whose objective follows a schedule; None outside training.
+        """
         logits = self(input_ids)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()), {}
 

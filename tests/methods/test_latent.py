@@ -132,6 +132,29 @@ def _attached_bias(model, route, h0, slots):
     return log_w.flatten(1, 2)
 
 
+def test_router_warmup_trains_as_ponderlm2_then_hands_over_to_the_router():
+    p3 = make("ponderlm3", "ponder.router_warmup_steps=3", "ponder.penalty=0.5").train()
+    sharpen_router(p3, 0.3)
+    p2 = make("ponderlm2").train()
+    p2.backbone.load_state_dict(p3.backbone.state_dict())
+    ids, targets = torch.randint(0, VOCAB, (2, 8)), torch.randint(0, VOCAB, (2, 8))
+
+    def loss_and_router_grad(step):
+        p3.zero_grad()
+        torch.manual_seed(1)  # the same draw of refine passes in both models
+        loss, stats = p3.loss(ids, targets, step=step)
+        loss.backward()
+        return loss, stats, p3.router.weight.grad.abs().sum().item()
+
+    loss, stats, grad = loss_and_router_grad(step=3)
+    torch.manual_seed(1)
+    # ponderlm2's loss plus the penalty on K extra steps, which the bypassed router cannot change
+    torch.testing.assert_close(loss, p2.loss(ids, targets)[0] + 0.5 * 2)
+    assert stats["step_mass_2"] == 1.0 and grad == 0.0
+    loss, stats, grad = loss_and_router_grad(step=4)
+    assert stats["step_mass_2"] < 1.0 and grad > 0
+    assert not p3._router_bypassed  # evaluation after a warm-up step uses the router
+
 def test_large_penalty_drives_extra_steps_down(tiny_data_dir, tmp_path):
     config = load_config("tiny", ["method=ponderlm3", f"data.path={tiny_data_dir}", "ponder.steps=2",
                                   "ponder.penalty=2.0", "train.steps=16", "train.log_every=1", "train.lr=1e-2"])
