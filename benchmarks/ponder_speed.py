@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 import ponderlm
+from machine import describe_machine
 from ponderlm.config import load_config
 from ponderlm.flops import inference_flops
 from ponderlm.methods import build_model
@@ -122,8 +122,8 @@ def main() -> None:
     lines = [
         "# PonderLM-3 vs PonderLM-2: training step and decode speed", "",
         "```", " ".join([Path(sys.executable).name, *sys.argv]), "```", "",
-        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, load average {Path('/proc/loadavg').read_text().split()[0]}",
+        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {describe_machine()}, "
+        f"load average {Path('/proc/loadavg').read_text().split()[0]}",
         f"- shape: d={shape.hidden_size}, layers={shape.num_hidden_layers}, heads={shape.num_attention_heads}, "
         f"vocab={shape.vocab_size}, K={models[0].config.ponder.steps}, seq={models[0].config.data.seq_len}, "
         f"micro-batch={models[0].config.train.micro_batch_size}, dtype={models[0].config.train.dtype}, R=2",

@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from machine import machine_info  # noqa: E402
 from ponderlm.config import load_config  # noqa: E402
 from ponderlm.methods import build_model  # noqa: E402
 from ponderlm.train import build_optimizer  # noqa: E402
@@ -154,18 +155,6 @@ def counted_matmul_flops(runner, inputs, targets, dtype):
 def attention_flops(args):
     visible = args.seq_len * (args.seq_len + 1) / 2  # causal key-query pairs per sequence
     return 3 * 4 * args.layers * args.hidden_size * args.batch * visible
-
-
-def machine_info():
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return cpu, os.cpu_count()
 
 
 def profile_model(runner, inputs, targets, dtype, steps):
