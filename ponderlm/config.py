@@ -125,8 +125,8 @@ class Config:
         p = self.ponder
         if p.steps < 0 or p.eval_refine_passes < 0 or p.backprop_passes < 0 or p.router_warmup_steps < 0 \
                 or not p.train_refine_passes or min(p.train_refine_passes) < 0:
-            raise PonderError("ponder.steps, the refine passes, backprop_passes and router_warmup_steps must be >= 0, and "
-                              "ponder.train_refine_passes a non-empty list")
+            raise PonderError("ponder.steps, the refine passes, backprop_passes and router_warmup_steps must be "
+                              ">= 0, and ponder.train_refine_passes a non-empty list")
         check_tau(p.tau, "ponder.tau")
         if p.penalty < 0:
             raise PonderError(f"ponder.penalty must be >= 0, got {p.penalty}")

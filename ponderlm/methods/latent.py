@@ -164,7 +164,8 @@ class PonderLM3(PonderLM2):
     def loss(self, input_ids, targets, step=None):
         # Router warm-up: early in training h^(0) predicts better than the untrained latent slots, and the
         # cross-entropy through the mixture moves all router mass to k = 0 within tens of steps (measured, with
-        # and without the penalty). Training as ponderlm2 first lets the latent slots become worth routing to.
+        # and without the penalty). Training as ponderlm2 first gives the latent slots a head start (on the CPU
+        # budget of recipes/pareto-cpu.yaml it only delayed the collapse: docs/results/pareto-cpu/).
         self._router_bypassed = step is not None and step <= self.config.ponder.router_warmup_steps
         try:
             return super().loss(input_ids, targets, step)
