@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from lm_eval.utils import handle_non_serializable
 
 from machine import describe_machine
