@@ -120,10 +120,11 @@ def test_analysis_json_equals_a_direct_count(analysed, direct_count):
             found = written["correlations"][steps][target]
             assert found["pearson"] == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-4)
             ranks = np.corrcoef(naive_ranks(x), naive_ranks(y))[0, 1]
-            # Kept steps match exactly, so their ties do too. The sharpened router puts many tokens at expected
-            # steps ~ 2, where float rounding (2.0 vs 1.9999999) decides which of them tie; tie handling itself
-            # is checked exactly in test_summarize_counts_ties_and_undefined_correlations.
-            assert found["spearman"] == pytest.approx(ranks, abs=1e-6 if steps == "kept_steps" else 0.01)
+            # Ranks are not continuous: float noise between the two computations (batching, thread count) can
+            # swap two nearly equal entropies or expected steps (the sharpened router puts many tokens at ~2.0),
+            # moving Spearman by ~1e-4 per swap at 200 tokens. Tie handling itself is checked exactly in
+            # test_summarize_counts_ties_and_undefined_correlations.
+            assert found["spearman"] == pytest.approx(ranks, abs=0.01)
 
 
 def test_files_exist_and_the_page_has_one_span_per_shown_token(analysed, direct_count):
