@@ -64,7 +64,9 @@ def main() -> None:
     command = " ".join(["python"] + sys.argv)
     minutes = (time.time() - started) / 60
     report = [f"# Zero-shot downstream accuracy ({args.limit} documents per task)", "",
-              f"Command: `{command}`", f"Machine: {describe_machine()}; {minutes:.0f} min.", "",
+              f"Command: `{command}`", f"Machine: {describe_machine()}; this invocation {minutes:.0f} min (runs evaluated by an earlier "
+              "invocation are read from their cached JSON in the run directory).", "",
+              f"Evaluated runs: {len(rows)}.", "",
               "acc_norm where the task has it (ARC, HellaSwag, PIQA, SciQ), else acc (LAMBADA, WinoGrande). "
               f"RACE: {UNAVAILABLE['race']}. Mean extra steps and FLOPs are averaged over every token the tasks "
               "ran through the model.", ""] + lines
