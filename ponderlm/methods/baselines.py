@@ -27,9 +27,14 @@ class FixedSteps(Vanilla):
     def infer(self, input_ids: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self(input_ids), torch.full(input_ids.shape, self.steps, dtype=torch.long, device=input_ids.device)
 
-    def _record(self, steps_used: list | None, batch: int, tokens: int) -> None:
+    def _finish_decode(self, hidden: torch.Tensor, input_ids: torch.Tensor, cache: KVCache, slots: int,
+                       steps_used: list | None) -> torch.Tensor:
+        """Commit the `slots` new cache entries, advance the token count, record K steps per token; next logits."""
+        cache.commit(slots)
+        cache.tokens += input_ids.shape[1]
         if steps_used is not None:
-            steps_used += [torch.full((batch,), self.steps, dtype=torch.long)] * tokens
+            steps_used += [torch.full((input_ids.shape[0],), self.steps, dtype=torch.long)] * input_ids.shape[1]
+        return self.backbone.lm_head(hidden[:, -1])
 
 
 class Pause(FixedSteps):
@@ -62,10 +67,7 @@ class Pause(FixedSteps):
         # The pause slots' inputs are known in advance, so all slots of the new tokens go in one causal chunk.
         slots, positions = self._slots(input_ids)
         hidden = self.backbone.hidden_states(slots, positions + cache.tokens, cache=cache)
-        cache.commit(slots.shape[1])
-        cache.tokens += input_ids.shape[1]
-        self._record(steps_used, *input_ids.shape)
-        return self.backbone.lm_head(hidden[:, -1])
+        return self._finish_decode(hidden, input_ids, cache, slots.shape[1], steps_used)
 
 
 class Loop(FixedSteps):
@@ -81,11 +83,8 @@ class Loop(FixedSteps):
 
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, cache: KVCache, steps_used: list | None = None) -> torch.Tensor:
-        hidden = self._final_states(input_ids, cache)
-        cache.commit(input_ids.shape[1])
-        cache.tokens += input_ids.shape[1]
-        self._record(steps_used, *input_ids.shape)
-        return self.backbone.lm_head(hidden[:, -1])
+        return self._finish_decode(self._final_states(input_ids, cache), input_ids, cache, input_ids.shape[1],
+                                   steps_used)
 
 
 class PonderLM1(Loop):
