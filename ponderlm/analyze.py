@@ -39,9 +39,10 @@ def measure(model, input_ids: torch.Tensor, targets: torch.Tensor, tau: float) -
     device = model.backbone.lm_head.weight.device
     input_ids, targets = input_ids.to(device), targets.to(device)
     with config.autocast(device.type):
-        logits, kept = model.infer(input_ids, tau)
-        # The same hard-masked Jacobi passes infer runs; the router on their final h^(0) gives the soft allocation.
+        # What `infer` computes, with the states kept: the router on their final h^(0) gives the soft allocation.
         states = model.jacobi(input_ids, config.ponder.eval_refine_passes, tau)
+        output, kept, _ = model._output_states(states, tau)
+        logits = model.backbone.lm_head(output)
         _, log_w = model.route(states[:, :, 0])
     log_probs = logits.float().log_softmax(-1)
     return {"kept_steps": kept.cpu(),

@@ -208,6 +208,6 @@ def results_table(results: dict) -> str:
         lines.append(f"| {task} | {key.split(',')[0] if key else '-'} | {value} | "
                      f"{compute.get('mean_extra_steps', 0):.3f} | {compute.get('inference_flops_per_token', 0):.3e} "
                      f"| {compute.get('tokens', 0)} |")
-    for task, reason in info["unavailable"].items():
+    for task in info["unavailable"]:
         lines.append(f"| {task} | - | not available offline | - | - | - |")
     return "\n".join(lines)
