@@ -37,7 +37,7 @@ def timed(fn, repeats: int) -> float:
 
 
 def train_row(method: str, args, backend: str = "sdpa") -> dict:
-    overrides = [f"method={method}", f"model.vocab_size={args.vocab}", f"ponder.steps={args.k}",
+    overrides = [f"method={method}", f"model.vocab_size={args.vocab}", f"ponder.extra_steps={args.k}",
                  "ponder.train_refine_passes=[2]", f"data.seq_len={args.seq_len}", "train.dtype=bf16",
                  f"model.attention_backend={backend}"]
     config = load_config("410m", overrides)

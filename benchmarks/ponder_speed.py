@@ -38,7 +38,7 @@ def models_from_args(args):
         ponderlm3 = ponderlm.load(args.ponderlm3_run)[0]
         config = copy.deepcopy(ponderlm3.config)
     else:
-        config = load_config(args.preset, ["method=ponderlm3", "model.vocab_size=8192", f"ponder.steps={args.k}"])
+        config = load_config(args.preset, ["method=ponderlm3", "model.vocab_size=8192", f"ponder.extra_steps={args.k}"])
         torch.manual_seed(0)
         ponderlm3 = build_model(config)
         with torch.no_grad():  # a router that spreads tokens over 0..K slots, as trained routers do
@@ -125,7 +125,7 @@ def main() -> None:
         f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {describe_machine()}, "
         f"load average {Path('/proc/loadavg').read_text().split()[0]}",
         f"- shape: d={shape.hidden_size}, layers={shape.num_hidden_layers}, heads={shape.num_attention_heads}, "
-        f"vocab={shape.vocab_size}, K={models[0].config.ponder.steps}, seq={models[0].config.data.seq_len}, "
+        f"vocab={shape.vocab_size}, K={models[0].config.ponder.extra_steps}, seq={models[0].config.data.seq_len}, "
         f"micro-batch={models[0].config.train.micro_batch_size}, dtype={models[0].config.train.dtype}, R=2",
         f"- ponderlm3: {'trained run ' + args.ponderlm3_run if args.ponderlm3_run else 'untrained, router weights ~ N(0, %g)' % args.router_std}"
         f"; ponderlm2: same shape, untrained (speed does not depend on its weights)",

@@ -31,7 +31,7 @@ def diagnose(run_dir: Path, max_tokens: int) -> dict:
     config = model.config
     if config.method != "ponderlm3":
         raise SystemExit(f"{run_dir} is {config.method}; this diagnostic needs ponderlm3")
-    steps = config.ponder.steps
+    steps = config.ponder.extra_steps
     slot_nll, mixture_nll, mass, tokens = torch.zeros(steps + 1), 0.0, torch.zeros(steps + 1), 0
     for inputs, targets in eval_batches(TokenShards(Path(config.data.path), "val"), config.data.seq_len, 16,
                                         max_tokens):

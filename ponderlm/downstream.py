@@ -188,7 +188,7 @@ def run_lm_eval(run_dir: Path, tasks: list[str], limit: int | None = None, tau: 
     compute = harness.compute_summary()
     results["ponderlm"] = {
         "run_dir": str(run_dir), "method": model.config.method, "limit": limit,
-        "tau": (model.config.ponder.tau if tau is None else tau) if model.config.method == "ponderlm3" else None,
+        "tau": model.resolve_tau(tau) if model.prunable else None,
         "compute": {task.removeprefix("ponderlm_"): numbers for task, numbers in compute.items()},
         "unavailable": unavailable,
     }

@@ -1,7 +1,7 @@
 """`ponderlm eval`: loss, perplexity, pondering and inference FLOPs of a run on a split of its data.
 
-Everything is measured on the inference path: for ponderlm3 the hard-pruned forward at tau, whose kept latent
-slots per token also drive the FLOPs count. For ponderlm3 the soft (training-mode) loss is reported beside it.
+Everything is measured on the inference path: for prunable methods the hard-pruned forward at tau, whose kept
+extra steps per token also drive the FLOPs count; their soft (training-mask) loss is reported beside it.
 """
 
 from __future__ import annotations
@@ -14,36 +14,36 @@ import torch.nn.functional as F
 
 from ponderlm.batching import eval_batches
 from ponderlm.checkpoint import require_run_tokenizer
-from ponderlm.config import Config, check_tau
+from ponderlm.config import check_tau
 from ponderlm.data import TokenShards, read_metadata
-from ponderlm.flops import inference_flops
+from ponderlm.methods import Method
 from ponderlm.runs import load
 
 
 @torch.no_grad()
-def evaluate_model(model, config: Config, shards: TokenShards, max_tokens: int | None = None,
-                   tau: float | None = None, runner=None) -> dict:
+def evaluate_model(model: Method, shards: TokenShards, max_tokens: int | None = None, tau: float | None = None,
+                   runner=None) -> dict:
     """Mean next-token NLL (nats) over the first max_tokens of a split, with pondering statistics.
 
     runner: the distributed wrapper to call the model through (`runner("infer", ...)`), if any.
     """
+    config = model.config
     infer = model.infer if runner is None else (lambda ids, t: runner("infer", ids, t))
     device = model.backbone.lm_head.weight.device
     was_training = model.training
     model.eval()
     nll, tokens, flops = 0.0, 0, 0.0
-    histogram = torch.zeros(config.ponder.steps + 1, dtype=torch.long)
-    n_mm = model.backbone.num_matmul_params()
+    histogram = torch.zeros(model.max_extra_steps + 1, dtype=torch.long)
     # Without gradients a batch of ~16K tokens fits wherever a training micro-batch does, and amortises overhead.
     batch_size = max(config.train.micro_batch_size, 16384 // config.data.seq_len)
     for inputs, targets in eval_batches(shards, config.data.seq_len, batch_size, max_tokens):
         with config.autocast(device.type):
-            logits, latent_slots = infer(inputs.to(device), tau)
+            logits, extra_steps = infer(inputs.to(device), tau)
         nll += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum").item()
         tokens += targets.numel()
-        latent_slots = latent_slots.cpu()
-        flops += inference_flops(config, n_mm, latent_slots)
-        histogram += torch.bincount(latent_slots.flatten(), minlength=len(histogram))[: len(histogram)]
+        extra_steps = extra_steps.cpu()
+        flops += model.inference_flops(extra_steps)
+        histogram += torch.bincount(extra_steps.flatten(), minlength=len(histogram))[: len(histogram)]
     model.train(was_training)
     count = max(1, tokens)
     extra_steps = (histogram * torch.arange(len(histogram))).sum().item()
@@ -53,7 +53,7 @@ def evaluate_model(model, config: Config, shards: TokenShards, max_tokens: int |
 
 def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None = None,
                  data_path: str | Path | None = None, tau: float | None = None, with_soft: bool = True) -> dict:
-    """The `ponderlm eval` JSON. with_soft=False skips ponderlm3's soft loss (it does not depend on tau)."""
+    """The `ponderlm eval` JSON. with_soft=False skips a prunable method's soft loss (it does not depend on tau)."""
     run_dir = Path(run_dir)
     model, _ = load(run_dir)
     config = model.config
@@ -62,17 +62,17 @@ def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None
     require_run_tokenizer(run_dir, data_dir, metadata)
     check_tau(tau)
     shards = TokenShards(data_dir, split)
-    measured = evaluate_model(model, config, shards, max_tokens, tau)
+    measured = evaluate_model(model, shards, max_tokens, tau)
     result = {"method": config.method, "split": split, "loss": measured["loss"], "ppl": math.exp(measured["loss"]),
               "tokens": measured["tokens"], "mean_extra_steps": measured["mean_extra_steps"],
               "inference_flops_per_token": measured["inference_flops_per_token"]}
-    if config.method != "vanilla":
-        result["max_extra_steps"] = config.ponder.steps
+    if model.max_extra_steps:
+        result["max_extra_steps"] = model.max_extra_steps
         result["extra_steps_histogram"] = measured["extra_steps_histogram"]
-    if config.method == "ponderlm3":
-        result["tau"] = config.ponder.tau if tau is None else tau
-    if config.method == "ponderlm3" and with_soft:
-        soft = evaluate_model(model, config, shards, max_tokens, tau=0.0)["loss"]
+    if model.prunable:
+        result["tau"] = model.resolve_tau(tau)
+    if model.prunable and with_soft:
+        soft = evaluate_model(model, shards, max_tokens, tau=0.0)["loss"]
         result.update(soft_loss=soft, soft_ppl=math.exp(soft), pruned_minus_soft=measured["loss"] - soft)
     words = metadata["splits"][split].get("words")
     if words and measured["tokens"] == len(shards) - 1:

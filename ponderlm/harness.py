@@ -1,4 +1,4 @@
-"""An lm-eval `LM` for every ponderlm method, on the inference path (ponderlm3: hard pruning at tau).
+"""An lm-eval `LM` for every ponderlm method, on the inference path (prunable methods: hard pruning at tau).
 
 Scoring runs the parallel inference forward (`model.infer`), batched and right-padded, which is causal, so the
 padding never changes a real position. Generation runs the KV-cached decoder. Beside lm-eval's metrics the adapter
@@ -18,20 +18,19 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from ponderlm.data import EOS_TOKEN
-from ponderlm.flops import inference_flops
+from ponderlm.generate import continuation, sample_next
 
 
 class PonderLMHarness(LM):
     def __init__(self, model, tokenizer: Tokenizer, tau: float | None = None, batch_size: int = 16,
-                 max_length: int | None = None, progress: bool = True):
+                 progress: bool = True):
         super().__init__()
         self.model, self.tokenizer, self.tau, self.batch_size = model.eval(), tokenizer, tau, batch_size
         self.config = model.config
-        self.max_length = max_length or self.config.data.seq_len  # the context the model was trained on
+        self.max_length = self.config.data.seq_len  # the context the model was trained on
         self.eos_id = tokenizer.token_to_id(EOS_TOKEN)
         self._device = model.backbone.lm_head.weight.device  # read through LM.device
         self.progress = progress
-        self._n_mm = model.backbone.num_matmul_params()
         self.compute = defaultdict(lambda: {"tokens": 0, "extra_steps": 0, "flops": 0.0})
 
     def compute_summary(self) -> dict[str, dict[str, float]]:
@@ -44,7 +43,7 @@ class PonderLMHarness(LM):
         counts = self.compute[task]
         counts["tokens"] += extra_steps.numel()
         counts["extra_steps"] += int(extra_steps.sum())
-        counts["flops"] += inference_flops(self.config, self._n_mm, extra_steps.view(1, -1).cpu())
+        counts["flops"] += self.model.inference_flops(extra_steps.view(1, -1).cpu())
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
@@ -115,11 +114,8 @@ class PonderLMHarness(LM):
 
     # ----- generation -----
 
-    @torch.no_grad()
     def generate_until(self, requests) -> list[str]:
         """Greedy (or sampled, if asked) continuation of each context until a stop string or max_gen_toks."""
-        from ponderlm.generate import sample_next
-
         outputs = []
         for request in tqdm(requests, desc="generate", unit="request", disable=not self.progress):
             context, options = request.args
@@ -129,24 +125,22 @@ class PonderLMHarness(LM):
             max_new = int(options.pop("max_gen_toks", 256))
             temperature = float(options.pop("temperature", 0.0)) if options.pop("do_sample", False) else 0.0
             ids = (self._encode(context) or [self.eos_id])[-max(1, self.max_length - max_new):]
-            cache = self.model.new_cache(1, len(ids) + max_new)
-            steps: list[torch.Tensor] = []
-            with self.config.autocast(self.device.type):
-                logits = self.model.decode(torch.tensor([ids], device=self.device), cache, steps)
-                new_ids: list[int] = []
-                text = ""
-                for _ in range(max_new):
-                    token = sample_next(logits, temperature, 0, 1.0, None)
-                    if token.item() == self.eos_id:
-                        break
-                    new_ids.append(token.item())
-                    text = self.tokenizer.decode(new_ids)
-                    if any(stop in text for stop in until):
-                        break
-                    logits = self.model.decode(token[:, None], cache, steps)
+            extra_steps: list[torch.Tensor] = []
+            new_ids: list[int] = []
+            text = ""
+            def choose(logits, temperature=temperature):
+                return sample_next(logits, temperature, 0, 1.0, None)
+
+            for token in continuation(self.model, ids, max_new, choose, self.tau, extra_steps):
+                if token == self.eos_id:
+                    break
+                new_ids.append(token)
+                text = self.tokenizer.decode(new_ids)
+                if any(stop in text for stop in until):
+                    break
             for stop in until:
                 text = text.split(stop)[0]
-            self._record(request.task_name, torch.stack(steps)[:, 0])
+            self._record(request.task_name, torch.stack(extra_steps)[:, 0])
             self.cache_hook.add_partial("generate_until", request.args, text)
             outputs.append(text)
         return outputs

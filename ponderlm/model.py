@@ -1,4 +1,4 @@
-"""The LLaMA-style decoder every method shares (DESIGN §2).
+"""The LLaMA-style decoder every method shares (docs/design.md §2).
 
 Read top to bottom: RMSNorm, rotary embeddings, attention (with an optional additive per-key bias and a KV
 cache), SwiGLU MLP, the block, the stack. The backbone maps input *embeddings* to final-norm hidden states, so
@@ -201,7 +201,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
-        # sqrt(2.5 d) turns the init std sqrt(2 / 5d) into unit-scale token inputs (DESIGN §3, every method).
+        # sqrt(2.5 d) turns the init std sqrt(2 / 5d) into unit-scale token inputs (docs/design.md §3, every method).
         self.embed_scale = math.sqrt(2.5 * d)
         self.reset_parameters()
 
@@ -253,5 +253,5 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def num_matmul_params(self) -> int:
-        """Weights of the blocks' Linear layers: the N_nonembedding of the FLOPs counter (DESIGN §5)."""
+        """Weights of the blocks' Linear layers: the N_nonembedding of the FLOPs counter (docs/design.md §5)."""
         return sum(m.weight.numel() for m in self.layers.modules() if isinstance(m, nn.Linear))

@@ -2,7 +2,7 @@
 the perplexity-versus-inference-FLOPs table and plot.
 
 A recipe names a base config, overrides shared by every run, the runs (each a name plus its own overrides), the
-evaluation split and token budget, and the tau values swept for every ponderlm3 run:
+evaluation split and token budget, and the tau values swept for every run of a prunable method:
 
     base: small
     set: [train.steps=2000]
@@ -19,6 +19,7 @@ evaluation already stored in the run directory (same split, token budget and tau
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -31,13 +32,13 @@ from ponderlm.checkpoint import latest_checkpoint, read_run_config
 from ponderlm.config import load_config
 from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_run
-from ponderlm.flops import training_flops_per_token
-from ponderlm.methods import build_model
+from ponderlm.files import atomic_path, atomic_write_bytes, atomic_write_text
+from ponderlm.methods import METHODS, build_model
 from ponderlm.train import train
 
 COLUMNS = ["method", "run", "tau", "ppl", "loss", "inference_flops_per_token", "mean_extra_steps", "train_flops",
            "train_tokens", "soft_ppl", "split", "eval_tokens"]
-MARKERS = {"vanilla": "o", "pause": "s", "loop": "D", "ponderlm1": "^", "ponderlm2": "v", "ponderlm3": "*"}
+MARKERS = "osD^v*PXhp<>"  # one per method, in registry order
 
 
 @dataclass
@@ -81,7 +82,7 @@ def _evaluate(run_dir: Path, split: str, max_tokens: int | None, tau: float | No
     key = f"{checkpoint}|{split}|{max_tokens}|{tau}|{with_soft}"
     if key not in stored:
         stored[key] = evaluate_run(run_dir, split=split, max_tokens=max_tokens, tau=tau, with_soft=with_soft)
-        store.write_text(json.dumps(stored, indent=1))
+        atomic_write_text(store, json.dumps(stored, indent=1))
     return stored[key]
 
 
@@ -98,10 +99,10 @@ def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None) -> lis
         config = read_run_config(run_dir)
         model = build_model(config)
         train_tokens = config.train.steps * (config.train.batch_tokens // config.data.seq_len) * config.data.seq_len
-        train_flops = training_flops_per_token(config, model.backbone.num_matmul_params()) * train_tokens
+        train_flops = model.training_flops_per_token() * train_tokens
         soft_ppl = ""
-        for index, tau in enumerate(recipe.taus if config.method == "ponderlm3" else [None]):
-            # ponderlm3's soft loss does not depend on tau: compute it with the first tau only.
+        for index, tau in enumerate(recipe.taus if model.prunable else [None]):
+            # The soft loss does not depend on tau: compute it with the first tau only.
             result = _evaluate(run_dir, split, max_tokens, tau, with_soft=index == 0)
             soft_ppl = result.get("soft_ppl", soft_ppl)
             rows.append({"method": config.method, "run": name, "tau": "" if tau is None else tau,
@@ -126,18 +127,19 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def write_results(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out / "results.csv", table.getvalue().encode())
+    atomic_write_text(out / "results.json", json.dumps(rows, indent=1))
     lines = ["| method | run | tau | ppl | inference GFLOPs/token | mean extra steps | training PFLOPs |",
              "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["inference_flops_per_token"]):
         lines.append(f"| {r['method']} | {r['run']} | {r['tau']} | {r['ppl']:.2f} | "
                      f"{r['inference_flops_per_token'] / 1e9:.4f} | {r['mean_extra_steps']:.2f} | "
                      f"{r['train_flops'] / 1e15:.4f} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     plot(rows, out / "pareto.png")
 
 
@@ -150,17 +152,19 @@ def plot(rows: list[dict], path: Path) -> None:
     largest = max(r["inference_flops_per_token"] for r in rows)
     scale, unit = (1e9, "GFLOPs") if largest >= 1e9 else (1e6, "MFLOPs")
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=130)
-    for method in MARKERS:
+    for index, method in enumerate(METHODS):
         points = [(r["inference_flops_per_token"] / scale, r["ppl"]) for r in rows if r["method"] == method]
         if not points:
             continue
         line = ax.plot(*zip(*frontier(points)), "-", alpha=0.6)[0]
-        ax.scatter(*zip(*points), marker=MARKERS[method], s=60, color=line.get_color(), label=method, zorder=3)
+        ax.scatter(*zip(*points), marker=MARKERS[index % len(MARKERS)], s=60, color=line.get_color(), label=method,
+                   zorder=3)
     ax.set_xlabel(f"inference FLOPs per token ({unit}, analytic, slots actually run)")
     ax.set_ylabel("validation perplexity")
     ax.set_title("Perplexity vs inference compute (lines: each method's frontier)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)

@@ -126,7 +126,7 @@ def train(config: Config | None, run_dir: Path, resume: bool = False, overwrite:
     config = _resolve_config(config, run_dir, resume, overwrite)
     topology = distributed.setup(config.distributed.strategy)
     try:
-        return _train(config, run_dir, resume, overwrite, progress, topology)
+        return Trainer(config, run_dir, resume, overwrite, topology).fit(progress)
     except BaseException as exc:
         # Free the DDP/FSDP objects the traceback holds before the process group goes: a gloo group destroyed
         # from a Reducer's destructor can deadlock on the GIL.
@@ -136,113 +136,133 @@ def train(config: Config | None, run_dir: Path, resume: bool = False, overwrite:
         distributed.teardown()
 
 
-def _train(config: Config, run_dir: Path, resume: bool, overwrite: bool, progress: bool | None,
-           topology: distributed.Topology) -> dict:
-    main = topology.is_main
-    data_meta = read_metadata(Path(config.data.path))
-    data_tokenizer = Path(config.data.path) / data_meta["tokenizer"]["file"]
-    vocab_size = data_meta["tokenizer"]["vocab_size"]
-    if config.model.vocab_size not in (0, vocab_size):
-        raise PonderError(f"model.vocab_size={config.model.vocab_size} but the tokenizer of {config.data.path} "
-                          f"has {vocab_size} tokens; drop model.vocab_size to take it from the data")
-    config.model.vocab_size = vocab_size
-    if resume:
-        require_run_tokenizer(run_dir, Path(config.data.path), data_meta)
-    if main:
-        prepare_run_dir(run_dir, resume, overwrite)
-        if not resume:
-            shutil.copyfile(data_tokenizer, run_dir / "tokenizer.json")
-            atomic_write_text(run_dir / "config.yaml", config.to_yaml())
-    distributed.barrier(topology)
-    train_shards = TokenShards(Path(config.data.path), "train")
-    val_shards = TokenShards(Path(config.data.path), "val")
+class Trainer:
+    """One run on this rank: set-up and resume, then optimizer steps, evaluations and checkpoints."""
 
-    t = config.train
-    accum = config.grad_accum_steps(topology.world_size)
-    torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = build_model(config).to(topology.device)
-    if t.compile:  # per block, as torchtitan does: small graphs, one compile reused by every layer
-        for block in model.backbone.layers:
-            block.compile()
-    wrapped = distributed.wrap(model, config.distributed.strategy, topology)
-    optimizer = build_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s + 1, config) / t.lr)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", run_dir if t.tensorboard and main else None)
-    tokenizer_sha = sha256_file(run_dir / "tokenizer.json")
+    def __init__(self, config: Config, run_dir: Path, resume: bool, overwrite: bool,
+                 topology: distributed.Topology):
+        self.config, self.run_dir, self.topology = config, run_dir, topology
+        self._prepare_run_dir(resume, overwrite)
+        self.train_shards = TokenShards(Path(config.data.path), "train")
+        self.val_shards = TokenShards(Path(config.data.path), "val")
+        t = config.train
+        self.accum = config.grad_accum_steps(topology.world_size)
+        self.sequences_per_step = t.batch_tokens // config.data.seq_len
+        self.tokens_per_step = self.sequences_per_step * config.data.seq_len
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        self.model = build_model(config).to(topology.device)
+        self.wrapped = distributed.parallelize(self.model, config.distributed.strategy, topology, t.compile)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s + 1, config) / t.lr)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl", run_dir if t.tensorboard and topology.is_main else None)
+        self.tokenizer_sha = sha256_file(run_dir / "tokenizer.json")
+        self.sampler = WindowSampler(self.train_shards, config.data.seq_len, t.seed)
+        self.start_step = self._resume() if resume else 0
+        if topology.is_main:
+            self.metrics.truncate(self.start_step)
 
-    start_step = 0
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        distributed.load_full_model_state(wrapped, read_model_weights(checkpoint))
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+        """Check the data against the config, then create (or reuse) the run directory on the main rank."""
+        config, run_dir = self.config, self.run_dir
+        data_meta = read_metadata(Path(config.data.path))
+        vocab_size = data_meta["tokenizer"]["vocab_size"]
+        if config.model.vocab_size not in (0, vocab_size):
+            raise PonderError(f"model.vocab_size={config.model.vocab_size} but the tokenizer of {config.data.path} "
+                              f"has {vocab_size} tokens; drop model.vocab_size to take it from the data")
+        config.model.vocab_size = vocab_size
+        if resume:
+            require_run_tokenizer(run_dir, Path(config.data.path), data_meta)
+        if self.topology.is_main:
+            prepare_run_dir(run_dir, resume, overwrite)
+            if not resume:
+                shutil.copyfile(Path(config.data.path) / data_meta["tokenizer"]["file"], run_dir / "tokenizer.json")
+                atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+        distributed.barrier(self.topology)
+
+    def _resume(self) -> int:
+        """Load the latest checkpoint (if any); returns the step it was saved at."""
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is None:
+            return 0
+        distributed.load_full_model_state(self.wrapped, read_model_weights(checkpoint))
         state = load_trainer_state(checkpoint)
-        distributed.load_full_optimizer_state(wrapped, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        distributed.load_full_optimizer_state(self.wrapped, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_torch"])
-        start_step = state["step"]
-    if main:
-        metrics.truncate(start_step)
+        return state["step"]
 
-    sampler = WindowSampler(train_shards, config.data.seq_len, t.seed)
-    sequences_per_step = t.batch_tokens // config.data.seq_len
-    tokens_per_step = sequences_per_step * config.data.seq_len
-    model.train()
-    record: dict = {}
-    bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-               disable=True if not main else None if progress is None else not progress)
-    window_start, window_tokens = time.perf_counter(), 0
-
-    def checkpoint_now(step: int) -> None:
-        weights = distributed.full_model_state(wrapped)  # collective under FSDP: every rank takes part
-        state = {"step": step, "optimizer": distributed.full_optimizer_state(wrapped, optimizer),
-                 "scheduler": scheduler.state_dict(), "rng_torch": torch.get_rng_state(),
-                 "samples_seen": step * sequences_per_step}
-        if main:
-            save_checkpoint(run_dir, step, weights, state,
-                            {"method": config.method, "tokenizer_sha256": tokenizer_sha}, t.keep_last)
-        distributed.barrier(topology)
-
-    for step in range(start_step + 1, t.steps + 1):
-        step_loss = 0.0
-        stats_sum: dict[str, float] = {}
-        for micro in range(accum):
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step over the step's global batch; the loss and statistics averaged over it."""
+        t, topology = self.config.train, self.topology
+        step_loss, stats_sum = 0.0, {}
+        for micro in range(self.accum):
             # This rank's slice of the step's global batch: the same tokens train the step at any world size.
-            slot = micro * topology.world_size + topology.rank
-            first = (step - 1) * sequences_per_step + slot * t.micro_batch_size
-            inputs, targets = (x.to(topology.device) for x in sampler.batch(first, t.micro_batch_size))
-            with distributed.gradient_sync(wrapped, micro == accum - 1), config.autocast(topology.device.type):
-                loss, stats = wrapped("loss", inputs, targets, step=step)
-            (loss / accum).backward()
-            step_loss += loss.item() / accum
+            micro_index = micro * topology.world_size + topology.rank
+            first = (step - 1) * self.sequences_per_step + micro_index * t.micro_batch_size
+            inputs, targets = (x.to(topology.device) for x in self.sampler.batch(first, t.micro_batch_size))
+            with distributed.gradient_sync(self.wrapped, micro == self.accum - 1), \
+                    self.config.autocast(topology.device.type):
+                loss, stats = self.wrapped("loss", inputs, targets, train_step=step)
+            (loss / self.accum).backward()
+            step_loss += loss.item() / self.accum
             for key, value in stats.items():
-                stats_sum[key] = stats_sum.get(key, 0.0) + value / accum
+                stats_sum[key] = stats_sum.get(key, 0.0) + value / self.accum
         averaged = distributed.mean_over_ranks({"loss": step_loss, **stats_sum}, topology)
-        step_loss, stats_sum = averaged.pop("loss"), averaged
-        if not math.isfinite(step_loss):
-            raise PonderError(f"loss became {step_loss} at step {step}; lower train.lr or use train.dtype=fp32")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        if not math.isfinite(averaged["loss"]):
+            raise PonderError(f"loss became {averaged['loss']} at step {step}; lower train.lr or use "
+                              "train.dtype=fp32")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window_tokens += tokens_per_step
-        bar.update(1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": averaged.pop("loss"), "lr": lr, "grad_norm": grad_norm, **averaged}
 
-        evaluate_now = step % t.eval_every == 0 or step == t.steps
-        if step % t.log_every == 0 or evaluate_now:
-            elapsed = time.perf_counter() - window_start
-            record = {"step": step, "loss": step_loss, "lr": lr, "tokens": step * tokens_per_step,
-                      "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9), **stats_sum}
-            if evaluate_now:  # every rank evaluates (FSDP needs them all for its gathers); rank 0 logs
-                val = evaluate_model(model, config, val_shards, t.eval_tokens, runner=wrapped)
-                record.update(val_loss=val["loss"], val_ppl=math.exp(min(val["loss"], 50.0)))
-                if config.method != "vanilla":
-                    record["val_extra_steps"] = val["mean_extra_steps"]
-            if main:
-                metrics.write(record)
-            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            window_start, window_tokens = time.perf_counter(), 0
-        if step % t.save_every == 0 or step == t.steps:
-            checkpoint_now(step)
-    bar.close()
-    return record
+    def evaluate(self) -> dict[str, float]:
+        """Validation numbers for the log. Every rank evaluates (FSDP needs them all for its gathers)."""
+        val = evaluate_model(self.model, self.val_shards, self.config.train.eval_tokens, runner=self.wrapped)
+        record = {"val_loss": val["loss"], "val_ppl": math.exp(min(val["loss"], 50.0))}
+        if self.model.max_extra_steps:
+            record["val_extra_steps"] = val["mean_extra_steps"]
+        return record
+
+    def save(self, step: int) -> None:
+        weights = distributed.full_model_state(self.wrapped)  # collective under FSDP: every rank takes part
+        state = {"step": step, "optimizer": distributed.full_optimizer_state(self.wrapped, self.optimizer),
+                 "scheduler": self.scheduler.state_dict(), "rng_torch": torch.get_rng_state()}
+        if self.topology.is_main:
+            save_checkpoint(self.run_dir, step, weights, state,
+                            {"method": self.config.method, "tokenizer_sha256": self.tokenizer_sha},
+                            self.config.train.keep_last)
+        distributed.barrier(self.topology)
+
+    def fit(self, progress: bool | None) -> dict:
+        """Train from the start (or resumed) step to train.steps; returns the last logged record."""
+        t, main = self.config.train, self.topology.is_main
+        self.model.train()
+        record: dict = {}
+        bar = tqdm(total=t.steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=True if not main else None if progress is None else not progress)
+        window_start, window_tokens = time.perf_counter(), 0
+        for step in range(self.start_step + 1, t.steps + 1):
+            measured = self.train_step(step)
+            window_tokens += self.tokens_per_step
+            bar.update(1)
+            evaluate_now = step % t.eval_every == 0 or step == t.steps
+            if step % t.log_every == 0 or evaluate_now:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": step, "loss": measured.pop("loss"), "lr": measured.pop("lr"),
+                          "tokens": step * self.tokens_per_step, "grad_norm": measured.pop("grad_norm"),
+                          "tokens_per_s": window_tokens / max(elapsed, 1e-9), **measured}
+                if evaluate_now:
+                    record.update(self.evaluate())
+                if main:
+                    self.metrics.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+                window_start, window_tokens = time.perf_counter(), 0
+            if step % t.save_every == 0 or step == t.steps:
+                self.save(step)
+        bar.close()
+        return record

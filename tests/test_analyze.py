@@ -46,7 +46,7 @@ def sharpen_router_in_checkpoint(run):
 @pytest.fixture(scope="module")
 def p3_run(tiny_data_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("analyze") / "p3"
-    train(load_config("tiny", ["method=ponderlm3", f"data.path={tiny_data_dir}", "ponder.steps=2",
+    train(load_config("tiny", ["method=ponderlm3", f"data.path={tiny_data_dir}", "ponder.extra_steps=2",
                                "train.steps=4", "train.save_every=4", "train.eval_tokens=64"]), run, progress=False)
     sharpen_router_in_checkpoint(run)
     return run
@@ -55,7 +55,9 @@ def p3_run(tiny_data_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def analysed(p3_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis")
-    summary = analyze_run(p3_run, split="test", max_tokens=MAX_TOKENS, out_dir=out, shown_tokens=SHOWN)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("ponderlm.analyze.SHOWN_TOKENS", SHOWN)
+        summary = analyze_run(p3_run, split="test", max_tokens=MAX_TOKENS, out_dir=out)
     return summary, out
 
 
@@ -166,10 +168,11 @@ def test_files_exist_and_the_page_has_one_span_per_shown_token(analysed, direct_
     assert "http" not in page and "src=" not in page  # self-contained
 
 
-def test_summarize_counts_ties_and_undefined_correlations():
+def test_summarize_counts_ties_and_undefined_correlations(monkeypatch):
+    monkeypatch.setattr("ponderlm.analyze.TABLE_ROWS", 2)
     summary = summarize(["a", "b", "a", "c", "a"], kept_steps=[0, 2, 1, 2, 2],
                         expected_steps=[0.1, 1.9, 0.5, 1.5, 1.2], entropy=[1.0, 3.0, 2.0, 2.0, 2.5],
-                        nll=[0.5, 4.0, 1.0, 3.0, 2.0], max_steps=2, table_rows=2)
+                        nll=[0.5, 4.0, 1.0, 3.0, 2.0], max_steps=2)
     assert summary["kept_steps_counts"] == [1, 1, 3] and summary["fraction_pruned"] == pytest.approx(0.4)
     assert [r["token"] for r in summary["per_token"]] == ["a", "b"]  # most frequent, then alphabetical
     a = summary["per_token"][0]
@@ -185,7 +188,7 @@ def test_summarize_counts_ties_and_undefined_correlations():
 
 def test_measure_matches_infer_and_the_router():
     torch.manual_seed(0)
-    model = build_model(load_config("tiny", ["method=ponderlm3", "model.vocab_size=53", "ponder.steps=2"])).eval()
+    model = build_model(load_config("tiny", ["method=ponderlm3", "model.vocab_size=53", "ponder.extra_steps=2"])).eval()
     with torch.no_grad():
         model.router.weight.normal_(0, 2.0)
     ids, targets = torch.randint(0, 53, (2, 16)), torch.randint(0, 53, (2, 16))
@@ -200,13 +203,13 @@ def test_measure_matches_infer_and_the_router():
 
 def test_other_methods_get_a_one_line_error(tiny_data_dir, tmp_path, capsys):
     run = tmp_path / "p2"
-    train(load_config("tiny", ["method=ponderlm2", f"data.path={tiny_data_dir}", "ponder.steps=1",
+    train(load_config("tiny", ["method=ponderlm2", f"data.path={tiny_data_dir}", "ponder.extra_steps=1",
                                "train.steps=1", "train.eval_tokens=64"]), run, progress=False)
-    with pytest.raises(PonderError, match="needs a ponderlm3 run"):
+    with pytest.raises(PonderError, match="needs a run of an adaptive method"):
         analyze_run(run)
     assert main(["analyze", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("ponderlm: error: analyze needs a ponderlm3 run")
+    assert len(err) == 1 and err[0].startswith("ponderlm: error: analyze needs a run of an adaptive method")
 
 
 def test_cli_prints_json_and_writes_the_files(p3_run, tmp_path, capsys):

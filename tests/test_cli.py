@@ -7,13 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ponderlm
 from ponderlm.cli import main
-from ponderlm.data import prepare
-from ponderlm.generate import generate
+from ponderlm.data import TokenShards, prepare
 
 FIXTURE_TEXTS = sorted((Path(__file__).parent / "fixtures" / "text").glob("*.txt"))
 
@@ -60,28 +61,32 @@ def test_word_level_perplexity_when_the_data_counts_words(trained_run, tiny_data
     assert result["word_ppl"] == pytest.approx(math.exp(result["loss"] * result["tokens"] / 1000))
 
 
-def test_load_returns_a_model_that_maps_ids_to_logits(trained_run):
-    model, tokenizer = ponderlm.load(trained_run)
-    ids = torch.tensor([tokenizer.encode("To be, or not to be").ids])
-    logits = model(ids)
-    assert logits.shape == (1, ids.shape[1], tokenizer.get_vocab_size())
+def test_load_returns_the_model_eval_scores(trained_run, tiny_data_dir, capsys):
+    model, _ = ponderlm.load(trained_run)
+    tokens = torch.from_numpy(TokenShards(tiny_data_dir, "val").read(0, 33).astype(np.int64))
+    with torch.no_grad():
+        nll = F.cross_entropy(model(tokens[None, :-1])[0], tokens[1:]).item()
+    code, out, _ = run_cli(capsys, "eval", str(trained_run), "--max-tokens", "32")
+    assert code == 0 and json.loads(out)["loss"] == pytest.approx(nll, rel=1e-5)
 
 
-def test_greedy_generation_follows_the_full_forward_argmax(trained_run):
-    model, tokenizer = ponderlm.load(trained_run)
-    pieces = []
-    text = generate(model, tokenizer, "The King", max_new_tokens=12, stop_at_eos=False, on_text=pieces.append)
-    assert "".join(pieces) == text
-    ids = tokenizer.encode("The King").ids
-    for _ in range(12):
-        ids.append(model(torch.tensor([ids]))[0, -1].argmax().item())
-    assert tokenizer.decode(ids[-12:]) == text
+@pytest.mark.parametrize("method", ["ponderlm2", "ponderlm3"])
+def test_generate_and_eval_of_a_latent_run_report_its_steps(method, tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "tiny", "--out", str(run), "--set", f"method={method}", "--set", f"data.path={tiny_data_dir}",
+                 "--set", "train.steps=2", "--set", "ponder.extra_steps=2"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "Four score", "--max-new-tokens", "4", "--show-steps",
+                 "--tau", "0"]) == 0
+    shown = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert 1 <= len(shown["extra_steps_per_generated_token"]) <= 4
+    assert set(shown["extra_steps_per_generated_token"]) == {2}  # tau = 0 runs every slot
 
-
-def test_sampling_is_seeded(trained_run):
-    model, tokenizer = ponderlm.load(trained_run)
-    kwargs = dict(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, stop_at_eos=False)
-    assert generate(model, tokenizer, "I", seed=1, **kwargs) == generate(model, tokenizer, "I", seed=1, **kwargs)
+    assert main(["eval", str(run), "--max-tokens", "200", "--tau", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["mean_extra_steps"] == 2 and sum(result["extra_steps_histogram"]) == result["tokens"]
+    if method == "ponderlm3":  # tau = 0 keeps every slot: the pruned forward is the soft forward
+        assert result["pruned_minus_soft"] == pytest.approx(0, abs=1e-6)
 
 
 def test_generate_command_streams_the_continuation(trained_run, capsys):

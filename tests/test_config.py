@@ -2,14 +2,31 @@
 
 import pytest
 
-from ponderlm.config import CONFIG_DIR, METHODS, load_config
+import yaml
+
+from ponderlm.checkpoint import read_run_config
+from ponderlm.config import PRESET_DIR, load_config
 from ponderlm.errors import PonderError
+from ponderlm.methods import METHODS
 
-PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def test_the_documented_presets_exist():
+def test_the_documented_presets_ship_inside_the_package():
     assert {"tiny", "small", "125m", "410m", "1.4b"} <= set(PRESETS)
+    assert PRESET_DIR.parent.name == "ponderlm"  # package data: found by an installed wheel too
+
+
+def test_a_preset_is_found_by_name_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config("small").model.hidden_size == 256
+
+
+def test_a_run_directory_written_before_k_was_renamed_still_loads(tmp_path):
+    old = load_config("small").to_dict()
+    old["ponder"]["steps"] = old["ponder"].pop("extra_steps")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert read_run_config(tmp_path).ponder.extra_steps == 2
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -32,7 +49,7 @@ def test_overrides_reach_nested_and_list_values():
     ("train.dtype=fp16", "fp32 or bf16"),
     ("distributed.strategy=mpi", "none, ddp or fsdp"),
     ("ponder.tau=1.5", "ponder.tau"),
-    ("ponder.steps=-1", "ponder.steps"),
+    ("ponder.extra_steps=-1", "ponder.extra_steps"),
     ("method=ponder4", "unknown method"),
 ])
 def test_bad_values_are_explained(override, message):

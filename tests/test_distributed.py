@@ -17,7 +17,7 @@ from ponderlm.config import load_config
 from ponderlm.methods import build_model
 from ponderlm.train import train
 
-OVERRIDES = ["model.vocab_size=61", "ponder.steps=2", "ponder.train_refine_passes=[2]"]
+OVERRIDES = ["model.vocab_size=61", "ponder.extra_steps=2", "ponder.train_refine_passes=[2]"]
 
 
 def batch():
@@ -50,7 +50,7 @@ def _parallel_gradients(rank, method, strategy):
     torch.manual_seed(0)
     config = load_config("tiny", [f"method={method}", f"distributed.strategy={strategy}", *OVERRIDES])
     model = build_model(config)
-    wrapped = distributed.wrap(model, strategy, distributed.setup(strategy))
+    wrapped = distributed.parallelize(model, strategy, distributed.setup(strategy))
     inputs, targets = batch()
     share = slice(2 * rank, 2 * rank + 2)  # each rank takes its half of the global batch
     torch.manual_seed(1)

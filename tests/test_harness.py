@@ -25,7 +25,7 @@ def tokenizer(tiny_data_dir):
 def make(method, tokenizer, *overrides):
     torch.manual_seed(0)
     config = load_config("tiny", [f"method={method}", f"model.vocab_size={tokenizer.get_vocab_size()}",
-                                  "ponder.steps=2", *overrides])
+                                  "ponder.extra_steps=2", *overrides])
     model = build_model(config).eval()
     if method == "ponderlm3":  # a decisive router, so tokens keep different numbers of slots
         with torch.no_grad():
@@ -85,9 +85,10 @@ def test_rolling_loglikelihood_agrees_with_ponderlm_eval_on_the_same_text(method
     tokens = tokenizer.encode(text).ids
     window = len(tokens) // 4
     model.config.data.seq_len = window
-    harness = PonderLMHarness(model, tokenizer, max_length=window, progress=False)
+    harness = PonderLMHarness(model, tokenizer, progress=False)
+    harness.max_length = window
     rolling = harness.loglikelihood_rolling([request("loglikelihood_rolling", (text,))])[0]
-    measured = evaluate_model(model, model.config, TokenList([tokenizer.token_to_id(EOS_TOKEN)] + tokens))
+    measured = evaluate_model(model, TokenList([tokenizer.token_to_id(EOS_TOKEN)] + tokens))
     assert measured["tokens"] == len(tokens)
     assert -rolling / len(tokens) == pytest.approx(measured["loss"], rel=1e-5)
     assert harness.compute_summary()["demo"]["mean_extra_steps"] == pytest.approx(measured["mean_extra_steps"])
@@ -102,3 +103,15 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(method, tokeni
     (out,) = harness.generate_until([request("generate_until", ("Four score and", {"until": [stop],
                                                                                    "max_gen_toks": 12}))])
     assert out == full.split(stop)[0]
+
+
+def test_generate_until_runs_at_the_harness_tau(tokenizer):
+    model = make("ponderlm3", tokenizer)
+    prompt, options = "Four score and", {"until": ["\x00"], "max_gen_toks": 8}
+    outputs, steps = {}, {}
+    for tau in (0.0, 0.99):  # neither is the run's tau (1e-4)
+        harness = PonderLMHarness(model, tokenizer, tau=tau, progress=False)
+        (outputs[tau],) = harness.generate_until([request("generate_until", (prompt, options))])
+        steps[tau] = harness.compute_summary()["demo"]["mean_extra_steps"]
+        assert outputs[tau] == generate(model, tokenizer, prompt, max_new_tokens=8, tau=tau)
+    assert steps[0.0] == 2 and steps[0.99] < 2

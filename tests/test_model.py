@@ -151,7 +151,7 @@ def test_backbone_with_key_bias_matches_cached_masked_path(model):
 
 def test_compiled_blocks_agree_with_eager():
     torch.manual_seed(0)
-    model = build_model(load_config("tiny", ["method=ponderlm3", "model.vocab_size=61", "ponder.steps=2"])).eval()
+    model = build_model(load_config("tiny", ["method=ponderlm3", "model.vocab_size=61", "ponder.extra_steps=2"])).eval()
     with torch.no_grad():
         model.router.weight.normal_(0, 0.5)  # a non-trivial soft mask through the augmented attention
     ids = torch.randint(0, 61, (2, 12))

@@ -15,7 +15,7 @@ from ponderlm.sweep import frontier, run_sweep
 def write_recipe(path, data_dir, runs):
     path.write_text(json.dumps({
         "base": "tiny",
-        "set": [f"data.path={data_dir}", "train.steps=4", "ponder.steps=2", "train.save_every=2"],
+        "set": [f"data.path={data_dir}", "train.steps=4", "ponder.extra_steps=2", "train.save_every=2"],
         "eval": {"split": "val", "max_tokens": 256},
         "taus": [0.0, 0.3],
         "runs": runs,

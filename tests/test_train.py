@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,3 +131,28 @@ def test_resume_of_a_finished_run_does_nothing_more(tiny_data_dir, tmp_path):
 def test_vocab_size_mismatch_with_the_data_is_refused(tiny_data_dir, tmp_path):
     with pytest.raises(PonderError, match="model.vocab_size=100 but the tokenizer"):
         train(tiny(tiny_data_dir, "model.vocab_size=100"), tmp_path / "run", progress=False)
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+def test_large_penalty_drives_extra_steps_down(tiny_data_dir, tmp_path):
+    config = load_config("tiny", ["method=ponderlm3", f"data.path={tiny_data_dir}", "ponder.extra_steps=2",
+                                  "ponder.penalty=2.0", "train.steps=16", "train.log_every=1", "train.lr=1e-2"])
+    train(config, tmp_path / "run", progress=False)
+    records = read_metrics(tmp_path / "run")
+    assert records[0]["expected_extra_steps"] == pytest.approx(1.0, abs=0.05)  # zero router: uniform over 0..2
+    assert records[-1]["expected_extra_steps"] < 0.5
+    assert {"router_entropy", "step_mass_0", "step_mass_2"} <= records[-1].keys()
+
+
+def test_ponderlm3_resume_is_exact(tiny_data_dir, tmp_path):
+    overrides = ["method=ponderlm3", f"data.path={tiny_data_dir}", "ponder.extra_steps=2", "ponder.penalty=0.01",
+                 "train.steps=6", "train.log_every=1", "train.save_every=3", "train.keep_last=5"]
+    run = tmp_path / "run"
+    train(load_config("tiny", overrides), run, progress=False)
+    full = without_timing(read_metrics(run))
+    shutil.rmtree(list_checkpoints(run)[-1])  # as if killed between step 3 and step 6
+    train(None, run, resume=True, progress=False)
+    assert without_timing(read_metrics(run)) == full

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
 from ponderlm.errors import PonderError
-from ponderlm.files import atomic_write_text, sha256_file
+from ponderlm.files import atomic_write_bytes, atomic_write_text, sha256_file
 
 METADATA_FILE = "metadata.json"
 PREPARE_HINT = "re-run `ponderlm data prepare`"
@@ -31,10 +30,7 @@ def write_json_atomic(path: Path, obj: dict) -> None:
 
 def _write_shard(out_dir: Path, name: str, tokens: np.ndarray) -> dict:
     data = tokens.tobytes()
-    tmp = out_dir / (name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, out_dir / name)
+    atomic_write_bytes(out_dir / name, data)
     return {"file": name, "tokens": int(tokens.size), "sha256": hashlib.sha256(data).hexdigest()}
 
 

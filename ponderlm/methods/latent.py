@@ -1,15 +1,15 @@
 """Latent thoughts: `ponderlm2` (K fixed latent slots per token) and `ponderlm3` (a learned share of K).
 
-Layout (DESIGN §4.1): slots interleave as [x_1, z_1^1..z_1^K, x_2, ...]; every slot of token t sits at RoPE
-position t; latent slot (t, k) takes as input the final-norm output h_t^(k-1) of the slot before it. Training
+Layout (docs/design.md §4.1): slots interleave as [x_1, z_1^1..z_1^K, x_2, ...]; every slot of token t sits at
+RoPE position t; latent slot (t, k) takes as input the final-norm output h_t^(k-1) of the slot before it. Training
 solves this recurrence in parallel by Jacobi iteration: growth passes with 1..K slots per token, then refinement
 passes over all K + 1 slots; each pass feeds the previous pass's outputs in as latent inputs. Decoding with a KV
 cache runs the slots of each token one after another, which is the fixed point the Jacobi passes approach.
 
-PonderLM-3 (DESIGN §4.2) adds a router on h^(0): s = softmax(router(h^(0))) over k = 0..K and the tail mass
-w_k = sum_{j>=k} s_j. log w_k is added to every query's attention logit for latent key (t, k) (a soft mask), and
-the output is the mixture sum_k s_k h^(k). At inference, slots with w_k < tau are pruned: never computed, never
-cached; the mixture is truncated there without renormalising.
+PonderLM-3 (docs/design.md §4.2) adds a router on h^(0): s = softmax(router(h^(0))) over k = 0..K and the tail
+mass w_k = sum_{j>=k} s_j. log w_k is added to every query's attention logit for latent key (t, k) (a soft mask),
+and the output is the mixture sum_k s_k h^(k). At inference, slots with w_k < tau are pruned: never computed,
+never cached; the mixture is truncated there without renormalising.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ponderlm.config import Config
-from ponderlm.model import KVCache, Transformer
+from ponderlm.flops import causal_pass_flops, interleaved_inference_flops
+from ponderlm.methods.base import Inspection, Method
+from ponderlm.model import KVCache
 
 HARD_MASK = -1e9  # the bias of a pruned slot: invisible to every query, yet finite so nothing turns into NaN
 
@@ -35,12 +37,9 @@ def log_tail_mass(router_logits: torch.Tensor) -> torch.Tensor:
     return tails - tails[..., :1]
 
 
-class PonderLM2(nn.Module):
-    def __init__(self, config: Config):
-        super().__init__()
-        self.config = config
-        self.steps = config.ponder.steps
-        self.backbone = Transformer(config.model)
+class PonderLM2(Method):
+    name = "ponderlm2"
+    latent_slots = True
 
     # ----- parallel forward (training and evaluation) -----
 
@@ -60,10 +59,10 @@ class PonderLM2(nn.Module):
     def jacobi(self, input_ids: torch.Tensor, refine_passes: int, tau: float | None = None) -> torch.Tensor:
         """Final-pass states h_t^(k), shape (B, T, K + 1, d), after K growth, R refinement and one final pass.
 
-        tau: ponderlm3 only; hard-mask the slots that inference would prune (None: the soft training mask).
+        tau: hard-mask the slots that inference would prune (prunable methods; None: the soft training mask).
         """
         token_embeds = self.backbone.embed(input_ids)
-        widths = list(range(1, self.steps + 1)) + [self.steps + 1] * (refine_passes + 1)
+        widths = list(range(1, self.max_extra_steps + 1)) + [self.max_extra_steps + 1] * (refine_passes + 1)
         backprop = self.config.ponder.backprop_passes
         first_with_grad = len(widths) - backprop if backprop else 0
         hidden = token_embeds.new_zeros(*token_embeds.shape[:2], 0, token_embeds.shape[2])
@@ -76,23 +75,30 @@ class PonderLM2(nn.Module):
         return hidden
 
     def _output_states(self, states: torch.Tensor, tau: float | None = None):
-        """The hidden state each token predicts from (B, T, d), the latent slots it used (B, T), statistics."""
-        return states[:, :, -1], torch.full(states.shape[:2], self.steps, device=states.device), {}
+        """The state each token predicts from (B, T, d), the latent slots it used (B, T), and statistics.
+
+        Statistics whose names start with "_" are tensors for the objective and `inspect`, not for logging:
+        `_step_distribution` (B, T, K + 1), each slot's weight in the output; `_expected_extra` (B, T).
+        """
+        used = torch.full(states.shape[:2], self.max_extra_steps, device=states.device)
+        one_hot = F.one_hot(used, self.max_extra_steps + 1).float()
+        return states[:, :, -1], used, {"_step_distribution": one_hot, "_expected_extra": used.float()}
 
     def infer(self, input_ids: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The inference path in parallel: logits (B, T, V) and latent slots run per token (B, T).
-
-        tau: pruning threshold (ponderlm3; default config.ponder.tau; 0 keeps every slot, i.e. the soft forward).
-        """
-        tau = self.config.ponder.tau if tau is None else tau
+        """The inference path in parallel; tau = 0 keeps every slot (the soft forward)."""
+        tau = self.resolve_tau(tau)
         states = self.jacobi(input_ids, self.config.ponder.eval_refine_passes, tau)
         output, used, _ = self._output_states(states, tau)
         return self.backbone.lm_head(output), used
 
-    def forward(self, input_ids: torch.Tensor, tau: float | None = None) -> torch.Tensor:
-        return self.infer(input_ids, tau)[0]
+    def inspect(self, input_ids: torch.Tensor, tau: float | None = None) -> Inspection:
+        tau = self.resolve_tau(tau)
+        states = self.jacobi(input_ids, self.config.ponder.eval_refine_passes, tau)
+        output, used, stats = self._output_states(states, tau)
+        return Inspection(self.backbone.lm_head(output), used, stats["_expected_extra"], states,
+                          stats["_step_distribution"])
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, step: int | None = None
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, train_step: int | None = None
              ) -> tuple[torch.Tensor, dict[str, float]]:
         options = self.config.ponder.train_refine_passes
         refine = options[int(torch.randint(len(options), ()))]  # torch's RNG: checkpointed, so resume is exact
@@ -108,45 +114,67 @@ class PonderLM2(nn.Module):
 
     # ----- sequential decoding with a KV cache -----
 
-    def new_cache(self, batch_size: int, max_tokens: int, dtype: torch.dtype = torch.float32) -> KVCache:
-        device = self.backbone.lm_head.weight.device
-        return KVCache(self.config.model, batch_size, max_tokens * (self.steps + 1), dtype, device)
-
     def _slot(self, inputs: torch.Tensor, cache: KVCache, bias: torch.Tensor | None) -> torch.Tensor:
         """Run one slot per sequence (inputs (B, 1, d)) at the current token's position; cache it."""
         key_bias = None
-        if bias is not None:  # ponderlm3: every cached key has a bias (0 for token slots)
+        if bias is not None:  # biased methods: every cached key has a bias (0 for token slots)
             cache.key_bias[:, cache.length] = bias
             key_bias = cache.key_bias[:, : cache.length + 1]
         hidden = self.backbone.hidden_states(inputs, key_bias=key_bias, cache=cache)
         cache.commit(1)
         return hidden
 
-    def _decode_token(self, token_ids: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_token(self, token_ids: torch.Tensor, cache: KVCache, tau: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """All slots of one token (B,); returns the output state (B, d) and the latent slots run (B,)."""
         hidden = self._slot(self.backbone.embed(token_ids[:, None]), cache, None)
-        for _ in range(self.steps):
+        for _ in range(self.max_extra_steps):
             hidden = self._slot(hidden, cache, None)
-        return hidden[:, 0], torch.full_like(token_ids, self.steps)
+        return hidden[:, 0], torch.full_like(token_ids, self.max_extra_steps)
 
     @torch.no_grad()
-    def decode(self, input_ids: torch.Tensor, cache: KVCache, steps_used: list | None = None) -> torch.Tensor:
-        """Feed (B, n) tokens one by one after the cached ones; logits (B, V) for the next token.
-
-        steps_used, if given, receives the latent slots each fed token ran (a (B,) tensor per token).
-        """
+    def decode(self, input_ids, cache, tau=None, extra_steps=None):
+        """Feed (B, n) tokens one by one after the cached ones; logits (B, V) for the next token."""
+        tau = self.resolve_tau(tau)
         for i in range(input_ids.shape[1]):
-            output, used = self._decode_token(input_ids[:, i], cache)
+            output, used = self._decode_token(input_ids[:, i], cache, tau)
             cache.tokens += 1
-            if steps_used is not None:
-                steps_used.append(used)
+            if extra_steps is not None:
+                extra_steps.append(used)
         return self.backbone.lm_head(output)
+
+    # ----- FLOPs -----
+
+    def inference_flops(self, extra_steps: torch.Tensor) -> float:
+        return interleaved_inference_flops(self.config.model, self.num_matmul_params(), extra_steps,
+                                           self.per_token_flops())
+
+    def mask_flops_per_token(self) -> float:
+        """FLOPs per token to compute the soft mask a Jacobi pass feeds to the next (none without a mask)."""
+        return 0.0
+
+    def training_flops_per_token(self) -> float:
+        """Every Jacobi pass: K growth passes of 1..K slots per token, then the mean number of refinement passes
+        + 1 over all K + 1 slots, each over the interleaved causal sequence; the mask on every pass that has one.
+        """
+        T, K, p = self.config.data.seq_len, self.max_extra_steps, self.config.ponder
+        model, n_mm = self.config.model, self.num_matmul_params()
+        mean_refine = sum(p.train_refine_passes) / len(p.train_refine_passes)
+        forward = sum(causal_pass_flops(model, n_mm, width * T) for width in range(1, K + 1)) + \
+            (mean_refine + 1) * causal_pass_flops(model, n_mm, (K + 1) * T)
+        forward += (K + mean_refine) * T * self.mask_flops_per_token()  # passes of width > 1 get a mask
+        forward += T * self.per_token_flops()
+        return 3 * forward / T
 
 
 class PonderLM3(PonderLM2):
+    name = "ponderlm3"
+    prunable = True
+    adaptive = True
+
     def __init__(self, config: Config):
         super().__init__(config)
-        self.router = nn.Linear(config.model.hidden_size, self.steps + 1)
+        self.router = nn.Linear(config.model.hidden_size, self.max_extra_steps + 1)
         nn.init.zeros_(self.router.weight)
         with torch.no_grad():
             self.router.bias.zero_()
@@ -158,17 +186,18 @@ class PonderLM3(PonderLM2):
         logits = self.router(h0).float()
         if self._router_bypassed:  # s = one-hot(K): every slot fully visible, output h^(K), i.e. ponderlm2
             # `0 * logits` keeps the router in the graph (zero gradient), so DDP sees every parameter used.
-            logits = 0 * logits + torch.full_like(logits, -1e4).index_fill_(-1, torch.tensor(self.steps), 0.0)
+            logits = 0 * logits + torch.full_like(logits, -1e4).index_fill_(-1, torch.tensor(self.max_extra_steps),
+                                                                            0.0)
         return logits.softmax(-1), log_tail_mass(logits)
 
-    def loss(self, input_ids, targets, step=None):
+    def loss(self, input_ids, targets, train_step=None):
         # Router warm-up: early in training h^(0) predicts better than the untrained latent slots, and the
         # cross-entropy through the mixture moves all router mass to k = 0 within tens of steps (measured, with
         # and without the penalty). Training as ponderlm2 first gives the latent slots a head start (on the CPU
         # budget of recipes/pareto-cpu.yaml it only delayed the collapse: docs/results/pareto-cpu/).
-        self._router_bypassed = step is not None and step <= self.config.ponder.router_warmup_steps
+        self._router_bypassed = train_step is not None and train_step <= self.config.ponder.router_warmup_steps
         try:
-            return super().loss(input_ids, targets, step)
+            return super().loss(input_ids, targets, train_step)
         finally:
             self._router_bypassed = False
 
@@ -188,29 +217,29 @@ class PonderLM3(PonderLM2):
 
     def _output_states(self, states, tau=None):
         s, log_w = self.route(states[:, :, 0])
-        keep = torch.full(states.shape[:2], self.steps, device=states.device)
+        keep = torch.full(states.shape[:2], self.max_extra_steps, device=states.device)
         if tau is not None:  # truncate the mixture at K_hat, without renormalising
             keep = self.kept_slots(log_w, tau)
-            s = s.masked_fill(torch.arange(self.steps + 1, device=s.device) > keep[..., None], 0.0)
+            s = s.masked_fill(torch.arange(self.max_extra_steps + 1, device=s.device) > keep[..., None], 0.0)
         mixture = (s.to(states.dtype)[..., None] * states).sum(dim=2)
         expected_extra = log_w[..., 1:].exp().sum(-1)  # sum_{k>=1} w_k = expected extra steps
-        stats = {"_expected_extra": expected_extra.mean(),
+        stats = {"_expected_extra": expected_extra, "_step_distribution": s,
                  "expected_extra_steps": expected_extra.mean().detach(),
                  "router_entropy": -(s * s.clamp_min(1e-12).log()).sum(-1).mean().detach()}
-        for k in range(self.steps + 1):
+        for k in range(self.max_extra_steps + 1):
             stats[f"step_mass_{k}"] = s[..., k].mean().detach()
         return mixture, keep, stats
 
     def _regularise(self, loss, stats):
-        return loss + self.config.ponder.penalty * stats["_expected_extra"]
+        return loss + self.config.ponder.penalty * stats["_expected_extra"].mean()
 
-    def _decode_token(self, token_ids, cache):
+    def _decode_token(self, token_ids, cache, tau):
         token_slot_bias = torch.zeros(len(token_ids))  # the token slot is never masked
         hidden = self._slot(self.backbone.embed(token_ids[:, None]), cache, token_slot_bias)
         s, log_w = self.route(hidden[:, 0])
-        keep = self.kept_slots(log_w, self.config.ponder.tau)
+        keep = self.kept_slots(log_w, tau)
         run = int(keep.max())  # a batch runs up to its longest kept chain; shorter rows hard-mask the rest
-        kept = torch.arange(self.steps + 1, device=keep.device) <= keep[:, None]
+        kept = torch.arange(self.max_extra_steps + 1, device=keep.device) <= keep[:, None]
         bias = log_w.masked_fill(~kept, HARD_MASK)
         states = [hidden]
         for k in range(1, run + 1):
@@ -218,3 +247,9 @@ class PonderLM3(PonderLM2):
             states.append(hidden)
         weights = s.masked_fill(~kept, 0.0)[:, : run + 1, None].to(hidden.dtype)
         return (weights * torch.cat(states, dim=1)).sum(dim=1), keep
+
+    def per_token_flops(self) -> float:
+        return super().per_token_flops() + self.mask_flops_per_token()
+
+    def mask_flops_per_token(self) -> float:
+        return 2 * self.config.model.hidden_size * (self.max_extra_steps + 1)  # the router

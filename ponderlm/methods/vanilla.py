@@ -3,46 +3,38 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ponderlm.config import Config
-from ponderlm.model import KVCache, Transformer
+from ponderlm.flops import causal_pass_flops, multipass_inference_flops
+from ponderlm.methods.base import Method
+from ponderlm.model import KVCache
 
 
-class Vanilla(nn.Module):
+class Vanilla(Method):
+    name = "vanilla"
+
     def __init__(self, config: Config):
-        super().__init__()
-        self.config = config
-        self.backbone = Transformer(config.model)
-
-    def forward(self, input_ids: torch.Tensor, tau: float | None = None) -> torch.Tensor:
-        """Next-token logits (B, T, V) for token ids (B, T). (tau: accepted for a uniform interface; unused.)"""
-        return self.backbone.lm_head(self.backbone.hidden_states(self.backbone.embed(input_ids)))
+        super().__init__(config, max_extra_steps=0)
 
     def infer(self, input_ids: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and the latent slots run per token: none."""
-        return self(input_ids), torch.zeros(input_ids.shape, dtype=torch.long, device=input_ids.device)
-
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, step: int | None = None
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The training objective and statistics worth logging (none beyond the loss for vanilla).
-
-        step: the training step (from 1), for methods whose objective follows a schedule; None outside training.
-        """
-        logits = self(input_ids)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()), {}
-
-    def new_cache(self, batch_size: int, max_tokens: int, dtype: torch.dtype = torch.float32) -> KVCache:
-        device = self.backbone.lm_head.weight.device
-        return KVCache(self.config.model, batch_size, max_tokens, dtype, device)
+        logits = self.backbone.lm_head(self.backbone.hidden_states(self.backbone.embed(input_ids)))
+        return logits, torch.zeros(input_ids.shape, dtype=torch.long, device=input_ids.device)
 
     @torch.no_grad()
-    def decode(self, input_ids: torch.Tensor, cache: KVCache, steps_used: list | None = None) -> torch.Tensor:
-        """Feed (B, n) new tokens after the cached ones; return the logits (B, V) for the token after them."""
+    def decode(self, input_ids: torch.Tensor, cache: KVCache, tau: float | None = None,
+               extra_steps: list[torch.Tensor] | None = None) -> torch.Tensor:
         hidden = self.backbone.hidden_states(self.backbone.embed(input_ids), cache=cache)
         cache.commit(input_ids.shape[1])
         cache.tokens += input_ids.shape[1]
-        if steps_used is not None:
-            steps_used += [torch.zeros(input_ids.shape[0], dtype=torch.long)] * input_ids.shape[1]
+        if extra_steps is not None:
+            extra_steps += [torch.zeros(input_ids.shape[0], dtype=torch.long)] * input_ids.shape[1]
         return self.backbone.lm_head(hidden[:, -1])
+
+    def inference_flops(self, extra_steps: torch.Tensor) -> float:
+        return multipass_inference_flops(self.config.model, self.num_matmul_params(), extra_steps,
+                                         self.per_token_flops())
+
+    def training_flops_per_token(self) -> float:
+        T = self.config.data.seq_len
+        forward = causal_pass_flops(self.config.model, self.num_matmul_params(), T) + T * self.per_token_flops()
+        return 3 * forward / T

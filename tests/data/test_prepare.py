@@ -25,7 +25,7 @@ def test_tiny_data_dir_metadata(tiny_data_dir):
     for split, info in meta["splits"].items():
         assert info["documents"] >= 1 and info["dtype"] == "uint16"
         assert info["tokens"] == sum(s["tokens"] for s in info["shards"]) == len(TokenShards(tiny_data_dir, split))
-    assert not list(tiny_data_dir.glob("*.tmp"))
+    assert not list(tiny_data_dir.glob("*.tmp*"))
 
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])

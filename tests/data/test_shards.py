@@ -25,7 +25,7 @@ def test_write_split_layout_and_metadata(tmp_path):
     assert [s["tokens"] for s in meta["shards"]] == [4, 4, 4, 4, 1]
     on_disk = np.concatenate([np.fromfile(tmp_path / s["file"], dtype="<u2") for s in meta["shards"]])
     assert on_disk.tolist() == STREAM
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp*"))
 
 
 def test_read_across_shard_boundaries(tmp_path):

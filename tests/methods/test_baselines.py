@@ -12,7 +12,7 @@ BASELINES = ["pause", "loop", "ponderlm1"]
 
 def make(method, steps=2):
     torch.manual_seed(0)
-    config = load_config("tiny", [f"method={method}", f"model.vocab_size={VOCAB}", f"ponder.steps={steps}"])
+    config = load_config("tiny", [f"method={method}", f"model.vocab_size={VOCAB}", f"ponder.extra_steps={steps}"])
     return build_model(config).eval()
 
 
@@ -36,8 +36,8 @@ def test_kv_cached_decoding_equals_the_parallel_forward(method):
     full = model(ids)
     cache = model.new_cache(2, 10)
     used = []
-    steps = [model.decode(ids[:, :4], cache, used)]  # a prefill chunk, then one token at a time
-    steps += [model.decode(ids[:, t : t + 1], cache, used) for t in range(4, 10)]
+    steps = [model.decode(ids[:, :4], cache, extra_steps=used)]  # a prefill chunk, then one token at a time
+    steps += [model.decode(ids[:, t : t + 1], cache, extra_steps=used) for t in range(4, 10)]
     for logits, t in zip(steps, [3, *range(4, 10)]):
         torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-4)
     assert len(used) == 10 and all((u == 2).all() for u in used)
@@ -77,7 +77,7 @@ def test_ponderlm1_feeds_back_the_expected_embedding():
 
 def test_pause_slots_share_the_tokens_position_and_one_learned_embedding():
     model = make("pause")
-    slots, positions = model._slots(torch.randint(0, VOCAB, (1, 3)))
+    slots, positions = model.slots(torch.randint(0, VOCAB, (1, 3)))
     assert positions.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert torch.equal(slots[0, 1], slots[0, 2]) and torch.equal(slots[0, 1], slots[0, 4])
     assert model.pause_embedding.requires_grad

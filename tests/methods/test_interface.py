@@ -1,0 +1,134 @@
+"""The method interface: every registered method honours it, and a new method is one module plus one registry line."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+import yaml
+
+import ponderlm
+from ponderlm.cli import build_parser, main
+from ponderlm.config import load_config
+from ponderlm.errors import PonderError
+from ponderlm.methods import METHODS, Method, build_model
+from ponderlm.methods.vanilla import Vanilla
+from ponderlm.sweep import run_sweep
+
+VOCAB = 47
+TOKENS = 7
+
+
+def make(method, *overrides):
+    torch.manual_seed(0)
+    K = 2
+    config = load_config("tiny", [f"method={method}", f"model.vocab_size={VOCAB}", f"ponder.extra_steps={K}",
+                                  f"ponder.eval_refine_passes={(K + 1) * TOKENS}", *overrides])
+    model = build_model(config).eval()
+    if hasattr(model, "router"):  # a decisive router, so tokens run different numbers of extra steps
+        with torch.no_grad():
+            model.router.weight.normal_(0, 0.5)
+            model.router.bias.normal_(0, 1)
+    return model
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_decodes_what_its_parallel_inference_computes(name):
+    model = make(name)
+    assert isinstance(model, Method) and model.name == name
+    ids = torch.randint(0, VOCAB, (2, TOKENS))
+    tau = 0.2 if model.prunable else None
+    with torch.no_grad():
+        logits, extra = model.infer(ids, tau)
+        seen = model.inspect(ids, tau)
+    cache = model.new_cache(2, TOKENS)
+    used: list[torch.Tensor] = []
+    decoded = torch.stack([model.decode(ids[:, t:t + 1], cache, tau, used) for t in range(TOKENS)], dim=1)
+    torch.testing.assert_close(decoded, logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(torch.stack(used, dim=1), extra)
+    assert torch.equal(seen.logits, logits) and torch.equal(seen.extra_steps, extra)
+    assert int(extra.min()) >= 0 and int(extra.max()) <= model.max_extra_steps
+    if model.adaptive:
+        assert len(extra.unique()) > 1  # the check covered tokens with different numbers of steps
+    else:
+        assert (extra == model.max_extra_steps).all()
+        torch.testing.assert_close(seen.expected_extra_steps, extra.float())
+    assert model.inference_flops(extra) > 0 and model.training_flops_per_token() > 0
+
+
+@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.prunable])
+def test_tau_is_an_argument_on_both_paths_and_never_read_from_a_mutated_config(name):
+    model = make(name)
+    ids = torch.randint(0, VOCAB, (1, TOKENS))
+    with torch.no_grad():
+        _, all_slots = model.infer(ids, 0.0)
+        _, pruned = model.infer(ids, 0.99)
+    assert (all_slots == model.max_extra_steps).all() and (pruned < model.max_extra_steps).any()
+    for tau, expected in ((0.0, all_slots), (0.99, pruned)):
+        cache, used = model.new_cache(1, TOKENS), []
+        model.decode(ids, cache, tau, used)
+        assert torch.equal(torch.stack(used, dim=1), expected)
+    assert model.config.ponder.tau == 1e-4  # no call changed the run's own tau
+
+
+# ----- a new method: this module, plus one registry line (monkeypatched here) -----
+
+@dataclass
+class TemperatureOptions:
+    temperature: float = 1.0
+
+
+class Tempered(Vanilla):
+    """vanilla with its logits divided by a fixed temperature, an option of its own."""
+
+    name = "tempered"
+    Options = TemperatureOptions
+
+    def infer(self, input_ids, tau=None):
+        logits, extra_steps = super().infer(input_ids, tau)
+        return logits / self.options.temperature, extra_steps
+
+    def decode(self, input_ids, cache, tau=None, extra_steps=None):
+        return super().decode(input_ids, cache, tau, extra_steps) / self.options.temperature
+
+
+@pytest.fixture
+def tempered(monkeypatch):
+    monkeypatch.setitem(METHODS, Tempered.name, Tempered)
+
+
+def test_a_new_method_runs_through_every_command(tempered, tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--set", f"data.path={tiny_data_dir}", "--set", "train.steps=4", "--set", "train.save_every=4"]
+    assert main(["train", "tiny", "--out", str(run), "--set", "method=tempered",
+                 "--set", "options.tempered.temperature=2.0", *common]) == 0
+    assert main(["eval", str(run), "--max-tokens", "100"]) == 0
+    assert main(["generate", str(run), "--prompt", "Four score", "--max-new-tokens", "3"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert json.loads(printed[1])["method"] == "tempered"
+
+    model, _ = ponderlm.load(run)
+    assert isinstance(model, Tempered) and model.options.temperature == 2.0
+    ids = torch.randint(0, 100, (1, 9))
+    with torch.no_grad():
+        plain = Vanilla.infer(model, ids)[0]
+    torch.testing.assert_close(model(ids), plain / 2.0)
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"base": "tiny", "set": [f"data.path={tiny_data_dir}", "train.steps=2"],
+                                      "eval": {"max_tokens": 64}, "runs": [{"name": "t", "set": ["method=tempered"]}]}))
+    rows = run_sweep(recipe, tmp_path / "sweep", progress=False)
+    assert [row["method"] for row in rows] == ["tempered"] and (tmp_path / "sweep" / "pareto.png").is_file()
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "tempered" in help_text
+
+
+def test_method_options_are_typed_and_checked(tempered):
+    assert load_config("tiny", ["method=tempered"]).options == {}
+    assert build_model(load_config("tiny", ["method=tempered", "model.vocab_size=11"])).options.temperature == 1.0
+    with pytest.raises(PonderError, match="options.tempered.*known keys: temperature"):
+        load_config("tiny", ["method=tempered", "options.tempered.temprature=2"])
+    with pytest.raises(PonderError, match="options.tempered"):
+        load_config("tiny", ["options.tempered.temperature=warm"])
+    with pytest.raises(PonderError, match="no method 'vanilla' takes options.*tempered"):
+        load_config("tiny", ["options.vanilla.temperature=2"])
