@@ -20,6 +20,7 @@ from machine import describe_machine
 from ponderlm.checkpoint import latest_checkpoint, read_run_config
 from ponderlm.downstream import TASKS, UNAVAILABLE, run_lm_eval
 from ponderlm.files import atomic_write_text
+from ponderlm.methods import METHODS
 
 
 def main() -> None:
@@ -38,7 +39,7 @@ def main() -> None:
         if checkpoint is None or int(checkpoint.name.split("_")[1]) < config.train.steps:
             print(f"{run_dir.name}: still training, left out", file=sys.stderr)
             continue
-        for tau in [None] + (args.tau if config.method == "ponderlm3" else []):
+        for tau in [None] + (args.tau if METHODS[config.method].prunable else []):
             # Stored per run, so the script can run while a sweep trains and only evaluates what is new.
             store = run_dir / f"downstream_{checkpoint.name}_limit{args.limit}_tau{tau}.json"
             if not store.exists():

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from ponderlm.config import load_config
-from ponderlm.flops import training_flops_per_token
 from ponderlm.methods import build_model
 from ponderlm.train import build_optimizer
 
@@ -57,7 +56,7 @@ def train_row(method: str, args, backend: str = "sdpa") -> dict:
 
     seconds = timed(step, args.repeats)
     tokens_per_s = batch * args.seq_len / seconds
-    flops = training_flops_per_token(config, model.backbone.num_matmul_params()) * tokens_per_s
+    flops = model.training_flops_per_token() * tokens_per_s
     row = {"method": method, "backend": backend, "batch": batch, "step_s": seconds, "tokens_per_s": tokens_per_s,
            "mfu": flops / (args.peak_tflops * 1e12), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     if method != "ponderlm3" or backend == "sdpa":

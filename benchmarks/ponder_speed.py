@@ -24,7 +24,6 @@ import torch
 import ponderlm
 from machine import describe_machine
 from ponderlm.config import load_config
-from ponderlm.flops import inference_flops
 from ponderlm.methods import build_model
 from ponderlm.train import build_optimizer
 
@@ -86,16 +85,15 @@ def decode_stats(model, new_tokens: int, repeats: int) -> tuple[float, float, fl
     for _ in range(repeats):
         cache = model.new_cache(1, len(PROMPT_IDS) + new_tokens)
         used: list[torch.Tensor] = []
-        model.decode(torch.tensor([PROMPT_IDS]), cache, used)
+        model.decode(torch.tensor([PROMPT_IDS]), cache, extra_steps=used)
         start = time.perf_counter()
         for t in range(new_tokens):
-            model.decode(text[:, t : t + 1], cache, used)
+            model.decode(text[:, t : t + 1], cache, extra_steps=used)
         best = min(best, (time.perf_counter() - start) / new_tokens)
     # Only the timed tokens, which also attend to the prompt's slots.
     slots = torch.stack(used, dim=1)
     prompt = len(PROMPT_IDS)
-    n_mm = model.backbone.num_matmul_params()
-    flops = inference_flops(model.config, n_mm, slots) - inference_flops(model.config, n_mm, slots[:, :prompt])
+    flops = model.inference_flops(slots) - model.inference_flops(slots[:, :prompt])
     return best, flops / new_tokens, slots[:, prompt:].float().mean().item()
 
 

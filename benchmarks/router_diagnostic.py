@@ -29,21 +29,20 @@ from ponderlm.runs import load
 def diagnose(run_dir: Path, max_tokens: int) -> dict:
     model, _ = load(run_dir)
     config = model.config
-    if config.method != "ponderlm3":
-        raise SystemExit(f"{run_dir} is {config.method}; this diagnostic needs ponderlm3")
-    steps = config.ponder.extra_steps
+    if not model.adaptive:
+        raise SystemExit(f"{run_dir} is {config.method}; this diagnostic needs an adaptive method")
+    steps = model.max_extra_steps
     slot_nll, mixture_nll, mass, tokens = torch.zeros(steps + 1), 0.0, torch.zeros(steps + 1), 0
     for inputs, targets in eval_batches(TokenShards(Path(config.data.path), "val"), config.data.seq_len, 16,
                                         max_tokens):
         with config.autocast("cpu"):
-            states = model.jacobi(inputs, config.ponder.eval_refine_passes)  # soft mask, as in training
-            s, _ = model.route(states[:, :, 0])
+            seen = model.inspect(inputs, tau=0.0)  # tau = 0 prunes nothing: the soft mask, as in training
+            states, s = seen.slot_states, seen.step_distribution
             for k in range(steps + 1):
                 logits = model.backbone.lm_head(states[:, :, k])
                 slot_nll[k] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-            mixture = (s.to(states.dtype)[..., None] * states).sum(2)
-            logits = model.backbone.lm_head(mixture)
-            mixture_nll += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+            mixture_nll += F.cross_entropy(seen.logits.float().flatten(0, 1), targets.flatten(),
+                                           reduction="sum").item()
         mass += s.float().sum((0, 1))
         tokens += targets.numel()
     return {"run": run_dir.name, "penalty": config.ponder.penalty, "tokens": tokens,

@@ -93,7 +93,7 @@ def _generate(args) -> None:
     sys.stdout.write(args.prompt)
     steps: list[int] = []
     generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-             top_k=args.top_k, top_p=args.top_p, seed=args.seed, tau=args.tau, on_text=emit, steps_used=steps)
+             top_k=args.top_k, top_p=args.top_p, seed=args.seed, tau=args.tau, on_text=emit, extra_steps_per_token=steps)
     sys.stdout.write("\n")
     if args.show_steps:
         print(json.dumps({"extra_steps_per_generated_token": steps,

@@ -54,10 +54,10 @@ def continuation(model, prompt_ids: list[int], max_new_tokens: int, choose_next:
 
 def generate(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, tau: float | None = None,
-             on_text: Callable[[str], None] | None = None, steps_used: list[int] | None = None) -> str:
+             on_text: Callable[[str], None] | None = None, extra_steps_per_token: list[int] | None = None) -> str:
     """Continue `prompt` until EOS or max_new_tokens; `on_text` receives each new piece of text once it is known.
 
-    steps_used, if given, receives the extra steps the model ran before emitting each generated token.
+    extra_steps_per_token, if given, receives the extra steps the model ran before emitting each generated token.
     """
     if max_new_tokens < 0:
         raise PonderError("--max-new-tokens must be >= 0")
@@ -73,8 +73,8 @@ def generate(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100
         if token == eos_id:
             break
         new_ids.append(token)
-        if steps_used is not None:
-            steps_used.append(int(extra_steps[-1][0]))
+        if extra_steps_per_token is not None:
+            extra_steps_per_token.append(int(extra_steps[-1][0]))
         text = tokenizer.decode(new_ids)
         # A byte-level BPE token may end inside a UTF-8 character; wait until the character is complete.
         if on_text is not None and not text.endswith("\ufffd"):

@@ -9,6 +9,7 @@ count as `ponderlm eval`), because a latent-thought model's accuracy means littl
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -128,9 +129,7 @@ class PonderLMHarness(LM):
             extra_steps: list[torch.Tensor] = []
             new_ids: list[int] = []
             text = ""
-            def choose(logits, temperature=temperature):
-                return sample_next(logits, temperature, 0, 1.0, None)
-
+            choose = partial(sample_next, temperature=temperature, top_k=0, top_p=1.0, generator=None)
             for token in continuation(self.model, ids, max_new, choose, self.tau, extra_steps):
                 if token == self.eos_id:
                     break

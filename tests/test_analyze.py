@@ -78,7 +78,7 @@ def direct_measurements(run, data_dir):
     with torch.no_grad():
         for ids, targets in pieces:
             logits, used = model.infer(ids, tau)
-            s, _ = model.route(model.jacobi(ids, model.config.ponder.eval_refine_passes, tau)[:, :, 0])
+            s, _ = model.route(model.jacobi(ids, model.config.ponder.eval_refine_passes, tau))
             kept.append(used.flatten())
             expected.append((s * torch.arange(s.shape[-1])).sum(-1).flatten())  # E[k] = sum_{k>=1} w_k
             entropy.append(torch.distributions.Categorical(logits=logits.float()).entropy().flatten())
@@ -195,7 +195,7 @@ def test_measure_matches_infer_and_the_router():
     measured = measure(model, ids, targets, tau=1e-4)
     with torch.no_grad():
         logits, used = model.infer(ids, 1e-4)
-        s, _ = model.route(model.jacobi(ids, model.config.ponder.eval_refine_passes, 1e-4)[:, :, 0])
+        s, _ = model.route(model.jacobi(ids, model.config.ponder.eval_refine_passes, 1e-4))
     assert torch.equal(measured["kept_steps"], used) and len(used.unique()) > 1
     torch.testing.assert_close(measured["expected_steps"], (s * torch.arange(3)).sum(-1))
     torch.testing.assert_close(measured["nll"], F.cross_entropy(logits.transpose(1, 2), targets, reduction="none"))

@@ -1,6 +1,7 @@
 """Config presets, overrides and validation."""
 
 import pytest
+import torch
 
 import yaml
 
@@ -46,7 +47,7 @@ def test_overrides_reach_nested_and_list_values():
 @pytest.mark.parametrize("override,message", [
     ("train.batch_tokens=100", "not a multiple"),
     ("model.num_attention_heads=3", "heads"),
-    ("train.dtype=fp16", "fp32 or bf16"),
+    ("train.dtype=fp16", "fp32, bf16 or auto"),
     ("distributed.strategy=mpi", "none, ddp or fsdp"),
     ("ponder.tau=1.5", "ponder.tau"),
     ("ponder.extra_steps=-1", "ponder.extra_steps"),
@@ -56,3 +57,12 @@ def test_bad_values_are_explained(override, message):
     with pytest.raises(PonderError, match=message):
         config = load_config("tiny", [override])
         config.grad_accum_steps()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_uses_bf16_only_where_the_hardware_has_it(native, monkeypatch):
+    monkeypatch.setattr("ponderlm.config.native_bf16", lambda device_type: native)
+    config = load_config("tiny", ["train.dtype=auto"])
+    with config.autocast("cpu"):
+        product = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert product.dtype == (torch.bfloat16 if native else torch.float32)

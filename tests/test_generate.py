@@ -77,6 +77,6 @@ def test_generation_prunes_at_the_tau_it_is_given(tokenizer):
     steps = {}
     for tau in (0.0, 0.99):
         steps[tau] = []
-        generate(model, tokenizer, "Four score", max_new_tokens=6, tau=tau, steps_used=steps[tau])
+        generate(model, tokenizer, "Four score", max_new_tokens=6, tau=tau, extra_steps_per_token=steps[tau])
     assert set(steps[0.0]) == {2} and max(steps[0.99]) < 2
     assert model.config.ponder.tau == 1e-4  # the run's own tau is untouched

@@ -43,8 +43,9 @@ class PonderLM2(Method):
 
     # ----- parallel forward (training and evaluation) -----
 
-    def _slot_bias(self, h0: torch.Tensor, slots: int, tau: float | None) -> torch.Tensor | None:
-        """Per-key attention bias (B, T * slots) for a pass with `slots` slots per token; None: no bias."""
+    def _slot_bias(self, states: torch.Tensor, slots: int, tau: float | None) -> torch.Tensor | None:
+        """Per-key attention bias (B, T * slots) for a pass with `slots` slots per token, from the previous
+        pass's states (B, T, slots - 1, d); None: no bias."""
         return None
 
     def _pass(self, token_embeds: torch.Tensor, latent_inputs: torch.Tensor, bias: torch.Tensor | None):
@@ -70,7 +71,7 @@ class PonderLM2(Method):
             with torch.set_grad_enabled(torch.is_grad_enabled() and index >= first_with_grad):
                 if index == first_with_grad:
                     hidden = hidden.detach()
-                bias = self._slot_bias(hidden[:, :, 0], width, tau) if width > 1 else None
+                bias = self._slot_bias(hidden, width, tau) if width > 1 else None
                 hidden = self._pass(token_embeds, hidden[:, :, : width - 1], bias)
         return hidden
 
@@ -181,9 +182,10 @@ class PonderLM3(PonderLM2):
             self.router.bias[-1] = config.ponder.router_init_bias
         self._router_bypassed = False
 
-    def route(self, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step distribution s (..., K + 1) and log tail mass log w (..., K + 1) from h^(0)."""
-        logits = self.router(h0).float()
+    def route(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step distribution s (..., K + 1) and log tail mass log w (..., K + 1) from the slot states known so far
+        (..., j, d), j >= 1: the router reads h^(0) only."""
+        logits = self.router(states[..., 0, :]).float()
         if self._router_bypassed:  # s = one-hot(K): every slot fully visible, output h^(K), i.e. ponderlm2
             # `0 * logits` keeps the router in the graph (zero gradient), so DDP sees every parameter used.
             logits = 0 * logits + torch.full_like(logits, -1e4).index_fill_(-1, torch.tensor(self.max_extra_steps),
@@ -206,8 +208,8 @@ class PonderLM3(PonderLM2):
         threshold = math.log(tau) if tau > 0 else float("-inf")
         return (log_w[..., 1:] >= threshold).sum(-1)  # w is non-increasing in k, so a count is the max k
 
-    def _slot_bias(self, h0, slots, tau):
-        _, log_w = self.route(h0)
+    def _slot_bias(self, states, slots, tau):
+        _, log_w = self.route(states)
         bias = log_w[..., :slots].clone()
         bias[..., 0] = 0.0  # the token slot is never masked
         if tau is not None:
@@ -216,7 +218,7 @@ class PonderLM3(PonderLM2):
         return bias.flatten(1, 2)
 
     def _output_states(self, states, tau=None):
-        s, log_w = self.route(states[:, :, 0])
+        s, log_w = self.route(states)
         keep = torch.full(states.shape[:2], self.max_extra_steps, device=states.device)
         if tau is not None:  # truncate the mixture at K_hat, without renormalising
             keep = self.kept_slots(log_w, tau)
@@ -236,7 +238,7 @@ class PonderLM3(PonderLM2):
     def _decode_token(self, token_ids, cache, tau):
         token_slot_bias = torch.zeros(len(token_ids))  # the token slot is never masked
         hidden = self._slot(self.backbone.embed(token_ids[:, None]), cache, token_slot_bias)
-        s, log_w = self.route(hidden[:, 0])
+        s, log_w = self.route(hidden)
         keep = self.kept_slots(log_w, tau)
         run = int(keep.max())  # a batch runs up to its longest kept chain; shorter rows hard-mask the rest
         kept = torch.arange(self.max_extra_steps + 1, device=keep.device) <= keep[:, None]

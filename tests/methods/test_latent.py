@@ -106,19 +106,19 @@ def test_router_gets_gradients_through_the_mask_and_through_the_mixture(monkeypa
     route = type(model).route
     original_bias = type(model)._slot_bias
     # Only the mask: the mixture weights are cut from the graph.
-    monkeypatch.setattr(type(model), "route", lambda self, h0: tuple(x.detach() for x in route(self, h0)))
+    monkeypatch.setattr(type(model), "route", lambda self, states: tuple(x.detach() for x in route(self, states)))
     monkeypatch.setattr(type(model), "_slot_bias",
-                        lambda self, h0, slots, tau: _attached_bias(self, route, h0, slots))
+                        lambda self, states, slots, tau: _attached_bias(self, route, states, slots))
     assert router_grad() > 0
     # Only the mixture: the mask is cut from the graph.
     monkeypatch.setattr(type(model), "route", route)
     monkeypatch.setattr(type(model), "_slot_bias",
-                        lambda self, h0, slots, tau: original_bias(self, h0, slots, tau).detach())
+                        lambda self, states, slots, tau: original_bias(self, states, slots, tau).detach())
     assert router_grad() > 0
 
 
-def _attached_bias(model, route, h0, slots):
-    log_w = route(model, h0)[1][..., :slots].clone()
+def _attached_bias(model, route, states, slots):
+    log_w = route(model, states)[1][..., :slots].clone()
     log_w[..., 0] = 0.0
     return log_w.flatten(1, 2)
 
