@@ -23,19 +23,22 @@ def counted(fn) -> int:
 
 
 @pytest.mark.parametrize("method,tau", [("vanilla", 1e-4), ("pause", 1e-4), ("loop", 1e-4), ("ponderlm1", 1e-4),
-                                        ("ponderlm2", 1e-4), ("ponderlm3", 0.0), ("ponderlm3", 0.3)])
+                                        ("ponderlm2", 1e-4), ("ponderlm3", 0.0), ("ponderlm3", 0.3),
+                                        ("halting", 0.0), ("halting", 0.3)])
 def test_inference_flops_match_the_counted_decode(method, tau):
     model = make(method, f"ponder.tau={tau}")
-    if method == "ponderlm3":
+    if model.adaptive:  # a router or gates that give tokens different numbers of steps
         with torch.no_grad():
-            model.router.weight.normal_(0, 0.5)
+            for name, parameter in model.named_parameters():
+                if not name.startswith("backbone.") and parameter.dim() == 2:
+                    parameter.normal_(0, 0.5)
     ids = torch.randint(0, 101, (1, 9))
     cache = model.new_cache(1, 9)
     used = []
     # Token by token, as inference runs: every slot's query meets exactly the keys it can see.
     measured = counted(lambda: [model.decode(ids[:, t : t + 1], cache, extra_steps=used) for t in range(9)])
     slots = torch.stack(used, dim=1)
-    if method == "ponderlm3" and tau > 0:
+    if model.adaptive and tau > 0:
         assert 0 < slots.float().mean() < 2  # pruning happened and the counter saw only the kept slots
     expected = model.inference_flops(slots)
     if method == "pause":  # a token's K + 1 slots go in as one chunk: the kernel also scores the masked pairs

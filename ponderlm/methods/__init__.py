@@ -9,6 +9,7 @@ from __future__ import annotations
 from ponderlm.config import Config
 from ponderlm.methods.base import Inspection, Method, method_options
 from ponderlm.methods.baselines import Loop, Pause, PonderLM1
+from ponderlm.methods.halting import Halting
 from ponderlm.methods.latent import PonderLM2, PonderLM3
 from ponderlm.methods.vanilla import Vanilla
 
@@ -19,6 +20,7 @@ METHODS: dict[str, type[Method]] = {method.name: method for method in (
     PonderLM1,
     PonderLM2,
     PonderLM3,
+    Halting,
 )}
 
 

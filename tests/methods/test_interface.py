@@ -25,10 +25,11 @@ def make(method, *overrides):
     config = load_config("tiny", [f"method={method}", f"model.vocab_size={VOCAB}", f"ponder.extra_steps={K}",
                                   f"ponder.eval_refine_passes={(K + 1) * TOKENS}", *overrides])
     model = build_model(config).eval()
-    if hasattr(model, "router"):  # a decisive router, so tokens run different numbers of extra steps
+    if model.adaptive:  # a decisive allocation (router, gates), so tokens run different numbers of extra steps
         with torch.no_grad():
-            model.router.weight.normal_(0, 0.5)
-            model.router.bias.normal_(0, 1)
+            for name, parameter in model.named_parameters():
+                if not name.startswith("backbone."):
+                    parameter.normal_(0, 0.5 if parameter.dim() == 2 else 1.0)
     return model
 
 
