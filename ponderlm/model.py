@@ -220,7 +220,7 @@ class Transformer(nn.Module):
 
     def hidden_states(self, inputs_embeds: torch.Tensor, positions: torch.Tensor | None = None,
                       key_bias: torch.Tensor | None = None, cache: KVCache | None = None, repeats: int = 1,
-                      cache_pass: int = 0) -> torch.Tensor:
+                      cache_pass: int = 0, final_norm: bool = True) -> torch.Tensor:
         """Final-norm hidden states (B, S, d) for input embeddings (B, S, d).
 
         positions: RoPE positions (S,) or (B, S); default 0..S-1 after the cached tokens.
@@ -228,6 +228,7 @@ class Transformer(nn.Module):
         cache: if given, new keys/values are appended after the cached ones (the caller commits them).
         repeats: apply the whole layer stack this many times with shared weights (`loop`); final norm once.
         cache_pass: which pass of a multi-pass cache this call's first repeat writes to.
+        final_norm: False returns the residual stream itself, for methods that continue it in a later call.
         """
         seq = inputs_embeds.shape[1]
         past = cache.length if cache is not None else 0
@@ -250,7 +251,7 @@ class Transformer(nn.Module):
         for repeat in range(repeats):
             for index, layer in enumerate(self.layers):
                 x = layer(x, cos, sin, mask, cache, (cache_pass + repeat) * layers + index, bias_column)
-        return self.norm(x)
+        return self.norm(x) if final_norm else x
 
     def num_matmul_params(self) -> int:
         """Weights of the blocks' Linear layers: the N_nonembedding of the FLOPs counter (docs/design.md §5)."""

@@ -24,7 +24,7 @@ def counted(fn) -> int:
 
 @pytest.mark.parametrize("method,tau", [("vanilla", 1e-4), ("pause", 1e-4), ("loop", 1e-4), ("ponderlm1", 1e-4),
                                         ("ponderlm2", 1e-4), ("ponderlm3", 0.0), ("ponderlm3", 0.3),
-                                        ("halting", 0.0), ("halting", 0.3)])
+                                        ("halting", 0.0), ("halting", 0.3), ("mor", 1e-4)])
 def test_inference_flops_match_the_counted_decode(method, tau):
     model = make(method, f"ponder.tau={tau}")
     if model.adaptive:  # a router or gates that give tokens different numbers of steps

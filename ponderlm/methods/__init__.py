@@ -11,6 +11,7 @@ from ponderlm.methods.base import Inspection, Method, method_options
 from ponderlm.methods.baselines import Loop, Pause, PonderLM1
 from ponderlm.methods.halting import Halting
 from ponderlm.methods.latent import PonderLM2, PonderLM3
+from ponderlm.methods.mor import MoR
 from ponderlm.methods.vanilla import Vanilla
 
 METHODS: dict[str, type[Method]] = {method.name: method for method in (
@@ -21,6 +22,7 @@ METHODS: dict[str, type[Method]] = {method.name: method for method in (
     PonderLM2,
     PonderLM3,
     Halting,
+    MoR,
 )}
 
 

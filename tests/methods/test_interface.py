@@ -57,6 +57,18 @@ def test_every_method_decodes_what_its_parallel_inference_computes(name):
     assert model.inference_flops(extra) > 0 and model.training_flops_per_token() > 0
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_changing_a_later_token_never_changes_earlier_logits(name):
+    model = make(name)
+    ids = torch.randint(0, VOCAB, (2, TOKENS))
+    with torch.no_grad():
+        base = model(ids)
+        for t in (0, 3, 5):
+            changed = ids.clone()
+            changed[:, t + 1] = (changed[:, t + 1] + 1) % VOCAB
+            torch.testing.assert_close(model(changed)[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.prunable])
 def test_tau_is_an_argument_on_both_paths_and_never_read_from_a_mutated_config(name):
     model = make(name)

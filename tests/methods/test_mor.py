@@ -1,0 +1,80 @@
+"""`mor`: token-choice Mixture-of-Recursions; recursion-wise attention checked against a masked reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ponderlm.config import load_config
+from ponderlm.methods import build_model
+from ponderlm.methods.latent import HARD_MASK
+
+VOCAB = 43
+
+
+def make(*overrides, K=2):
+    torch.manual_seed(0)
+    config = load_config("tiny", ["method=mor", f"model.vocab_size={VOCAB}", f"ponder.extra_steps={K}", *overrides])
+    model = build_model(config).eval()
+    with torch.no_grad():
+        model.router.weight.normal_(0, 0.5)  # decisive: tokens choose different depths
+    return model
+
+
+def masked_reference(model, ids):
+    """Every recursion over the whole sequence, inactive tokens' keys hidden by a bias and their states kept."""
+    backbone = model.backbone
+    x0 = backbone.embed(ids)
+    x = backbone.hidden_states(x0, final_norm=False)
+    g = model.router(x).softmax(-1)
+    depth = g.argmax(-1) + 1
+    for recursion in range(2, g.shape[-1] + 1):
+        active = depth >= recursion
+        bias = torch.zeros(active.shape).masked_fill(~active, HARD_MASK)
+        x = torch.where(active[..., None], backbone.hidden_states(x, key_bias=bias, final_norm=False), x)
+    out = x0 + g.gather(-1, depth[..., None] - 1) * (x - x0)
+    return backbone.lm_head(backbone.norm(out)), depth - 1
+
+
+def test_gathered_recursions_equal_the_masked_reference():
+    model = make()
+    ids = torch.randint(0, VOCAB, (3, 14))
+    with torch.no_grad():
+        logits, extra = model.infer(ids)
+        reference, reference_extra = masked_reference(model, ids)
+    assert torch.equal(extra, reference_extra) and len(extra.unique()) == 3  # every depth occurs
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_one_recursion_is_vanilla():
+    model = make(K=0)
+    vanilla = build_model(load_config("tiny", ["method=vanilla", f"model.vocab_size={VOCAB}"])).eval()
+    vanilla.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith("backbone.")})
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), vanilla(ids))
+
+
+def test_the_loss_adds_the_balancing_term_and_the_router_learns_through_the_output():
+    model = make("options.mor.balance_weight=0.0").train()
+    ids, targets = torch.randint(0, VOCAB, (2, 10)), torch.randint(0, VOCAB, (2, 10))
+    loss, stats = model.loss(ids, targets)
+    loss.backward()
+    assert model.router.weight.grad.abs().sum() > 0  # no balancing term: only the gated output trains the router
+    with torch.no_grad():
+        _, g, depth = model.recurse(ids)
+    share = torch.stack([(depth == d).float().mean() for d in (1, 2, 3)])
+    balance = 3 * (share * g.mean((0, 1))).sum()
+    assert stats["balance_loss"] == pytest.approx(balance.item(), rel=1e-5)
+    assert [stats[f"depth_share_{d}"] for d in (1, 2, 3)] == pytest.approx(share.tolist())
+    weighted = make("options.mor.balance_weight=0.5").train()
+    with torch.no_grad():
+        cross_entropy = F.cross_entropy(weighted(ids).flatten(0, 1), targets.flatten())
+        assert weighted.loss(ids, targets)[0].item() == pytest.approx(cross_entropy.item() + 0.5 * balance.item(),
+                                                                      rel=1e-5)
+
+
+def test_tau_plays_no_role():
+    model = make()
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(model.infer(ids, 0.0)[0], model.infer(ids, 0.99)[0])
