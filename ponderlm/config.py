@@ -82,6 +82,7 @@ class PonderConfig:
     router_warmup_steps: int = 0  # ponderlm3 trains as ponderlm2 (s = one-hot K) for its first N steps
     penalty: float = 0.0  # lambda: weight of the expected extra steps in the loss
     tau: float = 1e-4  # inference pruning: keep latent slot k while its tail mass w_k >= tau
+    renormalize_pruned: bool = True  # divide the truncated mixture by its kept mass (false: the ablation)
 
 
 def check_tau(tau: float | None, name: str = "--tau") -> None:

@@ -58,16 +58,19 @@ def pass_lengths(method: str, K: int, T: int, refine: int) -> list[int]:
     return [width * T for width in range(1, K + 1)] + [(K + 1) * T] * (refine + 1)  # growth, refinement, final
 
 
-@pytest.mark.parametrize("method", ["vanilla", "pause", "loop", "ponderlm1", "ponderlm2"])
-def test_training_flops_match_the_counted_forward_and_backward(method):
-    model = make(method).train()
+@pytest.mark.parametrize("method,backprop", [("vanilla", 0), ("pause", 0), ("loop", 0), ("ponderlm1", 0),
+                                             ("ponderlm2", 0), ("ponderlm2", 2)])
+def test_training_flops_match_the_counted_forward_and_backward(method, backprop):
+    model = make(method, f"ponder.backprop_passes={backprop}").train()
     ids = torch.randint(0, 101, (2, 8))
 
     def step():
         model.loss(ids, ids)[0].backward()
 
-    # The analytic count is causal; the MATH kernel also scores the masked half of every pass's square.
+    # The analytic count is causal; the MATH kernel also scores the masked half of every pass's square, forward
+    # in every pass and backward (2x) in the passes gradients flow through.
     m = model.config.model
-    masked_pairs = sum(n * (n - 1) / 2 for n in pass_lengths(method, 2, 8, refine=2))
-    masked = 3 * 4 * m.num_hidden_layers * m.hidden_size * masked_pairs * ids.shape[0]
+    pairs = [n * (n - 1) / 2 for n in pass_lengths(method, 2, 8, refine=2)]
+    masked_pairs = sum(pairs) + 2 * sum(pairs[-backprop:] if backprop else pairs)
+    masked = 4 * m.num_hidden_layers * m.hidden_size * masked_pairs * ids.shape[0]
     assert model.training_flops_per_token() * ids.numel() + masked == counted(step)

@@ -99,7 +99,7 @@ class Halting(PonderLM3):
         if w.shape[1] == len(states):  # every step ran: w_{K+1} = 0
             w = torch.cat((w, torch.zeros_like(w[:, :1])), dim=1)
         s = (w[:, :-1] - w[:, 1:])[:, : len(states)]
-        s = s.masked_fill(torch.arange(len(states), device=s.device) > keep[:, None], 0.0)
+        s = self.truncate(s, torch.arange(len(states), device=s.device) <= keep[:, None])
         return (s[..., None].to(hidden.dtype) * torch.cat(states, dim=1)).sum(dim=1), keep
 
     def mask_flops_per_token(self) -> float:

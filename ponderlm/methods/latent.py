@@ -9,7 +9,7 @@ cache runs the slots of each token one after another, which is the fixed point t
 PonderLM-3 (docs/design.md §4.2) adds a router on h^(0): s = softmax(router(h^(0))) over k = 0..K and the tail
 mass w_k = sum_{j>=k} s_j. log w_k is added to every query's attention logit for latent key (t, k) (a soft mask),
 and the output is the mixture sum_k s_k h^(k). At inference, slots with w_k < tau are pruned: never computed,
-never cached; the mixture is truncated there without renormalising.
+never cached; the mixture is truncated there and renormalised over the kept slots (`ponder.renormalize_pruned`).
 """
 
 from __future__ import annotations
@@ -155,17 +155,23 @@ class PonderLM2(Method):
         return 0.0
 
     def training_flops_per_token(self) -> float:
-        """Every Jacobi pass: K growth passes of 1..K slots per token, then the mean number of refinement passes
-        + 1 over all K + 1 slots, each over the interleaved causal sequence; the mask on every pass that has one.
+        """Every Jacobi pass forward: K growth passes of 1..K slots per token, then R refinement passes + 1 over all
+        K + 1 slots, each over the interleaved causal sequence, with the mask on every pass that has one; the
+        backward (2x forward) through the last `ponder.backprop_passes` of them (all if 0). Averaged over the R
+        that training draws from.
         """
         T, K, p = self.config.data.seq_len, self.max_extra_steps, self.config.ponder
         model, n_mm = self.config.model, self.num_matmul_params()
-        mean_refine = sum(p.train_refine_passes) / len(p.train_refine_passes)
-        forward = sum(causal_pass_flops(model, n_mm, width * T) for width in range(1, K + 1)) + \
-            (mean_refine + 1) * causal_pass_flops(model, n_mm, (K + 1) * T)
-        forward += (K + mean_refine) * T * self.mask_flops_per_token()  # passes of width > 1 get a mask
-        forward += T * self.per_token_flops()
-        return 3 * forward / T
+
+        def step_flops(refine: int) -> float:
+            widths = list(range(1, K + 1)) + [K + 1] * (refine + 1)
+            forward = [causal_pass_flops(model, n_mm, width * T) + (width > 1) * T * self.mask_flops_per_token()
+                       for width in widths]
+            with_grad = forward[-p.backprop_passes:] if p.backprop_passes else forward
+            return sum(forward) + 2 * sum(with_grad)
+
+        per_sequence = sum(map(step_flops, p.train_refine_passes)) / len(p.train_refine_passes)
+        return (per_sequence + 3 * T * self.per_token_flops()) / T
 
 
 class PonderLM3(PonderLM2):
@@ -203,6 +209,15 @@ class PonderLM3(PonderLM2):
         finally:
             self._router_bypassed = False
 
+    def truncate(self, s: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """The inference mixture weights: s on the kept slots (kept: bool, like s), renormalised to sum to 1.
+
+        Without renormalising (`ponder.renormalize_pruned=false`, an ablation) the output shrinks by the pruned
+        mass, which the final norm does not undo since the lm-head reads the mixture directly.
+        """
+        s = s.masked_fill(~kept, 0.0)
+        return s / s.sum(-1, keepdim=True) if self.config.ponder.renormalize_pruned else s
+
     def kept_slots(self, log_w: torch.Tensor, tau: float) -> torch.Tensor:
         """K_hat = max{k : w_k >= tau}; w_0 = 1, so at least 0."""
         threshold = math.log(tau) if tau > 0 else float("-inf")
@@ -220,9 +235,9 @@ class PonderLM3(PonderLM2):
     def _output_states(self, states, tau=None):
         s, log_w = self.route(states)
         keep = torch.full(states.shape[:2], self.max_extra_steps, device=states.device)
-        if tau is not None:  # truncate the mixture at K_hat, without renormalising
+        if tau is not None:  # truncate the mixture at K_hat
             keep = self.kept_slots(log_w, tau)
-            s = s.masked_fill(torch.arange(self.max_extra_steps + 1, device=s.device) > keep[..., None], 0.0)
+            s = self.truncate(s, torch.arange(self.max_extra_steps + 1, device=s.device) <= keep[..., None])
         mixture = (s.to(states.dtype)[..., None] * states).sum(dim=2)
         expected_extra = log_w[..., 1:].exp().sum(-1)  # sum_{k>=1} w_k = expected extra steps
         stats = {"_expected_extra": expected_extra, "_step_distribution": s,
@@ -247,7 +262,7 @@ class PonderLM3(PonderLM2):
         for k in range(1, run + 1):
             hidden = self._slot(hidden, cache, bias[:, k])
             states.append(hidden)
-        weights = s.masked_fill(~kept, 0.0)[:, : run + 1, None].to(hidden.dtype)
+        weights = self.truncate(s, kept)[:, : run + 1, None].to(hidden.dtype)
         return (weights * torch.cat(states, dim=1)).sum(dim=1), keep
 
     def per_token_flops(self) -> float:

@@ -158,3 +158,23 @@ def test_truncated_backprop_keeps_the_forward_and_cuts_early_passes():
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
     assert torch.isfinite(grads[1]).all() and grads[1].abs().sum() > 0
     assert not torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_pruning_every_latent_slot_leaves_the_token_slots_alone(renormalize):
+    model = make("ponderlm3", f"ponder.renormalize_pruned={str(renormalize).lower()}")
+    with torch.no_grad():
+        model.router.bias.copy_(torch.tensor([3.0, 0.0, 0.0]))  # w_1 ~ 0.09 < tau = 0.5: K_hat = 0 everywhere
+    ids = torch.randint(0, VOCAB, (2, 9))
+    backbone = model.backbone
+    with torch.no_grad():
+        pruned, used = model.infer(ids, tau=0.5)
+        h0 = backbone.hidden_states(backbone.embed(ids))  # the token slots alone: every latent key is hidden
+        s0 = model.route(h0[:, :, None])[0][..., :1]
+        expected = backbone.lm_head(h0 if renormalize else s0 * h0)  # unrenormalised: shrunk by s_0
+    assert (used == 0).all()
+    torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-5)
+    cache, decoded = model.new_cache(2, 9), []
+    for t in range(9):
+        decoded.append(model.decode(ids[:, t:t + 1], cache, 0.5))
+    torch.testing.assert_close(torch.stack(decoded, dim=1), expected, rtol=1e-5, atol=1e-5)
