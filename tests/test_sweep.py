@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+import statistics
 
 import pytest
 
@@ -86,3 +87,23 @@ def test_shipped_recipes_are_valid():
         assert methods == {"vanilla", "pause", "loop", "ponderlm1", "ponderlm2", "ponderlm3"}, path
         steps = {recipe.config(run).train.steps for run in recipe.runs}
         assert len(steps) == 1, f"{path}: every run must train the same number of steps"
+
+
+def test_the_learning_rate_is_chosen_on_evaluation_loss_and_seeds_are_aggregated(tiny_data_dir, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({
+        "base": "tiny", "set": [f"data.path={tiny_data_dir}", "train.steps=4", "train.save_every=4"],
+        "eval": {"split": "val", "max_tokens": 256}, "lrs": [1e-5, 3e-3], "seeds": [0, 1],
+        "runs": [{"name": "vanilla", "set": ["method=vanilla"]}]}))
+    out = tmp_path / "sweep"
+    rows = run_sweep(recipe, out, progress=False)
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["vanilla-lr0.003-s0", "vanilla-lr0.003-s1",
+                                                               "vanilla-lr1e-05-s0"]
+    assert [(r["seed"], r["lr"]) for r in rows] == [(0, 3e-3), (1, 3e-3)]  # 4 steps at lr 1e-5 learn nothing
+    with open(out / "results.csv") as handle:
+        assert [(r["seed"], r["lr"]) for r in csv.DictReader(handle)] == [("0", "0.003"), ("1", "0.003")]
+    (merged,) = sweep_module.aggregate(rows)
+    assert merged["ppl"] == pytest.approx(statistics.mean(r["ppl"] for r in rows))
+    assert merged["ppl_std"] == pytest.approx(statistics.stdev(r["ppl"] for r in rows)) and merged["ppl_std"] > 0
+    table = (out / "results.md").read_text()
+    assert f"{merged['ppl']:.2f} +- {merged['ppl_std']:.2f}" in table and "| vanilla | 0 | 1e-05 |" in table
