@@ -29,7 +29,10 @@ demo: $(STAMP)
 	fi
 	$(BIN)/ponderlm eval $(DEMO_RUN) --split test --max-tokens 65536 > $(DEMO_RUN)/eval_test.json
 	@cat $(DEMO_RUN)/eval_test.json
-	@echo "run directory: $(DEMO_RUN)  (metrics: $(DEMO_RUN)/metrics.jsonl, eval report: $(DEMO_RUN)/eval_test.json)"
+	$(BIN)/ponderlm eval $(DEMO_RUN) --split test --max-tokens 16384 --taus 0.0001,0.05,0.3,0.99 > $(DEMO_RUN)/tau_table.md
+	@cat $(DEMO_RUN)/tau_table.md
+	@echo "run directory: $(DEMO_RUN)  (metrics: $(DEMO_RUN)/metrics.jsonl, eval report: $(DEMO_RUN)/eval_test.json," \
+		"tau trade-off: $(DEMO_RUN)/tau_table.md)"
 
 clean:
 	rm -rf $(VENV) $(DEMO_RUN)

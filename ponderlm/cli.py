@@ -37,8 +37,17 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
-    from ponderlm.evaluate import evaluate_run
+    from ponderlm.evaluate import evaluate_run, tau_table
 
+    if args.taus:
+        if args.tau is not None:
+            raise PonderError("pass either --tau or --taus, not both")
+        try:
+            taus = [float(t) for t in args.taus.split(",")]
+        except ValueError:
+            raise PonderError(f"--taus expects comma-separated numbers, got {args.taus!r}") from None
+        print(tau_table(args.run_dir, taus, split=args.split, max_tokens=args.max_tokens, data_path=args.data))
+        return
     print(json.dumps(evaluate_run(args.run_dir, split=args.split, max_tokens=args.max_tokens,
                                   data_path=args.data, tau=args.tau)))
 
@@ -163,6 +172,8 @@ def _add_run_commands(commands) -> None:
     ev.add_argument("--max-tokens", type=int, help="score only the first N tokens of the split")
     ev.add_argument("--data", help="prepared data directory (default: the run's data.path)")
     ev.add_argument("--tau", type=float, help=f"{tau_help}; 0 runs all K extra steps for every token")
+    ev.add_argument("--taus", help="comma-separated taus: print the trade-off table (perplexity, extra steps, "
+                    "FLOPs per token at each tau) instead of the JSON")
     ev.set_defaults(handler=_eval)
 
     an = commands.add_parser("analyze", help=f"adaptive methods ({adaptive}): which tokens get more extra steps "

@@ -16,6 +16,7 @@ from ponderlm.batching import eval_batches
 from ponderlm.checkpoint import require_run_tokenizer
 from ponderlm.config import check_tau
 from ponderlm.data import TokenShards, read_metadata
+from ponderlm.errors import PonderError
 from ponderlm.methods import Method
 from ponderlm.runs import load
 
@@ -51,17 +52,20 @@ def evaluate_model(model: Method, shards: TokenShards, max_tokens: int | None = 
             "extra_steps_histogram": histogram.tolist(), "inference_flops_per_token": flops / count}
 
 
+def _load_for_eval(run_dir: Path, split: str, data_path: str | Path | None) -> tuple[Method, TokenShards, dict]:
+    model, _ = load(run_dir)
+    data_dir = Path(data_path or model.config.data.path)
+    metadata = read_metadata(data_dir)
+    require_run_tokenizer(run_dir, data_dir, metadata)
+    return model, TokenShards(data_dir, split), metadata
+
+
 def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None = None,
                  data_path: str | Path | None = None, tau: float | None = None, with_soft: bool = True) -> dict:
     """The `ponderlm eval` JSON. with_soft=False skips a prunable method's soft loss (it does not depend on tau)."""
-    run_dir = Path(run_dir)
-    model, _ = load(run_dir)
-    config = model.config
-    data_dir = Path(data_path or config.data.path)
-    metadata = read_metadata(data_dir)
-    require_run_tokenizer(run_dir, data_dir, metadata)
     check_tau(tau)
-    shards = TokenShards(data_dir, split)
+    model, shards, metadata = _load_for_eval(Path(run_dir), split, data_path)
+    config = model.config
     measured = evaluate_model(model, shards, max_tokens, tau)
     result = {"method": config.method, "split": split, "loss": measured["loss"], "ppl": math.exp(measured["loss"]),
               "tokens": measured["tokens"], "mean_extra_steps": measured["mean_extra_steps"],
@@ -80,3 +84,23 @@ def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None
         result["word_ppl"] = math.exp(measured["loss"] * measured["tokens"] / words)
         result["words"] = words
     return result
+
+
+def tau_table(run_dir: str | Path, taus: list[float], split: str = "val", max_tokens: int | None = None,
+              data_path: str | Path | None = None) -> str:
+    """The trade-off of a prunable run as a markdown table: perplexity, extra steps and FLOPs at each tau."""
+    for tau in taus:
+        check_tau(tau)
+    model, shards, _ = _load_for_eval(Path(run_dir), split, data_path)
+    if not model.prunable:
+        raise PonderError(f"--taus needs a run of a prunable method; {run_dir} is {model.config.method}, whose "
+                          "compute does not depend on tau")
+    soft = evaluate_model(model, shards, max_tokens, tau=0.0)
+    lines = [f"{model.config.method}, {split} split, {soft['tokens']:,} tokens; soft (training-mask) perplexity "
+             f"{math.exp(soft['loss']):.2f}", "", "| tau | ppl | mean extra steps | inference FLOPs/token |",
+             "|---|---|---|---|"]
+    for tau in taus:
+        measured = evaluate_model(model, shards, max_tokens, tau)
+        lines.append(f"| {tau:g} | {math.exp(measured['loss']):.2f} | {measured['mean_extra_steps']:.3f} | "
+                     f"{measured['inference_flops_per_token']:.3e} |")
+    return "\n".join(lines)

@@ -87,6 +87,15 @@ def test_generate_and_eval_of_a_latent_run_report_its_steps(method, tiny_data_di
     assert result["mean_extra_steps"] == 2 and sum(result["extra_steps_histogram"]) == result["tokens"]
     if method == "ponderlm3":  # tau = 0 keeps every slot: the pruned forward is the soft forward
         assert result["pruned_minus_soft"] == pytest.approx(0, abs=1e-6)
+        assert main(["eval", str(run), "--max-tokens", "200", "--taus", "0,0.999"]) == 0
+        table = capsys.readouterr().out.strip().splitlines()
+        soft = float(table[0].rsplit(" ", 1)[1])
+        rows = [line.strip("|").split("|") for line in table[-2:]]
+        assert float(rows[0][1]) == pytest.approx(soft, abs=0.01) and float(rows[0][2]) == 2.0
+        assert float(rows[1][2]) < 2.0 and float(rows[1][3]) < float(rows[0][3])  # pruning saves FLOPs
+    else:
+        code, _, err = run_cli(capsys, "eval", str(run), "--taus", "0,0.5")
+        assert_one_line_error(code, err, "--taus needs a run of a prunable method")
 
 
 def test_generate_command_streams_the_continuation(trained_run, capsys):
