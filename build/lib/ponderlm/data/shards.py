@@ -1,0 +1,127 @@
+"""Token shards: raw little-endian uint16/uint32 files, read back through read-only memory maps.
+
+A split is one token stream `[eos, doc1..., eos, doc2..., eos, ...]` cut into fixed-size shard files. The leading
+EOS gives every real token a predecessor, so every document's first token is also a prediction target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ponderlm.errors import PonderError
+from ponderlm.files import atomic_write_bytes, atomic_write_text, sha256_file
+
+METADATA_FILE = "metadata.json"
+PREPARE_HINT = "re-run `ponderlm data prepare`"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _write_shard(out_dir: Path, name: str, tokens: np.ndarray) -> dict:
+    data = tokens.tobytes()
+    atomic_write_bytes(out_dir / name, data)
+    return {"file": name, "tokens": int(tokens.size), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_split(token_docs: Iterable[list[int]], out_dir: Path, split: str, eos_id: int, vocab_size: int,
+                shard_tokens: int = 50_000_000) -> dict:
+    """Write one split's token stream as `{split}_{i:04d}.bin` shards; returns the split's metadata."""
+    out_dir = Path(out_dir)
+    dtype = token_dtype(vocab_size)
+    buf = np.empty(shard_tokens, dtype=dtype)
+    fill, total, n_docs = 0, 0, 0
+    shards: list[dict] = []
+
+    def append(tokens: np.ndarray) -> None:
+        nonlocal fill
+        while tokens.size:
+            take = min(tokens.size, shard_tokens - fill)
+            buf[fill:fill + take] = tokens[:take]
+            fill, tokens = fill + take, tokens[take:]
+            if fill == shard_tokens:
+                shards.append(_write_shard(out_dir, f"{split}_{len(shards):04d}.bin", buf))
+                fill = 0
+
+    eos = np.array([eos_id], dtype=np.int64)
+    append(eos)
+    for ids in token_docs:
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+            raise ValueError(f"token id out of range for vocab_size {vocab_size}")
+        append(arr)
+        append(eos)
+        total += arr.size + 1
+        n_docs += 1
+    if fill:
+        shards.append(_write_shard(out_dir, f"{split}_{len(shards):04d}.bin", buf[:fill]))
+    return {"tokens": total + 1, "documents": n_docs, "dtype": dtype.name, "shards": shards}
+
+
+def read_metadata(data_dir: Path) -> dict:
+    path = Path(data_dir) / METADATA_FILE
+    if not path.is_file():
+        raise PonderError(f"{path} does not exist; {PREPARE_HINT} to create the data directory")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PonderError(f"{path} is unreadable ({exc}); {PREPARE_HINT} --overwrite") from exc
+    if not isinstance(meta, dict) or meta.get("format") != 1:
+        raise PonderError(f"{path} is not a ponderlm data directory (format 1); {PREPARE_HINT} --overwrite")
+    return meta
+
+
+class TokenShards:
+    """One split of a prepared data directory, readable as a single contiguous token array."""
+
+    def __init__(self, data_dir: Path, split: str, verify: bool = False):
+        self.data_dir = Path(data_dir)
+        self.metadata = read_metadata(self.data_dir)
+        splits = self.metadata.get("splits", {})
+        if split not in splits:
+            raise PonderError(f"unknown split {split!r} in {self.data_dir}; available: {', '.join(splits)}")
+        self.split = split
+        info = splits[split]
+        self.dtype = np.dtype(info["dtype"]).newbyteorder("<")
+        self._arrays: list[np.memmap] = []
+        for shard in info["shards"]:
+            path = self.data_dir / shard["file"]
+            if not path.is_file():
+                raise PonderError(f"shard {path} is missing; {PREPARE_HINT} --overwrite")
+            expected = shard["tokens"] * self.dtype.itemsize
+            if path.stat().st_size != expected:
+                raise PonderError(f"shard {path} has {path.stat().st_size} bytes, expected {expected} "
+                                  f"(truncated or corrupt); {PREPARE_HINT} --overwrite")
+            if verify and sha256_file(path) != shard["sha256"]:
+                raise PonderError(f"shard {path} fails its sha256 check (corrupt); {PREPARE_HINT} --overwrite")
+            self._arrays.append(np.memmap(path, dtype=self.dtype, mode="r", shape=(shard["tokens"],)))
+        # _starts[i] is the global offset of shard i; the last entry is the total length.
+        self._starts = np.cumsum([0] + [a.size for a in self._arrays])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of the split's stream as int64, crossing shard boundaries."""
+        if start < 0 or length < 0 or start + length > len(self):
+            raise IndexError(f"read({start}, {length}) is outside the {self.split} split of {len(self)} tokens")
+        out = np.empty(length, dtype=np.int64)
+        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
+        done = 0
+        while done < length:
+            offset = start + done - int(self._starts[shard])
+            take = min(length - done, self._arrays[shard].size - offset)
+            out[done:done + take] = self._arrays[shard][offset:offset + take]
+            done += take
+            shard += 1
+        return out

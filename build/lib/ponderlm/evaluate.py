@@ -1,0 +1,106 @@
+"""`ponderlm eval`: loss, perplexity, pondering and inference FLOPs of a run on a split of its data.
+
+Everything is measured on the inference path: for prunable methods the hard-pruned forward at tau, whose kept
+extra steps per token also drive the FLOPs count; their soft (training-mask) loss is reported beside it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ponderlm.batching import eval_batches
+from ponderlm.checkpoint import require_run_tokenizer
+from ponderlm.config import check_tau
+from ponderlm.data import TokenShards, read_metadata
+from ponderlm.errors import PonderError
+from ponderlm.methods import Method
+from ponderlm.runs import load
+
+
+@torch.no_grad()
+def evaluate_model(model: Method, shards: TokenShards, max_tokens: int | None = None, tau: float | None = None,
+                   runner=None) -> dict:
+    """Mean next-token NLL (nats) over the first max_tokens of a split, with pondering statistics.
+
+    runner: the distributed wrapper to call the model through (`runner("infer", ...)`), if any.
+    """
+    config = model.config
+    infer = model.infer if runner is None else (lambda ids, t: runner("infer", ids, t))
+    device = model.backbone.lm_head.weight.device
+    was_training = model.training
+    model.eval()
+    nll, tokens, flops = 0.0, 0, 0.0
+    histogram = torch.zeros(model.max_extra_steps + 1, dtype=torch.long)
+    # Without gradients a batch of ~16K tokens fits wherever a training micro-batch does, and amortises overhead.
+    batch_size = max(config.train.micro_batch_size, 16384 // config.data.seq_len)
+    for inputs, targets in eval_batches(shards, config.data.seq_len, batch_size, max_tokens):
+        with config.autocast(device.type):
+            logits, extra_steps = infer(inputs.to(device), tau)
+        nll += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum").item()
+        tokens += targets.numel()
+        extra_steps = extra_steps.cpu()
+        flops += model.inference_flops(extra_steps)
+        histogram += torch.bincount(extra_steps.flatten(), minlength=len(histogram))[: len(histogram)]
+    model.train(was_training)
+    count = max(1, tokens)
+    extra_steps = (histogram * torch.arange(len(histogram))).sum().item()
+    return {"loss": nll / count, "tokens": tokens, "mean_extra_steps": extra_steps / count,
+            "extra_steps_histogram": histogram.tolist(), "inference_flops_per_token": flops / count}
+
+
+def _load_for_eval(run_dir: Path, split: str, data_path: str | Path | None) -> tuple[Method, TokenShards, dict]:
+    model, _ = load(run_dir)
+    data_dir = Path(data_path or model.config.data.path)
+    metadata = read_metadata(data_dir)
+    require_run_tokenizer(run_dir, data_dir, metadata)
+    return model, TokenShards(data_dir, split), metadata
+
+
+def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None = None,
+                 data_path: str | Path | None = None, tau: float | None = None, with_soft: bool = True) -> dict:
+    """The `ponderlm eval` JSON. with_soft=False skips a prunable method's soft loss (it does not depend on tau)."""
+    check_tau(tau)
+    model, shards, metadata = _load_for_eval(Path(run_dir), split, data_path)
+    config = model.config
+    measured = evaluate_model(model, shards, max_tokens, tau)
+    result = {"method": config.method, "split": split, "loss": measured["loss"], "ppl": math.exp(measured["loss"]),
+              "tokens": measured["tokens"], "mean_extra_steps": measured["mean_extra_steps"],
+              "inference_flops_per_token": measured["inference_flops_per_token"]}
+    if model.max_extra_steps:
+        result["max_extra_steps"] = model.max_extra_steps
+        result["extra_steps_histogram"] = measured["extra_steps_histogram"]
+    if model.prunable:
+        result["tau"] = model.resolve_tau(tau)
+    if model.prunable and with_soft:
+        soft = evaluate_model(model, shards, max_tokens, tau=0.0)["loss"]
+        result.update(soft_loss=soft, soft_ppl=math.exp(soft), pruned_minus_soft=measured["loss"] - soft)
+    words = metadata["splits"][split].get("words")
+    if words and measured["tokens"] == len(shards) - 1:
+        # Every token of the split (EOS included, standing in for PTB's <eos>) was scored once.
+        result["word_ppl"] = math.exp(measured["loss"] * measured["tokens"] / words)
+        result["words"] = words
+    return result
+
+
+def tau_table(run_dir: str | Path, taus: list[float], split: str = "val", max_tokens: int | None = None,
+              data_path: str | Path | None = None) -> str:
+    """The trade-off of a prunable run as a markdown table: perplexity, extra steps and FLOPs at each tau."""
+    for tau in taus:
+        check_tau(tau)
+    model, shards, _ = _load_for_eval(Path(run_dir), split, data_path)
+    if not model.prunable:
+        raise PonderError(f"--taus needs a run of a prunable method; {run_dir} is {model.config.method}, whose "
+                          "compute does not depend on tau")
+    soft = evaluate_model(model, shards, max_tokens, tau=0.0)
+    lines = [f"{model.config.method}, {split} split, {soft['tokens']:,} tokens; soft (training-mask) perplexity "
+             f"{math.exp(soft['loss']):.2f}", "", "| tau | ppl | mean extra steps | inference FLOPs/token |",
+             "|---|---|---|---|"]
+    for tau in taus:
+        measured = evaluate_model(model, shards, max_tokens, tau)
+        lines.append(f"| {tau:g} | {math.exp(measured['loss']):.2f} | {measured['mean_extra_steps']:.3f} | "
+                     f"{measured['inference_flops_per_token']:.3e} |")
+    return "\n".join(lines)

@@ -1,0 +1,33 @@
+"""The methods: one module each on the shared backbone, behind the interface in `base.py`.
+
+`METHODS` is the only list of method names in the package: the config, the command line and the sweep read it.
+Adding a method is one new module with a `Method` subclass, plus one line here.
+"""
+
+from __future__ import annotations
+
+from ponderlm.config import Config
+from ponderlm.methods.base import Inspection, Method, method_options
+from ponderlm.methods.baselines import Loop, Pause, PonderLM1
+from ponderlm.methods.halting import Halting
+from ponderlm.methods.latent import PonderLM2, PonderLM3
+from ponderlm.methods.mor import MoR
+from ponderlm.methods.vanilla import Vanilla
+
+METHODS: dict[str, type[Method]] = {method.name: method for method in (
+    Vanilla,
+    Pause,
+    Loop,
+    PonderLM1,
+    PonderLM2,
+    PonderLM3,
+    Halting,
+    MoR,
+)}
+
+
+def build_model(config: Config) -> Method:
+    return METHODS[config.method](config)
+
+
+__all__ = ["METHODS", "Inspection", "Method", "build_model", "method_options"]

@@ -1,0 +1,272 @@
+"""Latent thoughts: `ponderlm2` (K fixed latent slots per token) and `ponderlm3` (a learned share of K).
+
+Layout (docs/design.md §4.1): slots interleave as [x_1, z_1^1..z_1^K, x_2, ...]; every slot of token t sits at
+RoPE position t; latent slot (t, k) takes as input the final-norm output h_t^(k-1) of the slot before it. Training
+solves this recurrence in parallel by Jacobi iteration: growth passes with 1..K slots per token, then refinement
+passes over all K + 1 slots; each pass feeds the previous pass's outputs in as latent inputs. Decoding with a KV
+cache runs the slots of each token one after another, which is the fixed point the Jacobi passes approach.
+
+PonderLM-3 (docs/design.md §4.2) adds a router on h^(0): s = softmax(router(h^(0))) over k = 0..K and the tail
+mass w_k = sum_{j>=k} s_j. log w_k is added to every query's attention logit for latent key (t, k) (a soft mask),
+and the output is the mixture sum_k s_k h^(k). At inference, slots with w_k < tau are pruned: never computed,
+never cached; the mixture is truncated there and renormalised over the kept slots (`ponder.renormalize_pruned`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ponderlm.config import Config
+from ponderlm.flops import causal_pass_flops, interleaved_inference_flops
+from ponderlm.methods.base import Inspection, Method
+from ponderlm.model import KVCache
+
+HARD_MASK = -1e9  # the bias of a pruned slot: invisible to every query, yet finite so nothing turns into NaN
+
+
+def log_tail_mass(router_logits: torch.Tensor) -> torch.Tensor:
+    """log w_k = log sum_{j>=k} softmax(logits)_j for k = 0..K, as logsumexp(tail) - logsumexp(all).
+
+    Never the log of a small sum: stays finite for any finite logits.
+    """
+    tails = torch.logcumsumexp(router_logits.flip(-1), dim=-1).flip(-1)
+    return tails - tails[..., :1]
+
+
+class PonderLM2(Method):
+    name = "ponderlm2"
+    latent_slots = True
+
+    # ----- parallel forward (training and evaluation) -----
+
+    def _slot_bias(self, states: torch.Tensor, slots: int, tau: float | None) -> torch.Tensor | None:
+        """Per-key attention bias (B, T * slots) for a pass with `slots` slots per token, from the previous
+        pass's states (B, T, slots - 1, d); None: no bias."""
+        return None
+
+    def _pass(self, token_embeds: torch.Tensor, latent_inputs: torch.Tensor, bias: torch.Tensor | None):
+        """One Jacobi pass: token slots plus latent slots (B, T, j-1, d) -> final-norm outputs (B, T, j, d)."""
+        batch, tokens, dim = token_embeds.shape
+        slots = torch.cat((token_embeds[:, :, None], latent_inputs), dim=2)
+        per_token = slots.shape[2]
+        positions = torch.arange(tokens, device=token_embeds.device).repeat_interleave(per_token)
+        hidden = self.backbone.hidden_states(slots.flatten(1, 2), positions, key_bias=bias)
+        return hidden.view(batch, tokens, per_token, dim)
+
+    def jacobi(self, input_ids: torch.Tensor, refine_passes: int, tau: float | None = None) -> torch.Tensor:
+        """Final-pass states h_t^(k), shape (B, T, K + 1, d), after K growth, R refinement and one final pass.
+
+        tau: hard-mask the slots that inference would prune (prunable methods; None: the soft training mask).
+        """
+        token_embeds = self.backbone.embed(input_ids)
+        widths = list(range(1, self.max_extra_steps + 1)) + [self.max_extra_steps + 1] * (refine_passes + 1)
+        backprop = self.config.ponder.backprop_passes
+        first_with_grad = len(widths) - backprop if backprop else 0
+        hidden = token_embeds.new_zeros(*token_embeds.shape[:2], 0, token_embeds.shape[2])
+        for index, width in enumerate(widths):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and index >= first_with_grad):
+                if index == first_with_grad:
+                    hidden = hidden.detach()
+                bias = self._slot_bias(hidden, width, tau) if width > 1 else None
+                hidden = self._pass(token_embeds, hidden[:, :, : width - 1], bias)
+        return hidden
+
+    def _output_states(self, states: torch.Tensor, tau: float | None = None):
+        """The state each token predicts from (B, T, d), the latent slots it used (B, T), and statistics.
+
+        Statistics whose names start with "_" are tensors for the objective and `inspect`, not for logging:
+        `_step_distribution` (B, T, K + 1), each slot's weight in the output; `_expected_extra` (B, T).
+        """
+        used = torch.full(states.shape[:2], self.max_extra_steps, device=states.device)
+        one_hot = F.one_hot(used, self.max_extra_steps + 1).float()
+        return states[:, :, -1], used, {"_step_distribution": one_hot, "_expected_extra": used.float()}
+
+    def infer(self, input_ids: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inference path in parallel; tau = 0 keeps every slot (the soft forward)."""
+        tau = self.resolve_tau(tau)
+        states = self.jacobi(input_ids, self.config.ponder.eval_refine_passes, tau)
+        output, used, _ = self._output_states(states, tau)
+        return self.backbone.lm_head(output), used
+
+    def inspect(self, input_ids: torch.Tensor, tau: float | None = None) -> Inspection:
+        tau = self.resolve_tau(tau)
+        states = self.jacobi(input_ids, self.config.ponder.eval_refine_passes, tau)
+        output, used, stats = self._output_states(states, tau)
+        return Inspection(self.backbone.lm_head(output), used, stats["_expected_extra"], states,
+                          stats["_step_distribution"])
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, train_step: int | None = None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        options = self.config.ponder.train_refine_passes
+        refine = options[int(torch.randint(len(options), ()))]  # torch's RNG: checkpointed, so resume is exact
+        states = self.jacobi(input_ids, refine)
+        output, _, stats = self._output_states(states)
+        logits = self.backbone.lm_head(output)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return self._regularise(loss, stats), {k: v.item() if torch.is_tensor(v) else v for k, v in stats.items()
+                                               if not k.startswith("_")}
+
+    def _regularise(self, loss: torch.Tensor, stats: dict) -> torch.Tensor:
+        return loss
+
+    # ----- sequential decoding with a KV cache -----
+
+    def _slot(self, inputs: torch.Tensor, cache: KVCache, bias: torch.Tensor | None) -> torch.Tensor:
+        """Run one slot per sequence (inputs (B, 1, d)) at the current token's position; cache it."""
+        key_bias = None
+        if bias is not None:  # biased methods: every cached key has a bias (0 for token slots)
+            cache.key_bias[:, cache.length] = bias
+            key_bias = cache.key_bias[:, : cache.length + 1]
+        hidden = self.backbone.hidden_states(inputs, key_bias=key_bias, cache=cache)
+        cache.commit(1)
+        return hidden
+
+    def _decode_token(self, token_ids: torch.Tensor, cache: KVCache, tau: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All slots of one token (B,); returns the output state (B, d) and the latent slots run (B,)."""
+        hidden = self._slot(self.backbone.embed(token_ids[:, None]), cache, None)
+        for _ in range(self.max_extra_steps):
+            hidden = self._slot(hidden, cache, None)
+        return hidden[:, 0], torch.full_like(token_ids, self.max_extra_steps)
+
+    @torch.no_grad()
+    def decode(self, input_ids, cache, tau=None, extra_steps=None):
+        """Feed (B, n) tokens one by one after the cached ones; logits (B, V) for the next token."""
+        tau = self.resolve_tau(tau)
+        for i in range(input_ids.shape[1]):
+            output, used = self._decode_token(input_ids[:, i], cache, tau)
+            cache.tokens += 1
+            if extra_steps is not None:
+                extra_steps.append(used)
+        return self.backbone.lm_head(output)
+
+    # ----- FLOPs -----
+
+    def inference_flops(self, extra_steps: torch.Tensor) -> float:
+        return interleaved_inference_flops(self.config.model, self.num_matmul_params(), extra_steps,
+                                           self.per_token_flops())
+
+    def mask_flops_per_token(self) -> float:
+        """FLOPs per token to compute the soft mask a Jacobi pass feeds to the next (none without a mask)."""
+        return 0.0
+
+    def training_flops_per_token(self) -> float:
+        """Every Jacobi pass forward: K growth passes of 1..K slots per token, then R refinement passes + 1 over all
+        K + 1 slots, each over the interleaved causal sequence, with the mask on every pass that has one; the
+        backward (2x forward) through the last `ponder.backprop_passes` of them (all if 0). Averaged over the R
+        that training draws from.
+        """
+        T, K, p = self.config.data.seq_len, self.max_extra_steps, self.config.ponder
+        model, n_mm = self.config.model, self.num_matmul_params()
+
+        def step_flops(refine: int) -> float:
+            widths = list(range(1, K + 1)) + [K + 1] * (refine + 1)
+            forward = [causal_pass_flops(model, n_mm, width * T) + (width > 1) * T * self.mask_flops_per_token()
+                       for width in widths]
+            with_grad = forward[-p.backprop_passes:] if p.backprop_passes else forward
+            return sum(forward) + 2 * sum(with_grad)
+
+        per_sequence = sum(map(step_flops, p.train_refine_passes)) / len(p.train_refine_passes)
+        return (per_sequence + 3 * T * self.per_token_flops()) / T
+
+
+class PonderLM3(PonderLM2):
+    name = "ponderlm3"
+    prunable = True
+    adaptive = True
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.router = nn.Linear(config.model.hidden_size, self.max_extra_steps + 1)
+        nn.init.zeros_(self.router.weight)
+        with torch.no_grad():
+            self.router.bias.zero_()
+            self.router.bias[-1] = config.ponder.router_init_bias
+        self._router_bypassed = False
+
+    def route(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step distribution s (..., K + 1) and log tail mass log w (..., K + 1) from the slot states known so far
+        (..., j, d), j >= 1: the router reads h^(0) only."""
+        logits = self.router(states[..., 0, :]).float()
+        if self._router_bypassed:  # s = one-hot(K): every slot fully visible, output h^(K), i.e. ponderlm2
+            # `0 * logits` keeps the router in the graph (zero gradient), so DDP sees every parameter used.
+            logits = 0 * logits + torch.full_like(logits, -1e4).index_fill_(-1, torch.tensor(self.max_extra_steps),
+                                                                            0.0)
+        return logits.softmax(-1), log_tail_mass(logits)
+
+    def loss(self, input_ids, targets, train_step=None):
+        # Router warm-up: early in training h^(0) predicts better than the untrained latent slots, and the
+        # cross-entropy through the mixture moves all router mass to k = 0 within tens of steps (measured, with
+        # and without the penalty). Training as ponderlm2 first gives the latent slots a head start (on the CPU
+        # budget of recipes/pareto-cpu.yaml it only delayed the collapse: docs/results/pareto-cpu/).
+        self._router_bypassed = train_step is not None and train_step <= self.config.ponder.router_warmup_steps
+        try:
+            return super().loss(input_ids, targets, train_step)
+        finally:
+            self._router_bypassed = False
+
+    def truncate(self, s: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """The inference mixture weights: s on the kept slots (kept: bool, like s), renormalised to sum to 1.
+
+        Without renormalising (`ponder.renormalize_pruned=false`, an ablation) the output shrinks by the pruned
+        mass, which the final norm does not undo since the lm-head reads the mixture directly.
+        """
+        s = s.masked_fill(~kept, 0.0)
+        return s / s.sum(-1, keepdim=True) if self.config.ponder.renormalize_pruned else s
+
+    def kept_slots(self, log_w: torch.Tensor, tau: float) -> torch.Tensor:
+        """K_hat = max{k : w_k >= tau}; w_0 = 1, so at least 0."""
+        threshold = math.log(tau) if tau > 0 else float("-inf")
+        return (log_w[..., 1:] >= threshold).sum(-1)  # w is non-increasing in k, so a count is the max k
+
+    def _slot_bias(self, states, slots, tau):
+        _, log_w = self.route(states)
+        bias = log_w[..., :slots].clone()
+        bias[..., 0] = 0.0  # the token slot is never masked
+        if tau is not None:
+            pruned = torch.arange(slots, device=bias.device) > self.kept_slots(log_w, tau)[..., None]
+            bias = bias.masked_fill(pruned, HARD_MASK)
+        return bias.flatten(1, 2)
+
+    def _output_states(self, states, tau=None):
+        s, log_w = self.route(states)
+        keep = torch.full(states.shape[:2], self.max_extra_steps, device=states.device)
+        if tau is not None:  # truncate the mixture at K_hat
+            keep = self.kept_slots(log_w, tau)
+            s = self.truncate(s, torch.arange(self.max_extra_steps + 1, device=s.device) <= keep[..., None])
+        mixture = (s.to(states.dtype)[..., None] * states).sum(dim=2)
+        expected_extra = log_w[..., 1:].exp().sum(-1)  # sum_{k>=1} w_k = expected extra steps
+        stats = {"_expected_extra": expected_extra, "_step_distribution": s,
+                 "expected_extra_steps": expected_extra.mean().detach(),
+                 "router_entropy": -(s * s.clamp_min(1e-12).log()).sum(-1).mean().detach()}
+        for k in range(self.max_extra_steps + 1):
+            stats[f"step_mass_{k}"] = s[..., k].mean().detach()
+        return mixture, keep, stats
+
+    def _regularise(self, loss, stats):
+        return loss + self.config.ponder.penalty * stats["_expected_extra"].mean()
+
+    def _decode_token(self, token_ids, cache, tau):
+        token_slot_bias = torch.zeros(len(token_ids))  # the token slot is never masked
+        hidden = self._slot(self.backbone.embed(token_ids[:, None]), cache, token_slot_bias)
+        s, log_w = self.route(hidden)
+        keep = self.kept_slots(log_w, tau)
+        run = int(keep.max())  # a batch runs up to its longest kept chain; shorter rows hard-mask the rest
+        kept = torch.arange(self.max_extra_steps + 1, device=keep.device) <= keep[:, None]
+        bias = log_w.masked_fill(~kept, HARD_MASK)
+        states = [hidden]
+        for k in range(1, run + 1):
+            hidden = self._slot(hidden, cache, bias[:, k])
+            states.append(hidden)
+        weights = self.truncate(s, kept)[:, : run + 1, None].to(hidden.dtype)
+        return (weights * torch.cat(states, dim=1)).sum(dim=1), keep
+
+    def per_token_flops(self) -> float:
+        return super().per_token_flops() + self.mask_flops_per_token()
+
+    def mask_flops_per_token(self) -> float:
+        return 2 * self.config.model.hidden_size * (self.max_extra_steps + 1)  # the router

@@ -1,0 +1,178 @@
+"""`mor`: Mixture-of-Recursions with token-choice routing (Bae et al. 2025), the recursive adaptive baseline.
+
+docs/design.md §4.3. The layer stack is one shared recursion block, applied up to N_r = K + 1 times. After the
+first recursion a router (a linear map of the residual stream x_1) gives g_t, a distribution over depths 1..N_r;
+each token takes its argmax depth d_t (top-1). Tokens with d_t < r are not computed in recursion r, and in
+recursion r a query attends only to the keys of tokens active there ("recursion-wise KV caching"). The token's
+output scales everything its recursions added by the router weight of its depth (MoR's gating, so the router
+learns through the routed output): out_t = x_0 + g_{t,d_t} (x_{d_t} - x_0), then the final norm and the lm-head.
+The loss adds MoR's balancing term N_r sum_i f_i P_i (f_i: share of tokens at depth i, P_i: mean router weight),
+weighted by `options.mor.balance_weight`, and (ours, the dial shared with the latent methods) `ponder.penalty`
+times the expected extra recursions sum_i g_{t,i} (i - 1). Routing is causal, so training and decoding agree;
+tau plays no role.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ponderlm.config import Config
+from ponderlm.flops import block_flops, lm_head_flops
+from ponderlm.methods.base import Inspection, Method
+from ponderlm.methods.latent import HARD_MASK
+from ponderlm.model import KVCache
+
+
+@dataclass
+class MoROptions:
+    balance_weight: float = 0.01  # weight of MoR's balancing loss (ours: MoR tunes it per setting)
+
+
+class RecursionCache(KVCache):
+    """Recursion-wise KV caching: cache pass r holds only the tokens that ran recursion r + 1.
+
+    Each pass has its own length; `recursion` selects the pass that `length`, `store` and `commit` act on. In a
+    batch, a token slot is stored if any row ran that recursion, and `recursion_bias` hides it from the others.
+    """
+
+    def __init__(self, config, batch_size: int, max_tokens: int, dtype, device, passes: int):
+        self.lengths, self.recursion = [0] * passes, 0
+        super().__init__(config, batch_size, max_tokens, dtype, device, passes=passes)
+        self.recursion_bias = torch.zeros(passes, batch_size, max_tokens, device=device)
+
+    @property
+    def length(self) -> int:
+        return self.lengths[self.recursion]
+
+    @length.setter
+    def length(self, value: int) -> None:
+        self.lengths[self.recursion] = value
+
+
+class MoR(Method):
+    name = "mor"
+    adaptive = True
+    Options = MoROptions
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.router = nn.Linear(config.model.hidden_size, self.max_extra_steps + 1)
+        std = (2.0 / (5 * config.model.hidden_size)) ** 0.5  # the backbone's init: a zero router would tie every
+        nn.init.trunc_normal_(self.router.weight, std=std, a=-2 * std, b=2 * std)  # depth and send all to depth 1
+        nn.init.zeros_(self.router.bias)
+
+    def route(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router weights g (..., N_r) over depths 1..N_r and the chosen depth d (...), from x_1."""
+        g = self.router(x1).float().softmax(-1)
+        return g, g.argmax(-1) + 1
+
+    def recurse(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Output states (B, T, d) before the final norm, router weights g (B, T, N_r), depths d (B, T)."""
+        x0 = self.backbone.embed(input_ids)
+        x = self.backbone.hidden_states(x0, final_norm=False)
+        g, depth = self.route(x)
+        for recursion in range(2, self.max_extra_steps + 2):
+            active = depth >= recursion
+            if not active.any():
+                break
+            x = self._recurse_active(x, active)
+        weight = g.gather(-1, (depth - 1)[..., None]).to(x.dtype)
+        return x0 + weight * (x - x0), g, depth
+
+    def _recurse_active(self, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """One recursion over the active tokens only: each row's active tokens, gathered in order (padding after
+        them, which no real query can see), at their own RoPE positions; the others keep their state."""
+        counts = active.sum(-1)
+        order = torch.argsort((~active).to(torch.int8), dim=-1, stable=True)[:, : int(counts.max())]
+        index = order[..., None].expand(-1, -1, x.shape[-1])
+        updated = self.backbone.hidden_states(x.gather(1, index), positions=order, final_norm=False)
+        return torch.where(active[..., None], x.scatter(1, index, updated), x)
+
+    def infer(self, input_ids: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        out, _, depth = self.recurse(input_ids)
+        return self.backbone.lm_head(self.backbone.norm(out)), depth - 1
+
+    def inspect(self, input_ids: torch.Tensor, tau: float | None = None) -> Inspection:
+        out, g, depth = self.recurse(input_ids)
+        expected = (g * torch.arange(g.shape[-1], device=g.device)).sum(-1)
+        return Inspection(self.backbone.lm_head(self.backbone.norm(out)), depth - 1, expected,
+                          step_distribution=g)
+
+    def loss(self, input_ids, targets, train_step=None):
+        out, g, depth = self.recurse(input_ids)
+        logits = self.backbone.lm_head(self.backbone.norm(out))
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        depths = g.shape[-1]
+        share = F.one_hot(depth - 1, depths).float().flatten(0, -2).mean(0)  # f_i: not differentiable
+        balance = depths * (share * g.flatten(0, -2).mean(0)).sum()
+        expected_extra = (g * torch.arange(depths, device=g.device)).sum(-1).mean()
+        total = loss + self.options.balance_weight * balance + self.config.ponder.penalty * expected_extra
+        stats = {"expected_extra_steps": expected_extra.item(), "balance_loss": balance.item(),
+                 **{f"depth_share_{i + 1}": share[i].item() for i in range(depths)}}
+        return total, stats
+
+    # ----- decoding -----
+
+    def new_cache(self, batch_size: int, max_tokens: int, dtype: torch.dtype = torch.float32) -> RecursionCache:
+        return RecursionCache(self.config.model, batch_size, max_tokens, dtype, self.backbone.lm_head.weight.device,
+                              passes=self.max_extra_steps + 1)
+
+    @torch.no_grad()
+    def decode(self, input_ids, cache, tau=None, extra_steps=None):
+        for i in range(input_ids.shape[1]):
+            out, depth = self._decode_token(input_ids[:, i : i + 1], cache)
+            cache.tokens += 1
+            if extra_steps is not None:
+                extra_steps.append(depth - 1)
+        return self.backbone.lm_head(self.backbone.norm(out[:, 0]))
+
+    def _decode_token(self, token_ids: torch.Tensor, cache: RecursionCache):
+        """Recursion 1 for every row, then recursion r for the rows whose depth reaches r (none: not run)."""
+        x0 = self.backbone.embed(token_ids)
+        cache.recursion = 0
+        x = self.backbone.hidden_states(x0, cache=cache, final_norm=False)
+        cache.commit(1)
+        g, depth = self.route(x[:, 0])
+        for recursion in range(2, self.max_extra_steps + 2):
+            active = depth >= recursion
+            if not active.any():
+                break
+            cache.recursion = recursion - 1
+            bias = cache.recursion_bias[recursion - 1]
+            bias[:, cache.length] = torch.where(active, 0.0, HARD_MASK)
+            updated = self.backbone.hidden_states(x, key_bias=bias[:, : cache.length + 1], cache=cache,
+                                                  cache_pass=recursion - 1, final_norm=False)
+            cache.commit(1)
+            x = torch.where(active[:, None, None], updated, x)
+        cache.recursion = 0
+        weight = g.gather(-1, (depth - 1)[:, None]).to(x.dtype)[..., None]
+        return x0 + weight * (x - x0), depth
+
+    # ----- FLOPs -----
+
+    def per_token_flops(self) -> float:
+        return lm_head_flops(self.config.model) + 2 * self.config.model.hidden_size * (self.max_extra_steps + 1)
+
+    def inference_flops(self, extra_steps: torch.Tensor) -> float:
+        """Each token pays for the recursions it ran; in recursion r it attends to the tokens so far active in r."""
+        depth = extra_steps + 1
+        total = torch.zeros(extra_steps.shape, dtype=torch.float64)
+        for recursion in range(1, self.max_extra_steps + 2):
+            active = (depth >= recursion).double()
+            keys = active.cumsum(-1)
+            total += active * block_flops(self.config.model, self.num_matmul_params(), 1, keys)
+        return (total + self.per_token_flops()).sum().item()
+
+    def training_flops_per_token(self) -> float:
+        """Under balanced routing (the balancing loss's target): a share (N_r - r + 1) / N_r of the tokens runs
+        recursion r, attending causally among themselves."""
+        T, depths = self.config.data.seq_len, self.max_extra_steps + 1
+        forward = 0.0
+        for recursion in range(1, depths + 1):
+            n = T * (depths - recursion + 1) / depths
+            forward += block_flops(self.config.model, self.num_matmul_params(), n, n * (n + 1) / 2)
+        return 3 * (forward + T * self.per_token_flops()) / T

@@ -1,0 +1,258 @@
+"""The LLaMA-style decoder every method shares (docs/design.md §2).
+
+Read top to bottom: RMSNorm, rotary embeddings, attention (with an optional additive per-key bias and a KV
+cache), SwiGLU MLP, the block, the stack. The backbone maps input *embeddings* to final-norm hidden states, so
+methods that feed hidden states back as inputs (latent thoughts) use the same code path as plain tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ponderlm.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: bf16 sums of squares lose too much precision at large d.
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (..., S, head_dim) for integer positions (..., S); slots may share a position."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, plus each cached key's additive bias.
+
+    `length` counts cached slots; `tokens` counts real tokens seen, which is the next RoPE position (a method with
+    latent slots caches several slots per token).
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_slots: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", passes: int = 1):
+        heads = config.num_attention_heads
+        head_dim = config.hidden_size // heads
+        # Methods that run the layer stack several times per token (loop, ponderlm1) cache every pass's keys.
+        shape = (passes * config.num_hidden_layers, batch_size, heads, max_slots, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_bias = torch.zeros(batch_size, max_slots, dtype=torch.float32, device=device)
+        self.length = 0
+        self.tokens = 0
+
+    @property
+    def max_slots(self) -> int:
+        return self.keys.shape[3]
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this layer's new keys/values after the cached ones; return all of them."""
+        end = self.length + k.shape[2]
+        if end > self.max_slots:
+            raise ValueError(f"KV cache full: {end} slots needed, {self.max_slots} allocated")
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def commit(self, new_slots: int) -> None:
+        """Called once all layers have stored `new_slots` slots (whose key_bias entries the caller has set)."""
+        self.length += new_slots
+
+
+def attention_mask(q_len: int, past_len: int, key_bias: torch.Tensor | None, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor | None:
+    """Additive mask (B|1, 1, q_len, past_len + q_len): causal over the new slots plus the per-key bias.
+
+    None means no mask is needed: plain causal from position 0 (SDPA's fused `is_causal` path) or a single query.
+    """
+    if key_bias is None and (past_len == 0 or q_len == 1):
+        return None  # plain causal from 0 (is_causal), or one new query that sees every key
+    k_len = past_len + q_len
+    if q_len == 1:
+        return key_bias[:, None, None, :k_len].to(dtype)
+    query_index = torch.arange(q_len, device=device)[:, None] + past_len
+    future = torch.arange(k_len, device=device)[None, :] > query_index
+    mask = torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill(future, float("-inf"))
+    if key_bias is None:
+        return mask[None, None]
+    return mask[None, None] + key_bias[:, None, None, :k_len].to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.flex = config.attention_backend == "flex"
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.num_heads
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None, layer: int, bias_column: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # rotate in the activation dtype: no bf16 -> fp32 round trip
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.store(layer, k, v)
+        if bias_column is not None and self.flex and q.is_cuda:
+            out = flex_biased_causal_attention(q, k, v, bias_column[:, 0, :, 0] / self.head_dim ** 0.5)
+        elif bias_column is not None:
+            out = biased_causal_attention(q, k, v, bias_column)
+        else:
+            if mask is not None:
+                mask = mask.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def biased_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            bias_column: torch.Tensor) -> torch.Tensor:
+    """Causal attention plus a per-key bias, through the fused `is_causal` kernel (the "augmented matrix").
+
+    Each query gets an extra component 1 and each key the component bias / scale, so the scaled q.k of the
+    kernel already contains the bias; values get a 0. The bias receives gradients through k, and no float mask
+    (which would force SDPA onto a slow path when it requires grad) is ever built.
+    bias_column: (B, 1, S, 1), the per-key bias already divided by the softmax scale.
+    """
+    batch, heads, seq, head_dim = q.shape
+    pad = 8 - head_dim % 8  # keep the padded head dim a multiple of 8 for the kernels
+    zeros = q.new_zeros(batch, heads, seq, pad - 1)
+    q_aug = torch.cat((q, q.new_ones(batch, heads, seq, 1), zeros), dim=-1)
+    k_aug = torch.cat((k, bias_column.to(k.dtype).expand(batch, heads, seq, 1), zeros), dim=-1)
+    v_aug = F.pad(v, (0, pad))
+    out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, is_causal=True, scale=head_dim ** -0.5)
+    return out[..., :head_dim]
+
+
+_compiled_flex = None
+
+
+def flex_biased_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 key_bias: torch.Tensor) -> torch.Tensor:
+    """The same as biased_causal_attention through flex_attention: causal block mask plus a score_mod bias."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    seq = q.shape[2]
+    causal = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, seq, seq, device=q.device)
+    bias = key_bias.to(q.dtype)
+    return _compiled_flex(q, k, v, score_mod=lambda score, b, h, q_idx, kv_idx: score + bias[b, kv_idx],
+                          block_mask=causal)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        inner = config.resolved_intermediate_size()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * inner, bias=False)
+        self.down_proj = nn.Linear(inner, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache, layer, bias_column=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, bias_column)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Embedding, `num_hidden_layers` blocks, final RMSNorm and an untied `lm_head`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (it comes from the tokenizer)")
+        self.config = config
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        # sqrt(2.5 d) turns the init std sqrt(2 / 5d) into unit-scale token inputs (docs/design.md §3, every method).
+        self.embed_scale = math.sqrt(2.5 * d)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = math.sqrt(2.0 / (5 * self.config.hidden_size))
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                s = residual_std if name.endswith(("o_proj", "down_proj")) else std
+                nn.init.trunc_normal_(module.weight, mean=0.0, std=s, a=-2 * s, b=2 * s)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids) * self.embed_scale
+
+    def hidden_states(self, inputs_embeds: torch.Tensor, positions: torch.Tensor | None = None,
+                      key_bias: torch.Tensor | None = None, cache: KVCache | None = None, repeats: int = 1,
+                      cache_pass: int = 0, final_norm: bool = True) -> torch.Tensor:
+        """Final-norm hidden states (B, S, d) for input embeddings (B, S, d).
+
+        positions: RoPE positions (S,) or (B, S); default 0..S-1 after the cached tokens.
+        key_bias: additive attention bias per key (B, past + S), added for every query, layer and head.
+        cache: if given, new keys/values are appended after the cached ones (the caller commits them).
+        repeats: apply the whole layer stack this many times with shared weights (`loop`); final norm once.
+        cache_pass: which pass of a multi-pass cache this call's first repeat writes to.
+        final_norm: False returns the residual stream itself, for methods that continue it in a later call.
+        """
+        seq = inputs_embeds.shape[1]
+        past = cache.length if cache is not None else 0
+        if positions is None:
+            start = cache.tokens if cache is not None else 0
+            positions = torch.arange(start, start + seq, device=inputs_embeds.device)
+        cos, sin = rotary_tables(positions, self.config.hidden_size // self.config.num_attention_heads,
+                                 self.config.rope_theta)
+        if cos.dim() == 3:  # per-sequence positions: broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
+        cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
+        mask, bias_column = None, None
+        if key_bias is not None and cache is None:
+            head_dim = self.config.hidden_size // self.config.num_attention_heads
+            bias_column = (key_bias * head_dim ** 0.5)[:, None, :, None]
+        else:
+            mask = attention_mask(seq, past, key_bias, inputs_embeds.dtype, inputs_embeds.device)
+        x = inputs_embeds
+        layers = len(self.layers)
+        for repeat in range(repeats):
+            for index, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, mask, cache, (cache_pass + repeat) * layers + index, bias_column)
+        return self.norm(x) if final_norm else x
+
+    def num_matmul_params(self) -> int:
+        """Weights of the blocks' Linear layers: the N_nonembedding of the FLOPs counter (docs/design.md §5)."""
+        return sum(m.weight.numel() for m in self.layers.modules() if isinstance(m, nn.Linear))

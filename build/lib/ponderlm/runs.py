@@ -1,0 +1,35 @@
+"""Loading a trained run: `ponderlm.load(RUN_DIR)` returns the model (latest checkpoint) and its tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from ponderlm.checkpoint import latest_checkpoint, load_model_weights, read_run_config
+from ponderlm.data import load_tokenizer
+from ponderlm.errors import PonderError
+from ponderlm.files import sha256_file
+from ponderlm.methods import build_model
+
+
+def load(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Tokenizer]:
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise PonderError(f"{run_dir} has no checkpoint yet; train it first (`ponderlm train ... --out {run_dir}`)")
+    tokenizer_path = run_dir / "tokenizer.json"
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.get_vocab_size() != config.model.vocab_size:
+        raise PonderError(f"{tokenizer_path} has {tokenizer.get_vocab_size()} tokens but the model was trained "
+                          f"with {config.model.vocab_size}; restore the run's original tokenizer.json")
+    config.validate()
+    model = build_model(config)
+    metadata = load_model_weights(model, checkpoint)
+    expected = metadata.get("tokenizer_sha256")
+    if expected and expected != sha256_file(tokenizer_path):
+        raise PonderError(f"{tokenizer_path} is not the tokenizer {checkpoint.name} was trained with; "
+                          "restore the run's original tokenizer.json")
+    return model.to(device).eval(), tokenizer

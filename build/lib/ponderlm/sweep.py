@@ -1,0 +1,241 @@
+"""`ponderlm sweep RECIPE.yaml --out DIR`: train every run of a recipe, evaluate all of them the same way, and write
+the perplexity-versus-inference-FLOPs table and plot.
+
+A recipe names a base config, overrides shared by every run, the runs (each a name plus its own overrides), the
+evaluation split and token budget, the tau values swept for every run of a prunable method, and optionally the
+protocol that makes a comparison believable: a learning-rate grid (each run trains at every lr with its first seed
+and keeps the lr with the lowest evaluation loss, at the first tau for prunable methods) and seeds (every run
+repeated; the table and plot give mean +- std over seeds, results.csv one row per seed):
+
+    base: small
+    set: [train.steps=2000]
+    eval: {split: val, max_tokens: 65536}
+    taus: [1.0e-4, 1.0e-2, 0.1]
+    lrs: [1.0e-3, 3.0e-3, 6.0e-3]
+    seeds: [0, 1, 2]
+    runs:
+      - {name: vanilla, set: [method=vanilla]}
+      - {name: pause, set: [method=pause], seeds: [0]}    # a run may override lrs and seeds
+      - {name: ponderlm3-l1e-3, set: [method=ponderlm3, ponder.penalty=1.0e-3]}
+
+Resumable: a finished run is not retrained, an interrupted one continues from its last checkpoint, and an
+evaluation already stored in the run directory (same split, token budget and tau) is reused.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ponderlm.checkpoint import latest_checkpoint, read_run_config
+from ponderlm.config import load_config
+from ponderlm.errors import PonderError
+from ponderlm.evaluate import evaluate_run
+from ponderlm.files import atomic_path, atomic_write_bytes, atomic_write_text
+from ponderlm.methods import METHODS, build_model
+from ponderlm.train import train
+
+COLUMNS = ["method", "run", "seed", "lr", "tau", "ppl", "loss", "inference_flops_per_token", "mean_extra_steps",
+           "train_flops", "train_tokens", "soft_ppl", "split", "eval_tokens"]
+MARKERS = "osD^v*PXhp<>"  # one per method, in registry order
+
+
+@dataclass
+class Recipe:
+    base: str
+    runs: list[dict]
+    set: list[str] = field(default_factory=list)
+    eval: dict = field(default_factory=dict)
+    taus: list[float] = field(default_factory=lambda: [1e-4])
+    lrs: list[float] = field(default_factory=list)  # empty: every run at its config's train.lr
+    seeds: list[int] = field(default_factory=list)  # empty: every run once, at its config's train.seed
+
+    @classmethod
+    def load(cls, path: Path) -> Recipe:
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+            recipe = cls(**data)
+        except (OSError, yaml.YAMLError, TypeError) as exc:
+            raise PonderError(f"cannot read recipe {path}: {exc}") from None
+        names = [run.get("name", "") for run in recipe.runs]
+        bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9._-]+", str(n))]
+        if bad or len(set(names)) != len(names) or not names:
+            raise PonderError(f"recipe {path}: every run needs a unique name of letters, digits, '.', '_', '-'")
+        unknown = set(recipe.eval) - {"split", "max_tokens"}
+        if unknown:
+            raise PonderError(f"recipe {path}: unknown eval keys {sorted(unknown)} (known: split, max_tokens)")
+        unknown = {key for run in recipe.runs for key in run} - {"name", "set", "lrs", "seeds"}
+        if unknown:
+            raise PonderError(f"recipe {path}: unknown run keys {sorted(unknown)} (known: name, set, lrs, seeds)")
+        try:  # YAML reads 1e-3 (no dot) as a string
+            recipe.lrs, recipe.seeds = [float(x) for x in recipe.lrs], [int(x) for x in recipe.seeds]
+            for run in recipe.runs:
+                run.update({key: [kind(x) for x in run[key]] for key, kind in (("lrs", float), ("seeds", int))
+                            if key in run})
+        except (TypeError, ValueError) as exc:
+            raise PonderError(f"recipe {path}: lrs must be numbers and seeds integers ({exc})") from None
+        return recipe
+
+    def config(self, run: dict, lr: float | None = None, seed: int | None = None):
+        extra = ([f"train.lr={lr}"] if lr is not None else []) + ([f"train.seed={seed}"] if seed is not None else [])
+        return load_config(self.base, [*self.set, *run.get("set", []), *extra])
+
+    def grid(self, run: dict) -> tuple[list[float | None], list[int | None]]:
+        """The learning rates to choose from and the seeds to run (None: the config's own value)."""
+        return list(run.get("lrs", self.lrs)) or [None], list(run.get("seeds", self.seeds)) or [None]
+
+
+def run_dir_name(name: str, lr: float | None, seed: int | None) -> str:
+    return name + (f"-lr{lr:g}" if lr is not None else "") + (f"-s{seed}" if seed is not None else "")
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    checkpoint = latest_checkpoint(run_dir)
+    return checkpoint is not None and int(checkpoint.name.split("_")[1]) >= steps
+
+
+def _evaluate(run_dir: Path, split: str, max_tokens: int | None, tau: float | None, with_soft: bool) -> dict:
+    """Evaluate once and store the result in the run directory, keyed by what was asked."""
+    store = run_dir / "sweep_eval.json"
+    stored = json.loads(store.read_text()) if store.exists() else {}
+    checkpoint = latest_checkpoint(run_dir).name
+    key = f"{checkpoint}|{split}|{max_tokens}|{tau}|{with_soft}"
+    if key not in stored:
+        stored[key] = evaluate_run(run_dir, split=split, max_tokens=max_tokens, tau=tau, with_soft=with_soft)
+        atomic_write_text(store, json.dumps(stored, indent=1))
+    return stored[key]
+
+
+def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None) -> list[dict]:
+    recipe = Recipe.load(recipe_path)
+    for run in recipe.runs:  # validate every config before training anything
+        lrs, seeds = recipe.grid(run)
+        for lr in lrs:
+            for seed in seeds:
+                recipe.config(run, lr, seed)
+    rows, search = [], []
+    for run in recipe.runs:
+        lrs, seeds = recipe.grid(run)
+        lr = lrs[0]
+        if len(lrs) > 1:
+            tried = [(lr, _train_and_evaluate(recipe, run, lr, seeds[0], out, progress)[0]) for lr in lrs]
+            search += [{"run": run["name"], "seed": seeds[0], "lr": lr, "loss": row["loss"]} for lr, row in tried]
+            lr = min(tried, key=lambda item: item[1]["loss"])[0]
+        for seed in seeds:
+            rows += _train_and_evaluate(recipe, run, lr, seed, out, progress)
+    write_results(rows, out, search)
+    return rows
+
+
+def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int | None, out: Path,
+                        progress: bool | None) -> list[dict]:
+    """Train one run (or resume it, or find it finished) and evaluate it: a row per tau, the run's tau first."""
+    config = recipe.config(run, lr, seed)
+    run_dir = out / "runs" / run_dir_name(run["name"], lr, seed)
+    if not _finished(run_dir, config.train.steps):
+        resume = (run_dir / "config.yaml").is_file()
+        train(None if resume else config, run_dir, resume=resume, progress=progress)
+    config = read_run_config(run_dir)
+    model = build_model(config)
+    train_tokens = config.train.steps * (config.train.batch_tokens // config.data.seq_len) * config.data.seq_len
+    train_flops = model.training_flops_per_token() * train_tokens
+    split, max_tokens = recipe.eval.get("split", "val"), recipe.eval.get("max_tokens")
+    rows, soft_ppl = [], ""
+    for index, tau in enumerate(recipe.taus if model.prunable else [None]):
+        # The soft loss does not depend on tau: compute it with the first tau only.
+        result = _evaluate(run_dir, split, max_tokens, tau, with_soft=index == 0)
+        soft_ppl = result.get("soft_ppl", soft_ppl)
+        rows.append({"method": config.method, "run": run["name"], "seed": config.train.seed, "lr": config.train.lr,
+                     "tau": "" if tau is None else tau, "ppl": result["ppl"], "loss": result["loss"],
+                     "inference_flops_per_token": result["inference_flops_per_token"],
+                     "mean_extra_steps": result["mean_extra_steps"], "train_flops": train_flops,
+                     "train_tokens": train_tokens, "soft_ppl": soft_ppl, "split": split,
+                     "eval_tokens": result["tokens"]})
+    return rows
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per (run, tau): the mean over seeds of every number, and the std (n - 1) of the perplexity."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["run"], row["tau"]), []).append(row)
+    merged = []
+    for members in groups.values():
+        ppl = [r["ppl"] for r in members]
+        mean = sum(ppl) / len(ppl)
+        std = math.sqrt(sum((p - mean) ** 2 for p in ppl) / (len(ppl) - 1)) if len(ppl) > 1 else 0.0
+        numbers = {key: sum(r[key] for r in members) / len(members)
+                   for key in ("inference_flops_per_token", "mean_extra_steps", "train_flops")}
+        merged.append({**members[0], **numbers, "ppl": mean, "ppl_std": std, "seeds": len(members)})
+    return merged
+
+
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both FLOPs and perplexity, by increasing FLOPs."""
+    best, kept = math.inf, []
+    for flops, ppl in sorted(points):
+        if ppl < best:
+            kept.append((flops, ppl))
+            best = ppl
+    return kept
+
+
+def write_results(rows: list[dict], out: Path, lr_search: list[dict] | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out / "results.csv", table.getvalue().encode())
+    atomic_write_text(out / "results.json", json.dumps(rows, indent=1))
+    merged = aggregate(rows)
+    lines = ["| method | run | lr | tau | ppl (mean +- std over seeds) | seeds | inference GFLOPs/token | "
+             "mean extra steps | training PFLOPs |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(merged, key=lambda r: r["inference_flops_per_token"]):
+        spread = f" +- {r['ppl_std']:.2f}" if r["seeds"] > 1 else ""
+        lines.append(f"| {r['method']} | {r['run']} | {r['lr']:g} | {r['tau']} | {r['ppl']:.2f}{spread} | "
+                     f"{r['seeds']} | {r['inference_flops_per_token'] / 1e9:.4f} | {r['mean_extra_steps']:.2f} | "
+                     f"{r['train_flops'] / 1e15:.4f} |")
+    if lr_search:
+        lines += ["", "Learning-rate search (evaluation loss at the first seed; the lowest is kept):", "",
+                  "| run | seed | lr | loss |", "|---|---|---|---|"]
+        lines += [f"| {r['run']} | {r['seed']} | {r['lr']:g} | {r['loss']:.4f} |" for r in lr_search]
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    plot(merged, out / "pareto.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """rows: aggregated (`aggregate`), one point per run and tau."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    largest = max(r["inference_flops_per_token"] for r in rows)
+    scale, unit = (1e9, "GFLOPs") if largest >= 1e9 else (1e6, "MFLOPs")
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=130)
+    for index, method in enumerate(METHODS):
+        mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            continue
+        points = [(r["inference_flops_per_token"] / scale, r["ppl"]) for r in mine]
+        line = ax.plot(*zip(*frontier(points)), "-", alpha=0.6)[0]
+        ax.errorbar(*zip(*points), yerr=[r["ppl_std"] for r in mine], fmt=MARKERS[index % len(MARKERS)], ms=7,
+                    color=line.get_color(), label=method, zorder=3, capsize=3)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"inference FLOPs per token ({unit}, analytic, slots actually run)")
+    ax.set_ylabel("validation perplexity (mean over seeds; bars: std)")
+    ax.set_title("Perplexity vs inference compute (lines: each method's frontier)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)

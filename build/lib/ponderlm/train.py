@@ -1,0 +1,268 @@
+"""The training loop: AdamW, warm-up + cosine, gradient accumulation, bf16 autocast, checkpoints, exact resume.
+One process or many (torchrun); everything distributed goes through ponderlm/distributed.py.
+
+Exact resume rests on three things: the batch of every step is a pure function of (seed, step)
+(see batching.py); optimizer, scheduler and RNG states are checkpointed; and metrics.jsonl is cut back to the
+checkpoint's step before training continues, so the file ends up as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ponderlm import distributed
+from ponderlm.batching import WindowSampler
+from ponderlm.checkpoint import (latest_checkpoint, load_trainer_state, prepare_run_dir, read_model_weights,
+                                 read_run_config, require_run_tokenizer, save_checkpoint)
+from ponderlm.config import Config
+from ponderlm.data import TokenShards, read_metadata
+from ponderlm.errors import PonderError
+from ponderlm.evaluate import evaluate_model
+from ponderlm.files import atomic_write_text, sha256_file
+from ponderlm.methods import build_model
+
+# Keys a resumed run may change: they do not alter what is computed at a given step.
+RESUMABLE_CHANGES = {"train.log_every", "train.eval_every", "train.save_every", "train.keep_last",
+                     "train.tensorboard", "train.eval_tokens"}
+
+
+def lr_at(step: int, config: Config) -> float:
+    """Linear warm-up to lr, then cosine to min_lr_ratio * lr at the last step (step counts from 1)."""
+    t = config.train
+    if step <= t.warmup_steps:
+        return t.lr * step / max(1, t.warmup_steps)
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
+
+
+def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norms and biases
+    groups = [{"params": decay, "weight_decay": config.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.train.lr, betas=(config.train.beta1, config.train.beta2))
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, flushed as written; `truncate` drops lines after a step."""
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+        self.path = path
+        self.writer = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise PonderError("train.tensorboard=true needs the tensorboard package: "
+                                  "pip install -e '.[tensorboard]'") from None
+            self.writer = SummaryWriter(str(tensorboard_dir))
+
+    def truncate(self, last_step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if record.get("step", 0) <= last_step:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()
+
+
+def _check_resumed_config(saved: Config, requested: Config) -> None:
+    def flatten(d, prefix=""):
+        for key, value in d.items():
+            if isinstance(value, dict):
+                yield from flatten(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    old, new = dict(flatten(saved.to_dict())), dict(flatten(requested.to_dict()))
+    changed = [k for k in old if old[k] != new.get(k) and k not in RESUMABLE_CHANGES and k != "model.vocab_size"]
+    if changed:
+        shown = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed[:4])
+        raise PonderError(f"--resume with a different config ({shown}); resume without changing these, "
+                          "or start a new run")
+
+
+def _resolve_config(config: Config | None, run_dir: Path, resume: bool, overwrite: bool) -> Config:
+    if resume and overwrite:
+        raise PonderError("pass either --resume or --overwrite, not both")
+    if resume:
+        saved = read_run_config(run_dir)
+        if config is None:
+            return saved
+        _check_resumed_config(saved, config)  # only RESUMABLE_CHANGES may differ: run the requested config
+        config.model.vocab_size = saved.model.vocab_size
+    elif config is None:
+        raise PonderError("a config is required to start a new run")
+    return config
+
+
+def train(config: Config | None, run_dir: Path, resume: bool = False, overwrite: bool = False,
+          progress: bool | None = None) -> dict:
+    """Train (or continue) a run; returns the last logged record. Under torchrun, every rank calls this."""
+    run_dir = Path(run_dir)
+    config = _resolve_config(config, run_dir, resume, overwrite)
+    topology = distributed.setup(config.distributed.strategy)
+    try:
+        return Trainer(config, run_dir, resume, overwrite, topology).fit(progress)
+    except BaseException as exc:
+        # Free the DDP/FSDP objects the traceback holds before the process group goes: a gloo group destroyed
+        # from a Reducer's destructor can deadlock on the GIL.
+        traceback.clear_frames(exc.__traceback__)
+        raise
+    finally:
+        distributed.teardown()
+
+
+class Trainer:
+    """One run on this rank: set-up and resume, then optimizer steps, evaluations and checkpoints."""
+
+    def __init__(self, config: Config, run_dir: Path, resume: bool, overwrite: bool,
+                 topology: distributed.Topology):
+        self.config, self.run_dir, self.topology = config, run_dir, topology
+        self._prepare_run_dir(resume, overwrite)
+        self.train_shards = TokenShards(Path(config.data.path), "train")
+        self.val_shards = TokenShards(Path(config.data.path), "val")
+        t = config.train
+        self.accum = config.grad_accum_steps(topology.world_size)
+        self.sequences_per_step = t.batch_tokens // config.data.seq_len
+        self.tokens_per_step = self.sequences_per_step * config.data.seq_len
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        self.model = build_model(config).to(topology.device)
+        self.wrapped = distributed.parallelize(self.model, config.distributed.strategy, topology, t.compile)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s + 1, config) / t.lr)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl", run_dir if t.tensorboard and topology.is_main else None)
+        self.tokenizer_sha = sha256_file(run_dir / "tokenizer.json")
+        self.sampler = WindowSampler(self.train_shards, config.data.seq_len, t.seed)
+        self.start_step = self._resume() if resume else 0
+        if topology.is_main:
+            self.metrics.truncate(self.start_step)
+
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+        """Check the data against the config, then create (or reuse) the run directory on the main rank."""
+        config, run_dir = self.config, self.run_dir
+        data_meta = read_metadata(Path(config.data.path))
+        vocab_size = data_meta["tokenizer"]["vocab_size"]
+        if config.model.vocab_size not in (0, vocab_size):
+            raise PonderError(f"model.vocab_size={config.model.vocab_size} but the tokenizer of {config.data.path} "
+                              f"has {vocab_size} tokens; drop model.vocab_size to take it from the data")
+        config.model.vocab_size = vocab_size
+        if resume:
+            require_run_tokenizer(run_dir, Path(config.data.path), data_meta)
+        if self.topology.is_main:
+            prepare_run_dir(run_dir, resume, overwrite)
+            if not resume:
+                shutil.copyfile(Path(config.data.path) / data_meta["tokenizer"]["file"], run_dir / "tokenizer.json")
+                atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+        distributed.barrier(self.topology)
+
+    def _resume(self) -> int:
+        """Load the latest checkpoint (if any); returns the step it was saved at."""
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is None:
+            return 0
+        distributed.load_full_model_state(self.wrapped, read_model_weights(checkpoint))
+        state = load_trainer_state(checkpoint)
+        distributed.load_full_optimizer_state(self.wrapped, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_torch"])
+        return state["step"]
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step over the step's global batch; the loss and statistics averaged over it."""
+        t, topology = self.config.train, self.topology
+        step_loss, stats_sum = 0.0, {}
+        for micro in range(self.accum):
+            # This rank's slice of the step's global batch: the same tokens train the step at any world size.
+            micro_index = micro * topology.world_size + topology.rank
+            first = (step - 1) * self.sequences_per_step + micro_index * t.micro_batch_size
+            inputs, targets = (x.to(topology.device) for x in self.sampler.batch(first, t.micro_batch_size))
+            with distributed.gradient_sync(self.wrapped, micro == self.accum - 1), \
+                    self.config.autocast(topology.device.type):
+                loss, stats = self.wrapped("loss", inputs, targets, train_step=step)
+            (loss / self.accum).backward()
+            step_loss += loss.item() / self.accum
+            for key, value in stats.items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + value / self.accum
+        averaged = distributed.mean_over_ranks({"loss": step_loss, **stats_sum}, topology)
+        if not math.isfinite(averaged["loss"]):
+            raise PonderError(f"loss became {averaged['loss']} at step {step}; lower train.lr or use "
+                              "train.dtype=fp32")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": averaged.pop("loss"), "lr": lr, "grad_norm": grad_norm, **averaged}
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation numbers for the log. Every rank evaluates (FSDP needs them all for its gathers)."""
+        val = evaluate_model(self.model, self.val_shards, self.config.train.eval_tokens, runner=self.wrapped)
+        record = {"val_loss": val["loss"], "val_ppl": math.exp(min(val["loss"], 50.0))}
+        if self.model.max_extra_steps:
+            record["val_extra_steps"] = val["mean_extra_steps"]
+        return record
+
+    def save(self, step: int) -> None:
+        weights = distributed.full_model_state(self.wrapped)  # collective under FSDP: every rank takes part
+        state = {"step": step, "optimizer": distributed.full_optimizer_state(self.wrapped, self.optimizer),
+                 "scheduler": self.scheduler.state_dict(), "rng_torch": torch.get_rng_state()}
+        if self.topology.is_main:
+            save_checkpoint(self.run_dir, step, weights, state,
+                            {"method": self.config.method, "tokenizer_sha256": self.tokenizer_sha},
+                            self.config.train.keep_last)
+        distributed.barrier(self.topology)
+
+    def fit(self, progress: bool | None) -> dict:
+        """Train from the start (or resumed) step to train.steps; returns the last logged record."""
+        t, main = self.config.train, self.topology.is_main
+        self.model.train()
+        record: dict = {}
+        bar = tqdm(total=t.steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=True if not main else None if progress is None else not progress)
+        window_start, window_tokens = time.perf_counter(), 0
+        for step in range(self.start_step + 1, t.steps + 1):
+            measured = self.train_step(step)
+            window_tokens += self.tokens_per_step
+            bar.update(1)
+            evaluate_now = step % t.eval_every == 0 or step == t.steps
+            if step % t.log_every == 0 or evaluate_now:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": step, "loss": measured.pop("loss"), "lr": measured.pop("lr"),
+                          "tokens": step * self.tokens_per_step, "grad_norm": measured.pop("grad_norm"),
+                          "tokens_per_s": window_tokens / max(elapsed, 1e-9), **measured}
+                if evaluate_now:
+                    record.update(self.evaluate())
+                if main:
+                    self.metrics.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+                window_start, window_tokens = time.perf_counter(), 0
+            if step % t.save_every == 0 or step == t.steps:
+                self.save(step)
+        bar.close()
+        return record
