@@ -84,6 +84,20 @@ def test_tau_is_an_argument_on_both_paths_and_never_read_from_a_mutated_config(n
     assert model.config.ponder.tau == 1e-4  # no call changed the run's own tau
 
 
+@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.prunable])
+def test_a_larger_tau_never_runs_more_extra_steps_or_flops(name):
+    model = make(name)
+    ids = torch.randint(0, VOCAB, (4, TOKENS))
+    steps, flops = [], []
+    with torch.no_grad():
+        for tau in (0.0, 1e-3, 0.05, 0.2, 0.5, 0.9, 0.999):
+            _, extra = model.infer(ids, tau)
+            steps.append(extra.float().mean().item())
+            flops.append(model.inference_flops(extra))
+    assert steps == sorted(steps, reverse=True) and flops == sorted(flops, reverse=True)
+    assert steps[0] == model.max_extra_steps and steps[-1] < steps[0]
+
+
 # ----- a new method: this module, plus one registry line (monkeypatched here) -----
 
 @dataclass
