@@ -87,10 +87,8 @@ class PonderLM2(Method):
 
     def infer(self, input_ids: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The inference path in parallel; tau = 0 keeps every slot (the soft forward)."""
-        tau = self.resolve_tau(tau)
-        states = self.jacobi(input_ids, self.config.ponder.eval_refine_passes, tau)
-        output, used, _ = self._output_states(states, tau)
-        return self.backbone.lm_head(output), used
+        seen = self.inspect(input_ids, tau)
+        return seen.logits, seen.extra_steps
 
     def inspect(self, input_ids: torch.Tensor, tau: float | None = None) -> Inspection:
         tau = self.resolve_tau(tau)

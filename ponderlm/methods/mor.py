@@ -93,8 +93,8 @@ class MoR(Method):
         return torch.where(active[..., None], x.scatter(1, index, updated), x)
 
     def infer(self, input_ids: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        out, _, depth = self.recurse(input_ids)
-        return self.backbone.lm_head(self.backbone.norm(out)), depth - 1
+        seen = self.inspect(input_ids, tau)
+        return seen.logits, seen.extra_steps
 
     def inspect(self, input_ids: torch.Tensor, tau: float | None = None) -> Inspection:
         out, g, depth = self.recurse(input_ids)
