@@ -21,7 +21,7 @@ from ponderlm.model import KVCache
 
 
 class FixedSteps(Method):
-    """Shared plumbing: every token runs exactly K extra steps."""
+    """Shared plumbing: every token runs exactly K extra steps (K = 0: vanilla)."""
 
     def infer(self, input_ids: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         extra = torch.full(input_ids.shape, self.max_extra_steps, dtype=torch.long, device=input_ids.device)
