@@ -75,10 +75,15 @@ class Halting(PonderLM3):
         log_continue = [F.logsigmoid(self.continue_logit(k, states[..., k - 1, :])) for k in range(1, known + 1)]
         zero = states.new_zeros(states.shape[:-2], dtype=torch.float32)
         log_w = torch.stack([zero, *log_continue], dim=-1).cumsum(-1)
+        return self._slot_weights(log_w, complete=known == self.max_extra_steps), log_w
+
+    @staticmethod
+    def _slot_weights(log_w: torch.Tensor, complete: bool) -> torch.Tensor:
+        """s_k = w_k - w_{k+1} from log w (..., n); complete: w_n = 0 follows (all K steps known), else s has n - 1."""
         w = log_w.exp()
-        if known == self.max_extra_steps:
-            w = torch.cat((w, torch.zeros_like(w[..., :1])), dim=-1)  # w_{K+1} = 0
-        return w[..., :-1] - w[..., 1:], log_w
+        if complete:
+            w = torch.cat((w, torch.zeros_like(w[..., :1])), dim=-1)
+        return w[..., :-1] - w[..., 1:]
 
     def _decode_token(self, token_ids: torch.Tensor, cache: KVCache, tau: float):
         """The token slot, then latent slots while w_k >= tau for some row; rows already stopped hard-mask."""
@@ -94,11 +99,8 @@ class Halting(PonderLM3):
             hidden = self._slot(hidden, cache, log_w[-1].masked_fill(~kept, HARD_MASK))
             states.append(hidden)
         log_w = torch.stack(log_w, dim=-1)
-        keep = (log_w[:, 1:] >= threshold).sum(-1)
-        w = log_w.exp()
-        if w.shape[1] == len(states):  # every step ran: w_{K+1} = 0
-            w = torch.cat((w, torch.zeros_like(w[:, :1])), dim=1)
-        s = (w[:, :-1] - w[:, 1:])[:, : len(states)]
+        keep = self.kept_slots(log_w, tau)
+        s = self._slot_weights(log_w, complete=log_w.shape[1] == len(states))  # one weight per state run
         s = self.truncate(s, torch.arange(len(states), device=s.device) <= keep[:, None])
         return (s[..., None].to(hidden.dtype) * torch.cat(states, dim=1)).sum(dim=1), keep
 
