@@ -93,7 +93,7 @@ def check_tau(tau: float | None, name: str = "--tau") -> None:
 
 def native_bf16(device_type: str) -> bool:
     """Does this device compute bf16 matmuls natively? On a CPU without AVX512-BF16 or AMX, bf16 autocast is
-    emulated and was measured 25x slower than fp32 (2-core AMD EPYC, AVX2, the `small` shape)."""
+    emulated and was measured 25x slower than fp32 (benchmarks/results/bf16_vs_fp32.md)."""
     if device_type == "cuda":
         return torch.cuda.is_bf16_supported()
     try:
