@@ -188,6 +188,54 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(hidden_i @ weight^T, target_i), never holding the (N, V) logits or their gradient at once.
+
+    Rows go through in chunks; each chunk's gradients (softmax - onehot) @ weight and its share of weight's
+    gradient are computed in the forward while its logits are at hand, so the backward only scales them. Same
+    matmuls as lm_head + F.cross_entropy, without the fp32 log-softmax and its backward over the full logits
+    (benchmarks/train_throughput.py). Under autocast the matmuls run in its dtype and the softmax in fp32, as before.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int
+                ) -> torch.Tensor:
+        rows = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        for start in range(0, rows, chunk_rows):
+            h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+            logits = F.linear(h, weight)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            log_z = logits.logsumexp(-1)
+            total += (log_z - logits.gather(1, t[:, None])[:, 0]).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            grad = logits.sub_(log_z[:, None]).exp_()  # softmax, in place of the logits
+            grad[torch.arange(len(t), device=t.device), t] -= 1.0
+            grad = grad.div_(rows).to(torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(
+                h.device.type) else h.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk_rows] = grad @ weight.to(grad.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad.t() @ h.to(grad.dtype)).to(weight.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / rows
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype),
+                None if grad_weight is None else grad_weight * grad_output.to(grad_weight.dtype), None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int = 1024) -> torch.Tensor:
+    """Mean cross-entropy of the logits hidden @ weight^T (hidden (..., d), targets (...)), chunked and fused."""
+    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_rows)
+
+
 class Transformer(nn.Module):
     """Embedding, `num_hidden_layers` blocks, final RMSNorm and an untied `lm_head`."""
 

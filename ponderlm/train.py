@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from ponderlm import distributed
@@ -49,7 +50,11 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # norms and biases
     groups = [{"params": decay, "weight_decay": config.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.train.lr, betas=(config.train.beta1, config.train.beta2))
+    # The fused kernel: one pass over each parameter instead of a dozen elementwise ops (numerically equivalent up to
+    # rounding). FSDP's sharded DTensor parameters keep the default implementation.
+    fused = not any(isinstance(p, DTensor) for p in model.parameters())
+    return torch.optim.AdamW(groups, lr=config.train.lr, betas=(config.train.beta1, config.train.beta2),
+                             fused=fused)
 
 
 class MetricsLog:

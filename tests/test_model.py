@@ -8,7 +8,7 @@ import torch
 from ponderlm.config import load_config
 from ponderlm.methods import build_model
 from ponderlm.model import (Attention, apply_rotary, attention_mask, biased_causal_attention,
-                            rotary_tables)
+                            linear_cross_entropy, rotary_tables)
 
 
 @pytest.fixture
@@ -126,6 +126,45 @@ def test_bf16_autocast_forward_is_close_to_fp32(model):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(ids)
     assert (low.float() - full).abs().max().item() < 0.1
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000])
+def test_fused_linear_cross_entropy_equals_lm_head_then_cross_entropy_in_value_and_gradients(chunk_rows):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 21, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 21))
+    logits = hidden @ weight.T
+    reference = (logits.logsumexp(-1) - logits.gather(-1, targets[..., None])[..., 0]).mean()
+    expected = torch.autograd.grad(2.5 * reference, (hidden, weight))
+    fused = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows)
+    got = torch.autograd.grad(2.5 * fused, (hidden, weight))
+    torch.testing.assert_close(fused, reference, rtol=1e-12, atol=1e-12)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_linear_cross_entropy_under_bf16_autocast_matches_the_unfused_autocast_loss():
+    torch.manual_seed(0)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    weight = torch.randn(64, 32, requires_grad=True)
+    targets = torch.randint(0, 64, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight).float(), targets)
+        fused = linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, reference, rtol=1e-3, atol=1e-3)
+    expected = torch.autograd.grad(reference, (hidden, weight))
+    for g, e in zip(torch.autograd.grad(fused, (hidden, weight)), expected):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=0.05, atol=0.02 * e.abs().max().item())
+
+
+def test_fused_linear_cross_entropy_without_gradients_keeps_none():
+    hidden, weight = torch.randn(5, 8), torch.randn(11, 8)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, torch.randint(0, 11, (5,)))
+    assert loss.ndim == 0 and not loss.requires_grad
 
 
 def test_fused_biased_attention_equals_the_float_mask_and_passes_gradients():

@@ -24,7 +24,7 @@ from torch import nn
 from ponderlm.config import Config
 from ponderlm.errors import PonderError
 from ponderlm.flops import lm_head_flops
-from ponderlm.model import KVCache, Transformer
+from ponderlm.model import KVCache, Transformer, linear_cross_entropy
 
 
 @dataclasses.dataclass
@@ -68,6 +68,10 @@ class Method(nn.Module, ABC):
         """
         logits = self(input_ids)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()), {}
+
+    def lm_loss(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of the lm-head on `states` (B, T, d), without materialising the logits."""
+        return linear_cross_entropy(states, self.backbone.lm_head.weight, targets)
 
     @abstractmethod
     def training_flops_per_token(self) -> float:

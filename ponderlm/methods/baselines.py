@@ -25,11 +25,14 @@ class FixedSteps(Method):
 
     def infer(self, input_ids: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         extra = torch.full(input_ids.shape, self.max_extra_steps, dtype=torch.long, device=input_ids.device)
-        return self._logits(input_ids), extra
+        return self.backbone.lm_head(self.output_states(input_ids)), extra
 
     @abstractmethod
-    def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V) after the K extra steps of every token."""
+    def output_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The states (B, T, d) the lm-head reads, after the K extra steps of every token."""
+
+    def loss(self, input_ids, targets, train_step=None):
+        return self.lm_loss(self.output_states(input_ids), targets), {}
 
     def _finish_decode(self, hidden: torch.Tensor, input_ids: torch.Tensor, cache: KVCache, slots: int,
                        extra_steps: list | None) -> torch.Tensor:
@@ -62,10 +65,10 @@ class Pause(FixedSteps):
         positions = torch.arange(tokens, device=input_ids.device).repeat_interleave(K + 1)
         return slots, positions
 
-    def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def output_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         slots, positions = self.slots(input_ids)
         hidden = self.backbone.hidden_states(slots, positions)
-        return self.backbone.lm_head(hidden.view(*input_ids.shape, self.max_extra_steps + 1, -1)[:, :, -1])
+        return hidden.view(*input_ids.shape, self.max_extra_steps + 1, -1)[:, :, -1]
 
     @torch.no_grad()
     def decode(self, input_ids, cache, tau=None, extra_steps=None):
@@ -92,8 +95,8 @@ class Loop(FixedSteps):
         return self.backbone.hidden_states(self.backbone.embed(input_ids), cache=cache,
                                            repeats=self.max_extra_steps + 1)
 
-    def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.backbone.lm_head(self.final_states(input_ids, None))
+    def output_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.final_states(input_ids, None)
 
     @torch.no_grad()
     def decode(self, input_ids, cache, tau=None, extra_steps=None):

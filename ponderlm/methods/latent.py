@@ -103,9 +103,7 @@ class PonderLM2(Method):
         refine = options[int(torch.randint(len(options), ()))]  # torch's RNG: checkpointed, so resume is exact
         states = self.jacobi(input_ids, refine)
         output, _, stats = self._output_states(states)
-        logits = self.backbone.lm_head(output)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        return self._regularise(loss, stats), {k: v.item() if torch.is_tensor(v) else v for k, v in stats.items()
+        return self._regularise(self.lm_loss(output, targets), stats), {k: v.item() if torch.is_tensor(v) else v for k, v in stats.items()
                                                if not k.startswith("_")}
 
     def _regularise(self, loss: torch.Tensor, stats: dict) -> torch.Tensor:

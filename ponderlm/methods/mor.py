@@ -104,8 +104,7 @@ class MoR(Method):
 
     def loss(self, input_ids, targets, train_step=None):
         out, g, depth = self.recurse(input_ids)
-        logits = self.backbone.lm_head(self.backbone.norm(out))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss = self.lm_loss(self.backbone.norm(out), targets)
         depths = g.shape[-1]
         share = F.one_hot(depth - 1, depths).float().flatten(0, -2).mean(0)  # f_i: not differentiable
         balance = depths * (share * g.flatten(0, -2).mean(0)).sum()

@@ -57,6 +57,24 @@ def test_every_method_decodes_what_its_parallel_inference_computes(name):
     assert model.inference_flops(extra) > 0 and model.training_flops_per_token() > 0
 
 
+@pytest.mark.parametrize("name", [n for n in METHODS if not METHODS[n].prunable and n != "mor"])
+def test_training_loss_is_the_cross_entropy_of_the_inference_logits(name):
+    """Methods whose training forward is their inference forward: the fused lm-head + cross-entropy of `loss`
+    equals F.cross_entropy of `infer`'s logits, in value and in gradient. (Prunable methods add a penalty and
+    mor a balancing loss; their cross-entropy term goes through the same `Method.lm_loss`.)"""
+    model = make(name, "ponder.train_refine_passes=[7]", "ponder.eval_refine_passes=7")
+    ids = torch.randint(0, VOCAB, (2, TOKENS + 1))
+    loss, _ = model.loss(ids[:, :-1], ids[:, 1:], train_step=1)
+    reference = torch.nn.functional.cross_entropy(model.infer(ids[:, :-1])[0].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, parameters, allow_unused=True)
+    expected = torch.autograd.grad(reference, parameters, allow_unused=True)
+    for g, e in zip(got, expected):
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_changing_a_later_token_never_changes_earlier_logits(name):
     model = make(name)
