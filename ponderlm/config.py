@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -134,6 +136,16 @@ class Config:
                                   f"{', '.join(with_options) or 'none'})")
             method_options(self, METHODS[name])
         m, t = self.model, self.train
+        positive = {"model.hidden_size": m.hidden_size, "model.num_attention_heads": m.num_attention_heads,
+                    "model.num_hidden_layers": m.num_hidden_layers, "train.steps": t.steps,
+                    "train.batch_tokens": t.batch_tokens, "data.seq_len": self.data.seq_len,
+                    "train.micro_batch_size": t.micro_batch_size, "train.log_every": t.log_every,
+                    "train.eval_every": t.eval_every, "train.eval_tokens": t.eval_tokens,
+                    "train.save_every": t.save_every, "train.keep_last": t.keep_last}
+        for key, value in positive.items():
+            if value <= 0:
+                raise PonderError(f"{key} must be positive, got {value}")
+        self._validate_optimizer()
         if m.hidden_size % m.num_attention_heads or (m.hidden_size // m.num_attention_heads) % 2:
             raise PonderError(
                 f"model.hidden_size={m.hidden_size} must split into num_attention_heads={m.num_attention_heads} "
@@ -145,10 +157,6 @@ class Config:
             raise PonderError(f"train.dtype must be fp32, bf16 or auto, not {t.dtype!r}")
         if self.distributed.strategy not in ("none", "ddp", "fsdp"):
             raise PonderError(f"distributed.strategy must be none, ddp or fsdp, not {self.distributed.strategy!r}")
-        positive = {"train.steps": t.steps, "train.batch_tokens": t.batch_tokens, "data.seq_len": self.data.seq_len,
-                    "train.micro_batch_size": t.micro_batch_size, "train.log_every": t.log_every,
-                    "train.eval_every": t.eval_every, "train.save_every": t.save_every,
-                    "train.keep_last": t.keep_last, "model.num_hidden_layers": m.num_hidden_layers}
         p = self.ponder
         if p.extra_steps < 0 or p.eval_refine_passes < 0 or p.backprop_passes < 0 or p.router_warmup_steps < 0 \
                 or not p.train_refine_passes or min(p.train_refine_passes) < 0:
@@ -157,10 +165,22 @@ class Config:
         check_tau(p.tau, "ponder.tau")
         if p.penalty < 0:
             raise PonderError(f"ponder.penalty must be >= 0, got {p.penalty}")
-        for key, value in positive.items():
-            if value <= 0:
-                raise PonderError(f"{key} must be positive, got {value}")
         return self
+
+    def _validate_optimizer(self) -> None:
+        t = self.train
+        finite = {"train.lr": t.lr, "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip,
+                  "train.min_lr_ratio": t.min_lr_ratio, "train.beta1": t.beta1, "train.beta2": t.beta2}
+        for key, value in finite.items():
+            if not math.isfinite(value):
+                raise PonderError(f"{key} must be a finite number, got {value}")
+        if t.lr <= 0 or t.grad_clip <= 0:
+            raise PonderError(f"train.lr and train.grad_clip must be positive, got {t.lr} and {t.grad_clip}")
+        if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
+            raise PonderError(f"train.beta1 and train.beta2 must be in [0, 1), got {t.beta1} and {t.beta2}")
+        if t.weight_decay < 0 or not 0 <= t.min_lr_ratio <= 1 or t.warmup_steps < 0:
+            raise PonderError("train.weight_decay and train.warmup_steps must be >= 0 and train.min_lr_ratio in "
+                              f"[0, 1], got {t.weight_decay}, {t.warmup_steps} and {t.min_lr_ratio}")
 
     def grad_accum_steps(self, world_size: int = 1) -> int:
         per_micro = self.train.micro_batch_size * self.data.seq_len * world_size
@@ -201,8 +221,7 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
     merged = OmegaConf.structured(Config)
     try:
         if name_or_path is not None:
-            path = resolve_config_path(name_or_path)
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _read_yaml_mapping(resolve_config_path(name_or_path)))
         for item in overrides or []:
             if "=" not in item:
                 raise PonderError(f"--set expects key=value, got {item!r}")
@@ -211,6 +230,24 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
         raise PonderError(_explain(exc)) from None
     config: Config = OmegaConf.to_object(merged)
     return config.validate()
+
+
+def _read_yaml_mapping(path: Path) -> dict:
+    """The YAML mapping in a config file, or one line saying why the file is not one."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise PonderError(f"config {path} is not a text file; give a YAML file or a preset name") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise PonderError(f"config {path} is not valid YAML{line}: {getattr(exc, 'problem', None) or exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PonderError(f"config {path} must be a YAML mapping (keys such as method:, model:, train:), "
+                          f"not a {type(data).__name__}")
+    return data
 
 
 def config_from_dict(data: dict) -> Config:

@@ -17,6 +17,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from ponderlm.checkpoint import latest_checkpoint
 from ponderlm.data import resolve_cache_dir
 from ponderlm.data.corpus import fetch_package
 from ponderlm.errors import PonderError
@@ -187,12 +188,38 @@ def run_lm_eval(run_dir: Path, tasks: list[str], limit: int | None = None, tau: 
                                   task_manager=manager, log_samples=False, bootstrap_iters=1000)
     compute = harness.compute_summary()
     results["ponderlm"] = {
-        "run_dir": str(run_dir), "method": model.config.method, "limit": limit,
+        "run_dir": str(run_dir), "checkpoint": latest_checkpoint(run_dir).name, "method": model.config.method,
+        "limit": limit,
         "tau": model.resolve_tau(tau) if model.prunable else None,
         "compute": {task.removeprefix("ponderlm_"): numbers for task, numbers in compute.items()},
         "unavailable": unavailable,
     }
     return results
+
+
+PER_TASK_SECTIONS = ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
+
+
+def results_path(results: dict) -> Path:
+    """Where a call's results go: one file per checkpoint, tau and limit, so that no call replaces another's."""
+    info = results["ponderlm"]
+    name = f"lm_eval_{info['checkpoint']}"
+    name += f"_tau{info['tau']:g}" if info["tau"] is not None else ""
+    name += f"_limit{info['limit']}" if info["limit"] else ""
+    return Path(info["run_dir"]) / f"{name}.json"
+
+
+def merge_results(earlier: dict, new: dict) -> dict:
+    """`new` over `earlier` (same checkpoint, tau and limit), task by task: tasks only `earlier` ran are kept."""
+    merged = {**earlier, **{k: v for k, v in new.items() if k not in PER_TASK_SECTIONS and k != "ponderlm"}}
+    for section in PER_TASK_SECTIONS:
+        merged[section] = {**earlier.get(section, {}), **new.get(section, {})}
+    ran = set(new["ponderlm"]["compute"]) | {t.removeprefix("ponderlm_") for t in new.get("results", {})}
+    merged["ponderlm"] = {**new["ponderlm"],
+                          "compute": {**earlier["ponderlm"]["compute"], **new["ponderlm"]["compute"]},
+                          "unavailable": sorted((set(earlier["ponderlm"]["unavailable"]) - ran)
+                                                | set(new["ponderlm"]["unavailable"]))}
+    return merged
 
 
 def results_table(results: dict) -> str:

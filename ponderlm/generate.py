@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
@@ -59,10 +60,17 @@ def generate(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100
 
     extra_steps_per_token, if given, receives the extra steps the model ran before emitting each generated token.
     """
-    if max_new_tokens < 0:
-        raise PonderError("--max-new-tokens must be >= 0")
+    context = model.config.data.seq_len  # the longest window the model was trained on
+    if not 0 <= max_new_tokens < context:
+        raise PonderError(f"--max-new-tokens must be between 0 and {context - 1}: the model's context is {context} "
+                          "tokens (data.seq_len), prompt included")
     eos_id = tokenizer.token_to_id(EOS_TOKEN)
     ids = tokenizer.encode(prompt).ids or [eos_id]  # an empty prompt starts a new document
+    if len(ids) + max_new_tokens > context:
+        keep = context - max_new_tokens
+        print(f"ponderlm: notice: the prompt has {len(ids)} tokens; only its last {keep} are used, so that it and "
+              f"{max_new_tokens} new tokens fit the model's context of {context}", file=sys.stderr)
+        ids = ids[-keep:]
     generator = torch.Generator().manual_seed(seed)
     extra_steps: list[torch.Tensor] = []
     new_ids: list[int] = []

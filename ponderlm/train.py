@@ -8,9 +8,11 @@ checkpoint's step before training continues, so the file ends up as if the run h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -24,15 +26,19 @@ from ponderlm.batching import WindowSampler
 from ponderlm.checkpoint import (latest_checkpoint, load_trainer_state, prepare_run_dir, read_model_weights,
                                  read_run_config, require_run_tokenizer, save_checkpoint)
 from ponderlm.config import Config
-from ponderlm.data import TokenShards, read_metadata
+from ponderlm.data import TokenShards, load_tokenizer, read_metadata
 from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_model
 from ponderlm.files import atomic_write_text, sha256_file
 from ponderlm.methods import build_model
 
 # Keys a resumed run may change: they do not alter what is computed at a given step.
+# The strategy too: checkpoints hold full state, so a run saved under torchrun resumes in one process and back.
 RESUMABLE_CHANGES = {"train.log_every", "train.eval_every", "train.save_every", "train.keep_last",
-                     "train.tensorboard", "train.eval_tokens"}
+                     "train.tensorboard", "train.eval_tokens", "distributed.strategy"}
+
+
+DIVERGING_NATS = 2.0  # a logged training loss this far above the lowest one so far is flagged in metrics.jsonl
 
 
 def lr_at(step: int, config: Config) -> float:
@@ -84,6 +90,13 @@ class MetricsLog:
                 kept.append(line)
         atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
+    def lowest_loss(self) -> float:
+        """The lowest training loss logged so far (inf before the first record)."""
+        if not self.path.exists():
+            return math.inf
+        losses = [json.loads(line).get("loss", math.inf) for line in self.path.read_text().splitlines() if line]
+        return min(losses, default=math.inf)
+
     def write(self, record: dict) -> None:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -131,7 +144,8 @@ def train(config: Config | None, run_dir: Path, resume: bool = False, overwrite:
     config = _resolve_config(config, run_dir, resume, overwrite)
     topology = distributed.setup(config.distributed.strategy)
     try:
-        return Trainer(config, run_dir, resume, overwrite, topology).fit(progress)
+        with contextlib.ExitStack() as held:  # the run directory's lock, released however training ends
+            return Trainer(config, run_dir, resume, overwrite, topology, held).fit(progress)
     except BaseException as exc:
         # Free the DDP/FSDP objects the traceback holds before the process group goes: a gloo group destroyed
         # from a Reducer's destructor can deadlock on the GIL.
@@ -145,9 +159,10 @@ class Trainer:
     """One run on this rank: set-up and resume, then optimizer steps, evaluations and checkpoints."""
 
     def __init__(self, config: Config, run_dir: Path, resume: bool, overwrite: bool,
-                 topology: distributed.Topology):
+                 topology: distributed.Topology, held: contextlib.ExitStack):
         self.config, self.run_dir, self.topology = config, run_dir, topology
-        self._prepare_run_dir(resume, overwrite)
+        # Everything that can refuse the run comes before the first write, so a refused run leaves nothing behind.
+        data_metadata = self._check_data(resume)
         self.train_shards = TokenShards(Path(config.data.path), "train")
         self.val_shards = TokenShards(Path(config.data.path), "val")
         t = config.train
@@ -156,6 +171,7 @@ class Trainer:
         self.tokens_per_step = self.sequences_per_step * config.data.seq_len
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.model = build_model(config).to(topology.device)
+        self._write_run_dir(resume, overwrite, data_metadata, held)
         self.wrapped = distributed.parallelize(self.model, config.distributed.strategy, topology, t.compile)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s + 1, config) / t.lr)
@@ -166,19 +182,30 @@ class Trainer:
         if topology.is_main:
             self.metrics.truncate(self.start_step)
 
-    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
-        """Check the data against the config, then create (or reuse) the run directory on the main rank."""
-        config, run_dir = self.config, self.run_dir
+    def _check_data(self, resume: bool) -> dict:
+        """The data's metadata, checked against the config (and, on --resume, the run's tokenizer)."""
+        config = self.config
         data_meta = read_metadata(Path(config.data.path))
         vocab_size = data_meta["tokenizer"]["vocab_size"]
         if config.model.vocab_size not in (0, vocab_size):
             raise PonderError(f"model.vocab_size={config.model.vocab_size} but the tokenizer of {config.data.path} "
                               f"has {vocab_size} tokens; drop model.vocab_size to take it from the data")
+        tokenizer_file = Path(config.data.path) / data_meta["tokenizer"]["file"]
+        tokenizer_vocab = load_tokenizer(tokenizer_file).get_vocab_size()
+        if tokenizer_vocab != vocab_size:
+            raise PonderError(f"{tokenizer_file} has {tokenizer_vocab} tokens but "
+                              f"the metadata.json beside it says {vocab_size}; re-run `ponderlm data prepare` "
+                              "--overwrite for that directory")
         config.model.vocab_size = vocab_size
         if resume:
-            require_run_tokenizer(run_dir, Path(config.data.path), data_meta)
+            require_run_tokenizer(self.run_dir, Path(config.data.path), data_meta)
+        return data_meta
+
+    def _write_run_dir(self, resume: bool, overwrite: bool, data_meta: dict, held: contextlib.ExitStack) -> None:
+        """Lock (until `held` closes) and create or reuse the run directory on the main rank."""
+        config, run_dir = self.config, self.run_dir
         if self.topology.is_main:
-            prepare_run_dir(run_dir, resume, overwrite)
+            held.enter_context(prepare_run_dir(run_dir, resume, overwrite))
             if not resume:
                 shutil.copyfile(Path(config.data.path) / data_meta["tokenizer"]["file"], run_dir / "tokenizer.json")
                 atomic_write_text(run_dir / "config.yaml", config.to_yaml())
@@ -218,6 +245,9 @@ class Trainer:
                               "train.dtype=fp32")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        if not math.isfinite(grad_norm):  # a finite loss can still have inf/NaN gradients: never apply them
+            raise PonderError(f"non-finite gradients at step {step} (norm {grad_norm}); nothing was applied and "
+                              "the last checkpoint is intact; lower train.lr or use train.dtype=fp32")
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -250,6 +280,7 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True,
                    disable=True if not main else None if progress is None else not progress)
         window_start, window_tokens = time.perf_counter(), 0
+        lowest = self.metrics.lowest_loss() if main else math.inf
         for step in range(self.start_step + 1, t.steps + 1):
             measured = self.train_step(step)
             window_tokens += self.tokens_per_step
@@ -262,6 +293,13 @@ class Trainer:
                           "tokens_per_s": window_tokens / max(elapsed, 1e-9), **measured}
                 if evaluate_now:
                     record.update(self.evaluate())
+                if record["loss"] > lowest + DIVERGING_NATS:
+                    record["loss_above_min"] = record["loss"] - lowest
+                    if main:
+                        tqdm.write(f"ponderlm: warning: step {step}: training loss {record['loss']:.3f} is "
+                                   f"{record['loss_above_min']:.2f} nats above its minimum so far; the run may be "
+                                   "diverging (lower train.lr)", file=sys.stderr)
+                lowest = min(lowest, record["loss"])
                 if main:
                     self.metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",

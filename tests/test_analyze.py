@@ -18,6 +18,7 @@ from ponderlm.cli import main
 from ponderlm.config import load_config
 from ponderlm.data import TokenShards
 from ponderlm.errors import PonderError
+from ponderlm.files import sha256_file
 from ponderlm.methods import build_model
 from ponderlm.train import train
 
@@ -41,6 +42,8 @@ def sharpen_router_in_checkpoint(run):
     state["router.weight"] = torch.randn(state["router.weight"].shape, generator=generator) * 2.0
     state["router.bias"] = torch.randn(state["router.bias"].shape, generator=generator)
     save_file(state, path, metadata=metadata)
+    checksums = json.loads((path.parent / "checksums.json").read_text())  # a deliberate edit: record it
+    (path.parent / "checksums.json").write_text(json.dumps({**checksums, path.name: sha256_file(path)}))
 
 
 @pytest.fixture(scope="module")

@@ -164,3 +164,127 @@ def test_replaced_tokenizer_in_the_run_is_refused(trained_run, tmp_path, capsys)
 def test_python_dash_m_is_the_same_command():
     result = subprocess.run([sys.executable, "-m", "ponderlm", "train", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--resume" in result.stdout
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "--bogus", "--out", "x"], "unrecognized arguments: --bogus"),
+    (["eval"], "required: run_dir"),
+    (["eval", "run", "--max-tokens", "0"], "--max-tokens: must be a positive integer, got 0"),
+    (["analyze", "run", "--max-tokens", "-5"], "--max-tokens: must be a positive integer"),
+    (["generate", "run", "--prompt", "x", "--temperature", "nan"], "--temperature: must be a finite number >= 0"),
+    (["generate", "run", "--prompt", "x", "--top-p", "0"], "--top-p: must be in (0, 1], got 0"),
+    (["generate", "run", "--prompt", "x", "--max-new-tokens", "many"], "invalid positive_int value: 'many'"),
+    (["lm-eval", "run", "--limit", "0"], "--limit: must be a positive integer"),
+    (["lm-eval", "run", "--batch-size", "0"], "--batch-size: must be a positive integer"),
+])
+def test_usage_errors_are_one_line_too(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    _, err = capsys.readouterr()
+    assert_one_line_error(exit_info.value.code, err, fragment, "--help")
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["model.num_attention_heads=0"], "model.num_attention_heads must be positive"),
+    (["model.hidden_size=0"], "model.hidden_size must be positive"),
+    (["train.lr=nan"], "train.lr must be a finite number"),
+    (["train.lr=-0.1"], "train.lr and train.grad_clip must be positive"),
+    (["train.beta2=1.0"], "train.beta1 and train.beta2 must be in [0, 1)"),
+    (["train.eval_tokens=0"], "train.eval_tokens must be positive"),
+])
+def test_impossible_config_values_are_one_line_errors_and_write_nothing(overrides, fragment, tiny_data_dir, tmp_path,
+                                                                        capsys):
+    sets = [a for o in [f"data.path={tiny_data_dir}", *overrides] for a in ("--set", o)]
+    code, _, err = run_cli(capsys, "train", "tiny", "--out", str(tmp_path / "r"), *sets)
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"- a\n- b\n", "must be a YAML mapping"),
+    (b"just words\n", "must be a YAML mapping"),
+    (b"train: {steps: 3\n", "is not valid YAML"),
+    (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not a text file"),
+])
+def test_a_config_file_that_is_not_a_yaml_mapping_is_one_line(content, fragment, tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    code, _, err = run_cli(capsys, "train", str(path), "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, str(path), fragment)
+
+
+def test_eval_of_zero_tokens_is_an_error_not_a_perfect_score(trained_run, tmp_path, capsys):
+    from ponderlm.evaluate import evaluate_run
+    from ponderlm.errors import PonderError
+
+    with pytest.raises(PonderError, match="nothing to evaluate: max_tokens=0"):
+        evaluate_run(trained_run, max_tokens=0)
+
+
+def test_generate_refuses_more_new_tokens_than_the_context_and_cuts_a_long_prompt_on_the_left(trained_run, capsys):
+    code, _, err = run_cli(capsys, "generate", str(trained_run), "--prompt", "x", "--max-new-tokens", "1000000")
+    assert_one_line_error(code, err, "--max-new-tokens must be between 0 and 31", "context is 32 tokens")
+    model, tokenizer = ponderlm.load(trained_run)
+    prompt = " ".join(["the king"] * 40)
+    code, out, err = run_cli(capsys, "generate", str(trained_run), "--prompt", prompt, "--max-new-tokens", "8")
+    assert code == 0 and out.startswith(prompt)
+    assert f"the prompt has {len(tokenizer.encode(prompt).ids)} tokens; only its last 24 are used" in err
+    from ponderlm.generate import generate
+
+    cut = tokenizer.decode(tokenizer.encode(prompt).ids[-24:])
+    assert out[len(prompt):].rstrip("\n") == generate(model, tokenizer, cut, max_new_tokens=8)
+
+
+def test_printed_json_is_standard_json(capsys):
+    from ponderlm.cli import print_json
+
+    print_json({"loss": float("nan"), "nested": {"ppl": float("inf")}, "values": [1.5, float("-inf")]})
+    out = capsys.readouterr().out
+    assert json.loads(out) == {"loss": None, "nested": {"ppl": None}, "values": [1.5, None]}
+    assert "NaN" not in out and "Infinity" not in out
+
+
+def test_resume_without_the_runs_tokenizer_names_the_file_to_restore(trained_run, tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "tokenizer.json").unlink()
+    code, _, err = run_cli(capsys, "train", "--out", str(run), "--resume")
+    assert_one_line_error(code, err, "has lost its tokenizer.json", str(tiny_data_dir / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda meta: meta["splits"]["train"].update(dtype="float64"), "dtype 'float64', not one of uint16, uint32"),
+    (lambda meta: meta["splits"]["val"]["shards"][0].pop("sha256"), "lacks 'sha256'"),
+    (lambda meta: meta.pop("tokenizer"), "lacks 'tokenizer'"),
+    (lambda meta: meta["tokenizer"].update(vocab_size=70000), "stores uint16 ids but the vocabulary has 70000"),
+])
+def test_damaged_data_metadata_is_one_line(damage, fragment, tiny_data_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    meta = json.loads((data / "metadata.json").read_text())
+    damage(meta)
+    (data / "metadata.json").write_text(json.dumps(meta))
+    code, _, err = run_cli(capsys, "train", "tiny", "--out", str(tmp_path / "r"), "--set", f"data.path={data}")
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "r").exists()
+
+
+def test_metadata_that_disagrees_with_its_tokenizer_is_refused_before_training(tiny_data_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    meta = json.loads((data / "metadata.json").read_text())
+    meta["tokenizer"]["vocab_size"] = 600
+    (data / "metadata.json").write_text(json.dumps(meta))
+    code, _, err = run_cli(capsys, "train", "tiny", "--out", str(tmp_path / "r"), "--set", f"data.path={data}")
+    assert_one_line_error(code, err, "has 512 tokens but the metadata.json beside it says 600")
+
+
+def test_a_same_size_corrupt_shard_fails_its_sha256_and_is_named(tiny_data_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    shard = sorted(data.glob("val_*.bin"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[10:14] = bytes(4)  # same size, different tokens
+    shard.write_bytes(bytes(raw))
+    code, _, err = run_cli(capsys, "train", "tiny", "--out", str(tmp_path / "r"), "--set", f"data.path={data}")
+    assert_one_line_error(code, err, str(shard), "sha256")

@@ -104,7 +104,7 @@ def test_two_task_lm_eval_run_offline_prints_both_tables_and_writes_json(run, ca
     assert main(["lm-eval", str(run), "--tasks", "piqa,winogrande,race", "--limit", "2", "--tau", "0"]) == 0
     out = capsys.readouterr().out
     assert "ponderlm_piqa" in out and "| race | - | not available offline |" in out
-    results = json.loads((run / "lm_eval_results_tau0.json").read_text())
+    results = json.loads((run / "lm_eval_step_0000002_tau0_limit2.json").read_text())
     assert set(results["results"]) == {"ponderlm_piqa", "ponderlm_winogrande"}
     assert 0 <= results["results"]["ponderlm_piqa"]["acc,none"] <= 1
     compute = results["ponderlm"]["compute"]
@@ -118,3 +118,18 @@ def test_lm_eval_errors_are_one_line_and_actionable(run, tmp_path, monkeypatch, 
     assert "run `ponderlm benchmarks fetch` first" in capsys.readouterr().err
     assert main(["lm-eval", str(run), "--tasks", "mmlu"]) == 2
     assert "unknown task 'mmlu'" in capsys.readouterr().err
+
+
+def test_a_later_lm_eval_call_keeps_the_tasks_of_an_earlier_one(run, cache, capsys):
+    assert main(["lm-eval", str(run), "--tasks", "sciq", "--limit", "3", "--tau", "0.5"]) == 0
+    first = json.loads((run / "lm_eval_step_0000002_tau0.5_limit3.json").read_text())
+    assert main(["lm-eval", str(run), "--tasks", "piqa,race", "--limit", "3", "--tau", "0.5"]) == 0
+    merged = json.loads((run / "lm_eval_step_0000002_tau0.5_limit3.json").read_text())
+    assert set(merged["results"]) == {"ponderlm_sciq", "ponderlm_piqa"}
+    assert merged["results"]["ponderlm_sciq"] == first["results"]["ponderlm_sciq"]
+    assert set(merged["ponderlm"]["compute"]) == {"sciq", "piqa"} and merged["ponderlm"]["unavailable"] == ["race"]
+    assert main(["lm-eval", str(run), "--tasks", "sciq", "--limit", "2", "--tau", "0.5"]) == 0  # another limit
+    assert (run / "lm_eval_step_0000002_tau0.5_limit2.json").is_file()
+    assert set(json.loads((run / "lm_eval_step_0000002_tau0.5_limit3.json").read_text())["results"]) == \
+        {"ponderlm_sciq", "ponderlm_piqa"}
+    capsys.readouterr()

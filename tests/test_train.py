@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import ponderlm
 from ponderlm.batching import WindowSampler
 from ponderlm.checkpoint import list_checkpoints
 from ponderlm.config import load_config
@@ -156,3 +157,80 @@ def test_ponderlm3_resume_is_exact(tiny_data_dir, tmp_path):
     shutil.rmtree(list_checkpoints(run)[-1])  # as if killed between step 3 and step 6
     train(None, run, resume=True, progress=False)
     assert without_timing(read_metrics(run)) == full
+
+
+def test_non_finite_gradients_are_never_applied_nor_saved_and_the_good_checkpoint_stays(tiny_data_dir, tmp_path,
+                                                                                        monkeypatch):
+    """A step whose loss is finite but whose gradients are not (here injected at step 4, a save step) stops the
+    run before the optimizer step: with keep_last=1 the step-2 checkpoint is still there and still loads."""
+    import ponderlm.train as train_module
+
+    backward_calls = []
+
+    def build_with_a_bad_gradient(config):
+        model = build_model(config)
+        model.backbone.lm_head.weight.register_hook(
+            lambda grad: grad * float("nan") if len(backward_calls.append(1) or backward_calls) == 4 else grad)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build_with_a_bad_gradient)
+    run = tmp_path / "run"
+    with pytest.raises(PonderError, match="non-finite gradients at step 4"):
+        train(tiny(tiny_data_dir, "train.steps=6", "train.save_every=2", "train.keep_last=1",
+                   "train.batch_tokens=128"), run, progress=False)  # one backward per step
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000002"]
+    model, _ = ponderlm.load(run)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_second_process_cannot_train_into_a_run_in_use_and_a_dead_ones_lock_never_blocks(tiny_data_dir, tmp_path):
+    from ponderlm.checkpoint import lock_run_dir
+
+    run = tmp_path / "run"
+    train(tiny(tiny_data_dir, "train.steps=4", "train.save_every=2"), run, progress=False)
+    shutil.rmtree(run / "checkpoints" / "step_0000004")
+    metrics = (run / "metrics.jsonl").read_text()
+    held = lock_run_dir(run)  # another training process, as far as the lock can tell
+    try:
+        for resume, overwrite in ((True, False), (False, True)):
+            with pytest.raises(PonderError, match=f"{run} is in use by another ponderlm process \\(pid {os.getpid()}"):
+                train(None if resume else tiny(tiny_data_dir, "train.steps=4"), run, resume=resume,
+                      overwrite=overwrite, progress=False)
+        assert (run / "metrics.jsonl").read_text() == metrics and list_checkpoints(run)
+    finally:
+        held.close()
+    (run / ".lock").write_text("999999999\n")  # left behind by a killed process: no lock is held on it
+    train(None, run, resume=True, progress=False)
+    assert [r["step"] for r in read_metrics(run)][-1] == 4
+
+
+def test_a_refused_run_leaves_no_directory_behind_and_the_corrected_command_then_runs(tiny_data_dir, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(PonderError, match="not a multiple"):
+        train(tiny(tiny_data_dir, "train.batch_tokens=100"), run, progress=False)
+    assert not run.exists()
+    train(tiny(tiny_data_dir, "train.steps=2"), run, progress=False)
+
+
+def test_the_distributed_strategy_may_change_on_resume(tiny_data_dir, tmp_path):
+    """Checkpoints hold full state, so a run saved under torchrun (ddp/fsdp) continues in one process."""
+    run = tmp_path / "run"
+    train(tiny(tiny_data_dir, "train.steps=4", "train.save_every=2", "distributed.strategy=ddp"), run,
+          progress=False)
+    expected = read_metrics(run)
+    shutil.rmtree(run / "checkpoints" / "step_0000004")
+    train(tiny(tiny_data_dir, "train.steps=4", "train.save_every=2"), run, resume=True, progress=False)
+    assert without_timing(read_metrics(run)) == without_timing(expected)
+
+
+def test_a_training_loss_far_above_its_minimum_is_flagged(tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny(tiny_data_dir, "train.steps=12", "train.lr=3.0", "train.warmup_steps=1", "train.log_every=1",
+               "train.grad_clip=1000"), run, progress=False)
+    records = read_metrics(run)
+    flagged = [r for r in records if "loss_above_min" in r]
+    assert flagged, [r["loss"] for r in records]
+    for record in flagged:
+        lowest = min(r["loss"] for r in records if r["step"] < record["step"])
+        assert record["loss_above_min"] == pytest.approx(record["loss"] - lowest) and record["loss_above_min"] > 2
+    assert "nats above its minimum so far; the run may be diverging" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,20 @@ def _clear(out_dir: Path) -> None:
             path.unlink()
 
 
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Write only into a new or empty directory, or over an earlier (possibly interrupted) prepare of ours."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PonderError(f"--out {out_dir} is a file; give a directory for the prepared data")
+    if (out_dir / METADATA_FILE).exists() and not overwrite:
+        raise PonderError(f"{out_dir} is already prepared; pass --overwrite to rebuild it, or choose another dir")
+    names = "|".join(map(re.escape, (METADATA_FILE, TOKENIZER_FILE)))
+    ours = re.compile(rf"^({names}|({'|'.join(SPLITS)})_\d{{4}}\.bin|\..*\.tmp(\..*)?)$")  # .tmp: atomic writes
+    foreign = sorted(p.name for p in out_dir.iterdir() if not ours.match(p.name)) if out_dir.is_dir() else []
+    if foreign and not overwrite:
+        raise PonderError(f"{out_dir} holds files that `data prepare` did not write ({', '.join(foreign[:3])}); "
+                          "choose an empty or new directory, or pass --overwrite to replace the data files in it")
+
+
 def prepare(out_dir: Path, source: str = "default", files: list[Path] | None = None, vocab_size: int = 8192,
             cache_dir: Path | None = None, tokenizer: str = "bpe", seed: int = 0, overwrite: bool = False,
             shard_tokens: int = 50_000_000) -> dict:
@@ -81,8 +96,7 @@ def prepare(out_dir: Path, source: str = "default", files: list[Path] | None = N
         raise PonderError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
     if (source == "files") != bool(files):
         raise PonderError("pass input files exactly when the source is 'files' (e.g. --source files a.txt b.jsonl)")
-    if (out_dir / METADATA_FILE).exists() and not overwrite:
-        raise PonderError(f"{out_dir} is already prepared; pass --overwrite to rebuild it, or choose another dir")
+    _check_out_dir(out_dir, overwrite)
     cache = resolve_cache_dir(cache_dir)
 
     words = None

@@ -18,6 +18,7 @@ from ponderlm.files import atomic_write_bytes, atomic_write_text, sha256_file
 
 METADATA_FILE = "metadata.json"
 PREPARE_HINT = "re-run `ponderlm data prepare`"
+SHARD_DTYPES = ("uint16", "uint32")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -78,13 +79,47 @@ def read_metadata(data_dir: Path) -> dict:
         raise PonderError(f"{path} is unreadable ({exc}); {PREPARE_HINT} --overwrite") from exc
     if not isinstance(meta, dict) or meta.get("format") != 1:
         raise PonderError(f"{path} is not a ponderlm data directory (format 1); {PREPARE_HINT} --overwrite")
+    try:
+        vocab_size = meta["tokenizer"]["vocab_size"]
+        _require_keys(meta["tokenizer"], ("file", "vocab_size"))
+        for name, info in meta["splits"].items():
+            if info["dtype"] not in SHARD_DTYPES:
+                raise PonderError(f"{path}: split {name!r} has dtype {info['dtype']!r}, not one of "
+                                  f"{', '.join(SHARD_DTYPES)}; {PREPARE_HINT} --overwrite")
+            if np.iinfo(info["dtype"]).max + 1 < vocab_size:
+                raise PonderError(f"{path}: split {name!r} stores {info['dtype']} ids but the vocabulary has "
+                                  f"{vocab_size} tokens; {PREPARE_HINT} --overwrite")
+            for shard in info["shards"]:
+                _require_keys(shard, ("file", "tokens", "sha256"))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise PonderError(f"{path} lacks {exc} or has the wrong structure; {PREPARE_HINT} --overwrite") from None
     return meta
+
+
+def _require_keys(mapping: dict, keys: tuple[str, ...]) -> None:
+    missing = [key for key in keys if key not in mapping]
+    if missing:
+        raise KeyError(missing[0])
+
+
+_VERIFIED: set[tuple[str, int, int, str]] = set()  # (path, size, mtime_ns, sha256) already hashed by this process
+
+
+def _matches_sha256(path: Path, expected: str) -> bool:
+    """Does the shard hash to the sha256 its metadata records? Hashed once per process while size and mtime hold."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, expected)
+    if key not in _VERIFIED:
+        if sha256_file(path) != expected:
+            return False
+        _VERIFIED.add(key)
+    return True
 
 
 class TokenShards:
     """One split of a prepared data directory, readable as a single contiguous token array."""
 
-    def __init__(self, data_dir: Path, split: str, verify: bool = False):
+    def __init__(self, data_dir: Path, split: str):
         self.data_dir = Path(data_dir)
         self.metadata = read_metadata(self.data_dir)
         splits = self.metadata.get("splits", {})
@@ -102,7 +137,7 @@ class TokenShards:
             if path.stat().st_size != expected:
                 raise PonderError(f"shard {path} has {path.stat().st_size} bytes, expected {expected} "
                                   f"(truncated or corrupt); {PREPARE_HINT} --overwrite")
-            if verify and sha256_file(path) != shard["sha256"]:
+            if not _matches_sha256(path, shard["sha256"]):
                 raise PonderError(f"shard {path} fails its sha256 check (corrupt); {PREPARE_HINT} --overwrite")
             self._arrays.append(np.memmap(path, dtype=self.dtype, mode="r", shape=(shard["tokens"],)))
         # _starts[i] is the global offset of shard i; the last entry is the total length.

@@ -35,7 +35,7 @@ def test_stream_is_the_tokenised_documents(tiny_data_dir, split):
     expected = [0]
     for doc in docs:
         expected += tok.encode(doc.text).ids + [0]
-    shards = TokenShards(tiny_data_dir, split, verify=True)
+    shards = TokenShards(tiny_data_dir, split)
     stream = shards.read(0, len(shards))
     assert stream.tolist() == expected
     # Cutting the stream at EOS gives back every document's exact text.
@@ -56,6 +56,27 @@ def test_refuses_to_overwrite_then_overwrites(tmp_path):
     # Stale shards from the first run are gone; exactly the recorded ones remain.
     recorded = {out / s["file"] for info in meta["splits"].values() for s in info["shards"]}
     assert set(out.glob("*.bin")) == recorded and len(recorded) == 3
+
+
+def test_never_writes_into_a_directory_holding_files_it_did_not_write(tmp_path):
+    run = tmp_path / "run"  # a run directory, say: its tokenizer.json must survive a mistyped --out
+    run.mkdir()
+    (run / "tokenizer.json").write_text("the run's own")
+    (run / "config.yaml").write_text("method: vanilla\n")
+    with pytest.raises(PonderError, match="holds files that `data prepare` did not write \\(config.yaml\\)"):
+        prepare(run, source="files", files=FIXTURE_TEXTS, vocab_size=300, cache_dir=tmp_path)
+    assert (run / "tokenizer.json").read_text() == "the run's own" and sorted(p.name for p in run.iterdir()) == \
+        ["config.yaml", "tokenizer.json"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(PonderError, match="is a file; give a directory"):
+        prepare(tmp_path / "afile", source="files", files=FIXTURE_TEXTS, vocab_size=300, cache_dir=tmp_path)
+    # Leftovers of an interrupted prepare are its own: a rerun goes ahead without --overwrite.
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "train_0000.bin").write_bytes(b"\0\0")
+    (partial / ".metadata.tmp.json").write_text("{")
+    prepare(partial, source="files", files=FIXTURE_TEXTS, vocab_size=300, cache_dir=tmp_path)
+    assert read_metadata(partial)["tokenizer"]["vocab_size"] == 300
 
 
 @pytest.mark.parametrize("kwargs,message", [

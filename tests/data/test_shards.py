@@ -1,4 +1,5 @@
 import json
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ STREAM = [1, 5, 6, 7, 1, 8, 1, 1, 9, 10, 11, 12, 13, 1, 14, 15, 1]  # eos_id = 1
 
 def _prepared(tmp_path, docs=DOCS, vocab_size=100, shard_tokens=4):
     meta = write_split(iter(docs), tmp_path, "train", eos_id=1, vocab_size=vocab_size, shard_tokens=shard_tokens)
-    (tmp_path / "metadata.json").write_text(json.dumps({"format": 1, "splits": {"train": meta}}))
+    (tmp_path / "metadata.json").write_text(json.dumps({
+        "format": 1, "tokenizer": {"file": "tokenizer.json", "vocab_size": vocab_size}, "splits": {"train": meta}}))
     return meta
 
 
@@ -72,15 +74,16 @@ def test_missing_shard_is_named(tmp_path):
         TokenShards(tmp_path, "train")
 
 
-def test_sha256_mismatch_needs_verify(tmp_path):
+def test_a_same_size_corruption_fails_the_sha256_even_after_an_earlier_good_read(tmp_path):
     _prepared(tmp_path)
+    TokenShards(tmp_path, "train")  # hashed and remembered for this size and modification time
+    time.sleep(0.05)  # past the file system's timestamp granularity
     path = tmp_path / "train_0001.bin"
     data = bytearray(path.read_bytes())
     data[0] ^= 0xFF
-    path.write_bytes(bytes(data))
-    TokenShards(tmp_path, "train")  # same size, so only the checksum can tell
-    with pytest.raises(PonderError, match="train_0001.bin.*sha256"):
-        TokenShards(tmp_path, "train", verify=True)
+    path.write_bytes(bytes(data))  # same size, so only the checksum can tell; the new mtime forces a new hash
+    with pytest.raises(PonderError, match="train_0001.bin fails its sha256 check"):
+        TokenShards(tmp_path, "train")
 
 
 def test_unknown_split_lists_available(tmp_path):

@@ -1,5 +1,0 @@
-import sys
-
-from ponderlm.cli import main
-
-sys.exit(main())
