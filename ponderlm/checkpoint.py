@@ -106,7 +106,12 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    state = {name: tensor.detach().contiguous() for name, tensor in weights.items()}
+    state, stored = {}, set()
+    for name, tensor in weights.items():
+        tensor = tensor.detach().contiguous()
+        if tensor.data_ptr() not in stored:  # a tied weight is stored once, under its first name
+            state[name] = tensor
+            stored.add(tensor.data_ptr())
     _require_finite(state, f"step {step}'s weights (not saved; the earlier checkpoints are kept)")
     save_file(state, tmp / "model.safetensors", metadata={**metadata, "step": str(step)})
     torch.save(trainer_state, tmp / "trainer_state.pt")
@@ -168,11 +173,22 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> dict[str, st
     """Load `model.safetensors` into the model; return the checkpoint's metadata."""
     path = checkpoint / "model.safetensors"
     state, metadata = _read_safetensors(checkpoint)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(with_tied_weights(model, state), strict=False)
     if missing or unexpected:
         raise PonderError(f"checkpoint {path} does not fit the configured model (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}); check config.yaml in the run directory")
     return metadata
+
+
+def with_tied_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` plus an entry for every parameter the model ties to another (stored once, under the first name)."""
+    first: dict[int, str] = {}
+    state = dict(state)
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        source = first.setdefault(id(parameter), name)
+        if source != name and source in state:
+            state.setdefault(name, state[source])
+    return state
 
 
 def load_trainer_state(checkpoint: Path) -> dict:

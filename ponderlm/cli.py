@@ -112,6 +112,19 @@ def _generate(args) -> None:
                     "mean_extra_steps": sum(steps) / max(1, len(steps))}, file=sys.stderr)
 
 
+def _import(args) -> None:
+    from ponderlm.hf import import_llama
+
+    config = import_llama(Path(args.hf_dir), Path(args.out), args.method, args.set, args.overwrite)
+    print_json({"run_dir": args.out, "method": config.method, "imported_from": args.hf_dir})
+
+
+def _export(args) -> None:
+    from ponderlm.hf import export_llama
+
+    print_json({"hf_dir": str(export_llama(Path(args.run_dir), Path(args.out), args.overwrite))})
+
+
 def _sweep(args) -> None:
     from ponderlm.sweep import run_sweep
 
@@ -168,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(commands)
     _add_run_commands(commands)
     _add_benchmark_commands(commands)
+    _add_interop_commands(commands)
     return parser
 
 
@@ -243,6 +257,27 @@ def _add_run_commands(commands) -> None:
     gen.add_argument("--show-steps", action="store_true",
                      help="print the latent steps each generated token used (JSON, on stderr)")
     gen.set_defaults(handler=_generate)
+
+
+def _add_interop_commands(commands) -> None:
+    """import and export: Hugging Face Llama folders in and out."""
+    from ponderlm.methods import METHODS
+
+    imp = commands.add_parser("import", help="make a run directory from a local Hugging Face Llama folder")
+    imp.add_argument("hf_dir", help="folder with config.json, *.safetensors and tokenizer.json")
+    imp.add_argument("--out", required=True, help="run directory to create")
+    imp.add_argument("--method", choices=list(METHODS), help="the method on top of the imported backbone "
+                     "(default: the config default)")
+    imp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a non-model config value (the model shape comes from the folder)")
+    imp.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    imp.set_defaults(handler=_import)
+
+    exp = commands.add_parser("export", help="write a vanilla run as a Hugging Face LlamaForCausalLM folder")
+    exp.add_argument("run_dir")
+    exp.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, tokenizer)")
+    exp.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    exp.set_defaults(handler=_export)
 
 
 def _add_benchmark_commands(commands) -> None:

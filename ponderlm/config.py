@@ -29,12 +29,20 @@ class ModelConfig:
     hidden_size: int = 256
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
+    num_key_value_heads: int = 0  # grouped-query attention: heads of keys and values (0: num_attention_heads)
     intermediate_size: int = 0  # 0: LLaMA's 8/3 * hidden_size rounded up to a multiple of 256
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     # How the ponderlm3 soft mask reaches attention: `sdpa` (augmented q.k through the fused causal kernel) or
     # `flex` (flex_attention with a score_mod bias; CUDA only, compiled). benchmarks/gpu_check.sh compares them.
     attention_backend: str = "sdpa"
+    tie_word_embeddings: bool = False  # the lm-head reuses the token embedding matrix
+    # Token embeddings times sqrt(2.5 d) (docs/design.md §2: ours, every method); models imported from Hugging Face
+    # were trained without it.
+    embedding_scale: bool = True
+
+    def resolved_key_value_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
 
     def resolved_intermediate_size(self) -> int:
         if self.intermediate_size:
@@ -151,6 +159,9 @@ class Config:
                 f"model.hidden_size={m.hidden_size} must split into num_attention_heads={m.num_attention_heads} "
                 "heads of even size (RoPE rotates pairs)"
             )
+        if m.num_key_value_heads < 0 or m.num_attention_heads % m.resolved_key_value_heads():
+            raise PonderError(f"model.num_key_value_heads={m.num_key_value_heads} must divide "
+                              f"num_attention_heads={m.num_attention_heads} (0: as many as the query heads)")
         if m.attention_backend not in ("sdpa", "flex"):
             raise PonderError(f"model.attention_backend must be sdpa or flex, not {m.attention_backend!r}")
         if t.dtype not in ("fp32", "bf16", "auto"):

@@ -51,10 +51,9 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch_size: int, max_slots: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", passes: int = 1):
-        heads = config.num_attention_heads
-        head_dim = config.hidden_size // heads
+        head_dim = config.hidden_size // config.num_attention_heads
         # Methods that run the layer stack several times per token (loop, ponderlm1) cache every pass's keys.
-        shape = (passes * config.num_hidden_layers, batch_size, heads, max_slots, head_dim)
+        shape = (passes * config.num_hidden_layers, batch_size, config.resolved_key_value_heads(), max_slots, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.key_bias = torch.zeros(batch_size, max_slots, dtype=torch.float32, device=device)
@@ -103,18 +102,28 @@ class Attention(nn.Module):
         super().__init__()
         self.flex = config.attention_backend == "flex"
         self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.resolved_key_value_heads()
         self.head_dim = config.hidden_size // self.num_heads
-        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        # Rows: the queries of every head, then the keys, then the values of every key/value head.
+        self.qkv_proj = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
+                                  bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None, layer: int, bias_column: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q, k, v = self.qkv_proj(x).view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        kv_width = self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split((self.num_heads * self.head_dim, kv_width, kv_width), dim=-1)
+        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # rotate in the activation dtype: no bf16 -> fp32 round trip
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.store(layer, k, v)
+        if self.num_kv_heads != self.num_heads:  # grouped-query attention: each key/value head serves a group
+            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         if bias_column is not None and self.flex and q.is_cuda:
             out = flex_biased_causal_attention(q, k, v, bias_column[:, 0, :, 0] / self.head_dim ** 0.5)
         elif bias_column is not None:
@@ -237,7 +246,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 class Transformer(nn.Module):
-    """Embedding, `num_hidden_layers` blocks, final RMSNorm and an untied `lm_head`."""
+    """Embedding, `num_hidden_layers` blocks, final RMSNorm and `lm_head` (untied unless tie_word_embeddings)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -249,8 +258,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
-        # sqrt(2.5 d) turns the init std sqrt(2 / 5d) into unit-scale token inputs (docs/design.md §3, every method).
-        self.embed_scale = math.sqrt(2.5 * d)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # sqrt(2.5 d) turns the init std sqrt(2 / 5d) into unit-scale token inputs (docs/design.md §2, every method).
+        self.embed_scale = math.sqrt(2.5 * d) if config.embedding_scale else 1.0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

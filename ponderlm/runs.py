@@ -22,9 +22,9 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch
         raise PonderError(f"{run_dir} has no checkpoint yet; train it first (`ponderlm train ... --out {run_dir}`)")
     tokenizer_path = run_dir / "tokenizer.json"
     tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.get_vocab_size() != config.model.vocab_size:
-        raise PonderError(f"{tokenizer_path} has {tokenizer.get_vocab_size()} tokens but the model was trained "
-                          f"with {config.model.vocab_size}; restore the run's original tokenizer.json")
+    if tokenizer.get_vocab_size() > config.model.vocab_size:  # an imported model may have spare embedding rows
+        raise PonderError(f"{tokenizer_path} has {tokenizer.get_vocab_size()} tokens but the model only "
+                          f"{config.model.vocab_size}; restore the run's original tokenizer.json")
     config.validate()
     model = build_model(config)
     metadata = load_model_weights(model, checkpoint)

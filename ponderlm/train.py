@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ponderlm import distributed
 from ponderlm.batching import WindowSampler
 from ponderlm.checkpoint import (latest_checkpoint, load_trainer_state, prepare_run_dir, read_model_weights,
-                                 read_run_config, require_run_tokenizer, save_checkpoint)
+                                 read_run_config, require_run_tokenizer, save_checkpoint, with_tied_weights)
 from ponderlm.config import Config
 from ponderlm.data import TokenShards, load_tokenizer, read_metadata
 from ponderlm.errors import PonderError
@@ -216,8 +216,11 @@ class Trainer:
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is None:
             return 0
-        distributed.load_full_model_state(self.wrapped, read_model_weights(checkpoint))
+        distributed.load_full_model_state(self.wrapped, with_tied_weights(self.model, read_model_weights(checkpoint)))
         state = load_trainer_state(checkpoint)
+        if "optimizer" not in state:
+            raise PonderError(f"{checkpoint} holds imported weights, not a training state; --resume continues "
+                              "runs that `ponderlm train` started")
         distributed.load_full_optimizer_state(self.wrapped, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_torch"])

@@ -1,0 +1,184 @@
+"""Hugging Face interop: a local Llama checkpoint becomes a run directory, and a `vanilla` run a Llama folder.
+
+`ponderlm import HF_DIR --out RUN_DIR` maps a `LlamaForCausalLM` folder (config.json, model.safetensors or sharded
+safetensors, tokenizer.json) onto our backbone: grouped-query attention, tied embeddings, rope_theta, rms_norm_eps
+and the intermediate size carry over, the embedding scale is off, bf16 weights become fp32 master weights. For a
+latent method the backbone is the imported one and the method's own parts (router, gates, pause embedding) keep
+their usual initialisation. `ponderlm export RUN_DIR --out HF_DIR` writes a `vanilla` run as a plain
+`LlamaForCausalLM` folder with our embedding scale folded into the embedding matrix.
+
+Both read and write files only (JSON and safetensors): `transformers` is needed by whoever loads an exported folder
+and by the tests that compare logits on both sides, not by this module.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ponderlm.checkpoint import latest_checkpoint, prepare_run_dir, read_model_weights, read_run_config, save_checkpoint
+from ponderlm.config import Config, load_config
+from ponderlm.errors import PonderError
+from ponderlm.files import atomic_write_text, sha256_file
+from ponderlm.methods import build_model
+from ponderlm.methods.vanilla import Vanilla
+
+# Our ModelConfig key <- the config.json key of a Hugging Face Llama.
+LLAMA_CONFIG_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
+                     "num_hidden_layers": "num_hidden_layers", "num_attention_heads": "num_attention_heads",
+                     "num_key_value_heads": "num_key_value_heads", "intermediate_size": "intermediate_size",
+                     "rms_norm_eps": "rms_norm_eps", "tie_word_embeddings": "tie_word_embeddings"}
+
+
+def _rope_theta(hf: dict) -> float:
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise PonderError(f"RoPE scaling {kind!r} is not supported; only plain RoPE (rope_type default) imports")
+    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def llama_model_settings(hf_dir: Path) -> dict:
+    """Our `model.*` settings for the Llama in hf_dir, or one line saying why it is not one we can import."""
+    path = hf_dir / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PonderError(f"cannot read {path} ({exc}); give a Hugging Face model folder") from None
+    if hf.get("model_type") != "llama":
+        raise PonderError(f"{path} describes model_type {hf.get('model_type')!r}; only llama imports")
+    if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise PonderError(f"{path}: only SiLU MLPs without biases import (hidden_act, attention_bias, mlp_bias)")
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+        raise PonderError(f"{path}: head_dim {head_dim} x {hf['num_attention_heads']} heads != hidden_size")
+    settings = {ours: hf[theirs] for ours, theirs in LLAMA_CONFIG_KEYS.items() if theirs in hf}
+    return {**settings, "rope_theta": _rope_theta(hf), "embedding_scale": False}
+
+
+def read_llama_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of model.safetensors, or of the shards model.safetensors.index.json lists."""
+    index = hf_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["model.safetensors"]
+    weights = {}
+    for name in files:
+        try:
+            weights.update(load_file(hf_dir / name))
+        except (OSError, SafetensorError) as exc:
+            raise PonderError(f"cannot read {hf_dir / name} ({exc}); only safetensors weights import") from None
+    return weights
+
+
+def backbone_state(hf_weights: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
+    """Hugging Face Llama tensors renamed (and q/k/v, gate/up fused) into our `backbone.*` names, in fp32."""
+    w = {name.removeprefix("model."): tensor.float() for name, tensor in hf_weights.items()}
+    state = {"backbone.embed_tokens.weight": w["embed_tokens.weight"], "backbone.norm.weight": w["norm.weight"]}
+    if not config.model.tie_word_embeddings:
+        state["backbone.lm_head.weight"] = w["lm_head.weight"]
+    for i in range(config.model.num_hidden_layers):
+        hf, ours = f"layers.{i}.", f"backbone.layers.{i}."
+        state[ours + "self_attn.qkv_proj.weight"] = torch.cat(
+            [w[f"{hf}self_attn.{p}_proj.weight"] for p in "qkv"])
+        state[ours + "mlp.gate_up_proj.weight"] = torch.cat([w[hf + "mlp.gate_proj.weight"],
+                                                             w[hf + "mlp.up_proj.weight"]])
+        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
+                     "post_attention_layernorm.weight"):
+            state[ours + name] = w[hf + name]
+    return state
+
+
+def import_llama(hf_dir: Path, run_dir: Path, method: str | None = None, overrides: list[str] | None = None,
+                 overwrite: bool = False) -> Config:
+    """Write a run directory (config, tokenizer, a step-0 checkpoint) holding the Llama in hf_dir."""
+    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
+    settings = llama_model_settings(hf_dir)
+    conflicts = [o for o in overrides or [] if o.split("=", 1)[0].removeprefix("model.") in settings]
+    if conflicts:
+        raise PonderError(f"the model shape comes from {hf_dir}; drop {conflicts[0].split('=')[0]}")
+    config = load_config(None, [f"method={method or Vanilla.name}", *(f"model.{k}={v}" for k, v in settings.items()),
+                                *(overrides or [])])
+    tokenizer = hf_dir / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise PonderError(f"{hf_dir} has no tokenizer.json (the fast tokenizer file); save the model's tokenizer "
+                          "there with save_pretrained")
+    model = build_model(config)
+    try:
+        state = backbone_state(read_llama_weights(hf_dir), config)
+    except KeyError as exc:
+        raise PonderError(f"{hf_dir} lacks the tensor {exc} of a {config.model.num_hidden_layers}-layer Llama") \
+            from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(name.startswith("backbone.") and name not in state for name in missing
+                         if not (config.model.tie_word_embeddings and name == "backbone.lm_head.weight")):
+        raise PonderError(f"the weights in {hf_dir} do not fit its config.json (missing {missing[:2]}, "
+                          f"unexpected {unexpected[:2]})")
+    with prepare_run_dir(run_dir, resume=False, overwrite=overwrite):
+        shutil.copyfile(tokenizer, run_dir / "tokenizer.json")
+        atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+        save_checkpoint(run_dir, 0, model.state_dict(), {"step": 0, "imported_from": str(hf_dir)},
+                        {"method": config.method, "tokenizer_sha256": sha256_file(tokenizer)}, keep_last=1)
+    return config
+
+
+def llama_config_json(config: Config, eos_id: int | None) -> dict:
+    m = config.model
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": m.vocab_size,
+            "hidden_size": m.hidden_size, "intermediate_size": m.resolved_intermediate_size(),
+            "num_hidden_layers": m.num_hidden_layers, "num_attention_heads": m.num_attention_heads,
+            "num_key_value_heads": m.resolved_key_value_heads(), "head_dim": m.hidden_size // m.num_attention_heads,
+            "hidden_act": "silu", "rms_norm_eps": m.rms_norm_eps, "rope_theta": m.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+            "max_position_embeddings": config.data.seq_len, "tie_word_embeddings": m.tie_word_embeddings,
+            "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32", "dtype": "float32",
+            "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": None}
+
+
+def export_llama(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    """Write the latest checkpoint of a vanilla run as a LlamaForCausalLM folder (config, weights, tokenizer)."""
+    from ponderlm.data import EOS_TOKEN, load_tokenizer
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    config = read_run_config(run_dir)
+    if config.method != Vanilla.name:
+        raise PonderError(f"{run_dir} is a {config.method} run; only {Vanilla.name} runs export (as "
+                          "LlamaForCausalLM) so far")
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise PonderError(f"{run_dir} has no checkpoint yet; train it first")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise PonderError(f"{out_dir} is not empty; choose a new folder or pass --overwrite")
+    m = config.model
+    w = {name.removeprefix("backbone."): tensor for name, tensor in read_model_weights(checkpoint).items()}
+    scale = build_model(config).backbone.embed_scale
+    if m.tie_word_embeddings and scale != 1.0:
+        raise PonderError("a run with tied embeddings and the embedding scale cannot be a plain Llama")
+    head_dim, kv = m.hidden_size // m.num_attention_heads, m.resolved_key_value_heads()
+    state = {"model.embed_tokens.weight": w["embed_tokens.weight"] * scale, "model.norm.weight": w["norm.weight"]}
+    if not m.tie_word_embeddings:
+        state["lm_head.weight"] = w["lm_head.weight"]
+    for i in range(m.num_hidden_layers):
+        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        q, k, v = w[ours + "self_attn.qkv_proj.weight"].split(
+            (m.num_attention_heads * head_dim, kv * head_dim, kv * head_dim))
+        gate, up = w[ours + "mlp.gate_up_proj.weight"].chunk(2)
+        parts = {"self_attn.q_proj": q, "self_attn.k_proj": k, "self_attn.v_proj": v, "mlp.gate_proj": gate,
+                 "mlp.up_proj": up}
+        state.update({f"{hf}{name}.weight": tensor for name, tensor in parts.items()})
+        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
+                     "post_attention_layernorm.weight"):
+            state[hf + name] = w[ours + name]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, out_dir / "model.safetensors", metadata={"format": "pt"})
+    eos_id = load_tokenizer(run_dir / "tokenizer.json").token_to_id(EOS_TOKEN)
+    atomic_write_text(out_dir / "config.json", json.dumps(llama_config_json(config, eos_id), indent=2) + "\n")
+    shutil.copyfile(run_dir / "tokenizer.json", out_dir / "tokenizer.json")
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN if eos_id is not None
+                        else None, "model_max_length": config.data.seq_len, "clean_up_tokenization_spaces": False}
+    atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
+    return out_dir
