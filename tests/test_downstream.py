@@ -144,3 +144,10 @@ def test_a_later_lm_eval_call_keeps_the_tasks_of_an_earlier_one(run, cache, caps
     assert set(json.loads((run / "lm_eval_step_0000002_tau0.5_limit3.json").read_text())["results"]) == \
         {"ponderlm_sciq", "ponderlm_piqa"}
     capsys.readouterr()
+
+
+def test_lm_eval_task_names_and_short_aliases_resolve_to_the_same_tasks_once():
+    from ponderlm.downstream import resolve_tasks
+
+    runnable, unavailable = resolve_tasks(["lambada_openai", "lambada", "arc_easy", "hellaswag", "race"])
+    assert runnable == ["lambada", "arc_easy", "hellaswag"] and list(unavailable) == ["race"]
