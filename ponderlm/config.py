@@ -79,6 +79,9 @@ class TrainConfig:
     # torch.compile each block: 1.29x faster ponderlm3 training steps on CPU, vanilla unchanged
     # (benchmarks/results/train_throughput.md); the first steps pay about a minute of compilation.
     compile: bool = True
+    # Start from the weights of this run directory or Hugging Face Llama folder (fresh optimizer); the model shape
+    # comes from it (`ponderlm train --init-from`). Every tensor whose name and shape fit is loaded.
+    init_from: str = ""
 
 
 @dataclass

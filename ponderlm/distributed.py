@@ -79,6 +79,10 @@ def parallelize(model: nn.Module, strategy: str, topology: Topology, compile_blo
     every layer (the first steps pay the compile time).
     """
     if compile_blocks:
+        # Every layer shares Block.forward's compile cache, and a latent method meets it with and without a key
+        # bias, in training and evaluation, at several slot counts: more variants than dynamo's default limit of 8
+        # (past which it silently runs the rest eagerly; seen in the demo's first evaluation).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in model.backbone.layers:
             block.compile()
     entry = Entry(model)

@@ -13,6 +13,7 @@ and by the tests that compare logits on both sides, not by this module.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -93,14 +94,19 @@ def backbone_state(hf_weights: dict[str, torch.Tensor], config: Config) -> dict[
     return state
 
 
+def _refuse_model_overrides(overrides: list[str], settings: dict, source: str) -> None:
+    keys = [o.split("=", 1)[0] for o in overrides]
+    conflicts = [k for k in keys if k.startswith("model.") and k.removeprefix("model.") in settings]
+    if conflicts:
+        raise PonderError(f"the model shape comes from {source}; drop --set {conflicts[0]}")
+
+
 def import_llama(hf_dir: Path, run_dir: Path, method: str | None = None, overrides: list[str] | None = None,
                  overwrite: bool = False) -> Config:
     """Write a run directory (config, tokenizer, a step-0 checkpoint) holding the Llama in hf_dir."""
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     settings = llama_model_settings(hf_dir)
-    conflicts = [o for o in overrides or [] if o.split("=", 1)[0].removeprefix("model.") in settings]
-    if conflicts:
-        raise PonderError(f"the model shape comes from {hf_dir}; drop {conflicts[0].split('=')[0]}")
+    _refuse_model_overrides(overrides or [], settings, str(hf_dir))
     config = load_config(None, [f"method={method or Vanilla.name}", *(f"model.{k}={v}" for k, v in settings.items()),
                                 *(overrides or [])])
     tokenizer = hf_dir / "tokenizer.json"
@@ -124,6 +130,41 @@ def import_llama(hf_dir: Path, run_dir: Path, method: str | None = None, overrid
         save_checkpoint(run_dir, 0, model.state_dict(), {"step": 0, "imported_from": str(hf_dir)},
                         {"method": config.method, "tokenizer_sha256": sha256_file(tokenizer)}, keep_last=1)
     return config
+
+
+def init_from_overrides(source: Path, overrides: list[str]) -> list[str]:
+    """`--set` overrides for a run that starts from `source` (a run directory or a Llama folder): its model shape,
+    then the user's (a conflicting `model.*` is an error), then train.init_from."""
+    source = Path(source)
+    if (source / "config.yaml").is_file():
+        settings = dataclasses.asdict(read_run_config(source).model)
+    elif (source / "config.json").is_file():
+        settings = llama_model_settings(source)
+    else:
+        raise PonderError(f"--init-from {source} is neither a run directory (config.yaml) nor a Hugging Face "
+                          "folder (config.json)")
+    _refuse_model_overrides(overrides, settings, f"--init-from {source}")
+    return [*(f"model.{k}={v}" for k, v in settings.items()), *overrides, f"train.init_from={source}"]
+
+
+def initial_weights(source: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of `source` (its latest checkpoint, or its Llama weights) that fit `model` by name and shape;
+    the backbone must fit entirely. Also checks that the source's tokenizer is the one the run trains with."""
+    source = Path(source)
+    if (source / "config.yaml").is_file():
+        checkpoint = latest_checkpoint(source)
+        if checkpoint is None:
+            raise PonderError(f"--init-from {source} has no checkpoint yet")
+        state = read_model_weights(checkpoint)
+    else:
+        state = backbone_state(read_llama_weights(source), model.config)
+    own = model.state_dict()
+    fitting = {name: tensor for name, tensor in state.items() if name in own and own[name].shape == tensor.shape}
+    unfit = [name for name in own if name.startswith("backbone.") and name not in fitting
+             and not (model.config.model.tie_word_embeddings and name == "backbone.lm_head.weight")]
+    if unfit:
+        raise PonderError(f"--init-from {source} does not hold {unfit[0]} in the shape this model needs")
+    return fitting
 
 
 def llama_config_json(config: Config, eos_id: int | None) -> dict:

@@ -30,6 +30,7 @@ from ponderlm.data import TokenShards, load_tokenizer, read_metadata
 from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_model
 from ponderlm.files import atomic_write_text, sha256_file
+from ponderlm.hf import initial_weights
 from ponderlm.methods import build_model
 
 # Keys a resumed run may change: they do not alter what is computed at a given step.
@@ -171,6 +172,8 @@ class Trainer:
         self.tokens_per_step = self.sequences_per_step * config.data.seq_len
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.model = build_model(config).to(topology.device)
+        if t.init_from and not resume:
+            self._init_from(Path(t.init_from), data_metadata)
         self._write_run_dir(resume, overwrite, data_metadata, held)
         self.wrapped = distributed.parallelize(self.model, config.distributed.strategy, topology, t.compile)
         self.optimizer = build_optimizer(self.model, config)
@@ -187,7 +190,7 @@ class Trainer:
         config = self.config
         data_meta = read_metadata(Path(config.data.path))
         vocab_size = data_meta["tokenizer"]["vocab_size"]
-        if config.model.vocab_size not in (0, vocab_size):
+        if 0 < config.model.vocab_size < vocab_size:  # more rows than tokens is fine (imported models pad)
             raise PonderError(f"model.vocab_size={config.model.vocab_size} but the tokenizer of {config.data.path} "
                               f"has {vocab_size} tokens; drop model.vocab_size to take it from the data")
         tokenizer_file = Path(config.data.path) / data_meta["tokenizer"]["file"]
@@ -196,10 +199,21 @@ class Trainer:
             raise PonderError(f"{tokenizer_file} has {tokenizer_vocab} tokens but "
                               f"the metadata.json beside it says {vocab_size}; re-run `ponderlm data prepare` "
                               "--overwrite for that directory")
-        config.model.vocab_size = vocab_size
+        config.model.vocab_size = config.model.vocab_size or vocab_size
         if resume:
             require_run_tokenizer(self.run_dir, Path(config.data.path), data_meta)
         return data_meta
+
+    def _init_from(self, source: Path, data_meta: dict) -> None:
+        """Load the weights a continued-pretraining run starts from; its tokenizer must be the data's."""
+        data_tokenizer = Path(self.config.data.path) / data_meta["tokenizer"]["file"]
+        if not (source / "tokenizer.json").is_file() or \
+                sha256_file(source / "tokenizer.json") != sha256_file(data_tokenizer):
+            raise PonderError(f"the data at {self.config.data.path} was not tokenized with the tokenizer of "
+                              f"--init-from {source}; prepare it with `ponderlm data prepare --tokenizer "
+                              f"{source / 'tokenizer.json'}`")
+        state = initial_weights(source, self.model)
+        self.model.load_state_dict(with_tied_weights(self.model, state), strict=False)
 
     def _write_run_dir(self, resume: bool, overwrite: bool, data_meta: dict, held: contextlib.ExitStack) -> None:
         """Lock (until `held` closes) and create or reuse the run directory on the main rank."""

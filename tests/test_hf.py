@@ -1,7 +1,9 @@
 """Hugging Face interop: a Llama folder imports with equal logits, and a vanilla run exports as one."""
 
 import json
+import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from ponderlm.cli import main
 from ponderlm.config import load_config
 from ponderlm.train import train
 
+FIXTURE_TEXTS = sorted((Path(__file__).parent / "fixtures" / "text").glob("*.txt"))
 transformers = pytest.importorskip("transformers")  # installed by `make test` (the `hf` extra)
 
 
@@ -115,3 +118,51 @@ def test_a_vanilla_run_exports_to_a_llama_that_transformers_loads_with_equal_log
     capsys.readouterr()
     assert_one_line_error(main(["export", str(p3), "--out", str(tmp_path / "hf3")]), capsys.readouterr().err,
                           "is a ponderlm3 run; only vanilla runs export")
+
+
+def test_continued_pretraining_of_an_imported_llama_with_ponderlm3(tiny_data_dir, tmp_path, capsys):
+    """prepare data with the model's own tokenizer, then train ponderlm3 from the Llama's weights for a few steps."""
+    hf = llama_folder(tmp_path / "hf", tiny_data_dir / "tokenizer.json")
+    data = tmp_path / "data"
+    assert main(["data", "prepare", "--out", str(data), "--files", *map(str, FIXTURE_TEXTS), "--tokenizer",
+                 str(tmp_path / "hf")]) == 0
+    meta = json.loads((data / "metadata.json").read_text())
+    assert meta["tokenizer"]["kind"] == "file" and (data / "tokenizer.json").read_bytes() == \
+        (tmp_path / "hf" / "tokenizer.json").read_bytes()
+    capsys.readouterr()
+    run = tmp_path / "run"
+    assert main(["train", "tiny", "--init-from", str(tmp_path / "hf"), "--out", str(run), "--set",
+                 f"data.path={data}", "--set", "method=ponderlm3", "--set", "ponder.extra_steps=2",
+                 "--set", "train.steps=3", "--set", "train.save_every=3"]) == 0
+    capsys.readouterr()
+    model, _ = ponderlm.load(run)
+    assert model.config.model.num_key_value_heads == 2 and model.config.model.hidden_size == 64
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(first["loss"])
+    # the run started from the Llama: after 3 small steps its weights are still close to the imported ones
+    start = hf.model.layers[0].mlp.down_proj.weight
+    moved = (model.backbone.layers[0].mlp.down_proj.weight - start).abs().max().item()
+    assert 0 < moved < 0.05 < start.abs().max().item()
+    code = main(["train", "tiny", "--init-from", str(tmp_path / "hf"), "--out", str(tmp_path / "r2"), "--set",
+                 f"data.path={tiny_data_dir}", "--set", "model.num_key_value_heads=4"])
+    assert_one_line_error(code, capsys.readouterr().err, "the model shape comes from --init-from",
+                          "model.num_key_value_heads")
+    (tmp_path / "hf" / "tokenizer.json").write_text((tmp_path / "hf" / "tokenizer.json").read_text() + " ")
+    code = main(["train", "tiny", "--init-from", str(tmp_path / "hf"), "--out", str(tmp_path / "r3"), "--set",
+                 f"data.path={data}"])
+    assert_one_line_error(code, capsys.readouterr().err, "was not tokenized with the tokenizer of --init-from",
+                          "data prepare --tokenizer")
+    assert not (tmp_path / "r3").exists()
+
+
+def test_continued_pretraining_from_a_run_directory_starts_from_its_weights(tiny_data_dir, tmp_path, capsys):
+    source = tmp_path / "vanilla"
+    train(load_config("tiny", [f"data.path={tiny_data_dir}", "train.steps=2"]), source, progress=False)
+    assert main(["train", "tiny", "--init-from", str(source), "--out", str(tmp_path / "p2"), "--set",
+                 f"data.path={tiny_data_dir}", "--set", "method=ponderlm2", "--set", "ponder.extra_steps=1",
+                 "--set", "train.steps=1", "--set", "train.lr=1e-9", "--set", "train.warmup_steps=0"]) == 0
+    capsys.readouterr()
+    before, _ = ponderlm.load(source)
+    after, _ = ponderlm.load(tmp_path / "p2")
+    torch.testing.assert_close(after.backbone.norm.weight, before.backbone.norm.weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(after.backbone.lm_head.weight, before.backbone.lm_head.weight, rtol=0, atol=1e-6)

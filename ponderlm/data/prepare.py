@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,8 +15,9 @@ from tqdm import tqdm
 from ponderlm.data.corpus import (Document, fetch_default_corpus, fetch_package, load_ptb, read_user_files,
                                   sha256_file, source_record, split_documents)
 from ponderlm.data.shards import METADATA_FILE, write_json_atomic, write_split
-from ponderlm.data.tokenizer import EOS_TOKEN, gpt2_tokenizer, save_tokenizer, train_tokenizer
+from ponderlm.data.tokenizer import EOS_TOKEN, given_tokenizer, gpt2_tokenizer, save_tokenizer, train_tokenizer
 from ponderlm.errors import PonderError
+from ponderlm.files import atomic_path
 
 SOURCES = ("default", "ptb", "files")
 TOKENIZERS = ("bpe", "gpt2")
@@ -92,8 +94,9 @@ def prepare(out_dir: Path, source: str = "default", files: list[Path] | None = N
     out_dir = Path(out_dir)
     if source not in SOURCES:
         raise PonderError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
-    if tokenizer not in TOKENIZERS:
-        raise PonderError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+    if tokenizer not in TOKENIZERS and not Path(tokenizer).exists():
+        raise PonderError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}, or give a "
+                          "tokenizer.json file or a Hugging Face folder holding one")
     if (source == "files") != bool(files):
         raise PonderError("pass input files exactly when the source is 'files' (e.g. --source files a.txt b.jsonl)")
     _check_out_dir(out_dir, overwrite)
@@ -109,11 +112,14 @@ def prepare(out_dir: Path, source: str = "default", files: list[Path] | None = N
                               "split your text into several files or jsonl lines")
         splits = split_documents(docs, seed=seed)
 
-    if tokenizer == "gpt2":
-        tok = gpt2_tokenizer(cache)
+    given = None
+    if tokenizer in TOKENIZERS:
+        tok = gpt2_tokenizer(cache) if tokenizer == "gpt2" else train_tokenizer((d.text for d in splits["train"]),
+                                                                                 vocab_size)
+        eos_id = tok.token_to_id(EOS_TOKEN)
     else:
-        tok = train_tokenizer((d.text for d in splits["train"]), vocab_size)
-    vocab, eos_id = tok.get_vocab_size(), tok.token_to_id(EOS_TOKEN)
+        tok, given, eos_id = given_tokenizer(Path(tokenizer))
+    vocab = tok.get_vocab_size()
 
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear(out_dir)
@@ -123,11 +129,16 @@ def prepare(out_dir: Path, source: str = "default", files: list[Path] | None = N
                                         shard_tokens)
         if words is not None:
             split_meta[split]["words"] = words[split]
-    save_tokenizer(tok, out_dir / TOKENIZER_FILE)
+    if given:  # byte for byte, so that runs and models using this file recognise it by its sha256
+        with atomic_path(out_dir / TOKENIZER_FILE) as tmp:
+            shutil.copyfile(given, tmp)
+    else:
+        save_tokenizer(tok, out_dir / TOKENIZER_FILE)
     metadata = {
         "format": 1,
         "source": source,
-        "tokenizer": {"file": TOKENIZER_FILE, "kind": tokenizer, "vocab_size": vocab, "eos_id": eos_id,
+        "tokenizer": {"file": TOKENIZER_FILE, "kind": "file" if given else tokenizer, "vocab_size": vocab,
+                      "eos_id": eos_id, **({"source": str(given)} if given else {}),
                       "sha256": sha256_file(out_dir / TOKENIZER_FILE)},
         "sources": sources,
         "seed": seed,

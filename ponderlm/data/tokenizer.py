@@ -47,6 +47,27 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return _finish(tok)
 
 
+EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<|eot_id|>", "<eos>")  # ours, Llama 2, Llama 3, Gemma
+
+
+def given_tokenizer(path: Path) -> tuple[Tokenizer, Path, int]:
+    """A tokenizer.json file, or the one in a Hugging Face folder: the tokenizer, its file, its end-of-document id
+    (tokenizer_config.json's eos_token if there is one beside it, else the first known EOS token it has)."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    tok = load_tokenizer(file)
+    named = None
+    config = file.parent / "tokenizer_config.json"
+    if config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token")
+        named = eos.get("content") if isinstance(eos, dict) else eos
+    for token in (named, *EOS_CANDIDATES):
+        if token is not None and tok.token_to_id(token) is not None:
+            return tok, file, tok.token_to_id(token)
+    raise PonderError(f"cannot tell the end-of-document token of {file}; put a tokenizer_config.json with "
+                      "eos_token beside it")
+
+
 def load_tokenizer(path: Path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
