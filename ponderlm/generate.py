@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import torch
 from tokenizers import Tokenizer
 
-from ponderlm.data import EOS_TOKEN
+from ponderlm.data import end_of_document_id
 from ponderlm.errors import PonderError
 
 
@@ -64,7 +64,7 @@ def generate(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100
     if not 0 <= max_new_tokens < context:
         raise PonderError(f"--max-new-tokens must be between 0 and {context - 1}: the model's context is {context} "
                           "tokens (data.seq_len), prompt included")
-    eos_id = tokenizer.token_to_id(EOS_TOKEN)
+    eos_id = end_of_document_id(tokenizer)
     ids = tokenizer.encode(prompt).ids or [eos_id]  # an empty prompt starts a new document
     if len(ids) + max_new_tokens > context:
         keep = context - max_new_tokens

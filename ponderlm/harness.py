@@ -18,7 +18,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from ponderlm.data import EOS_TOKEN
+from ponderlm.data import end_of_document_id
 from ponderlm.generate import continuation, sample_next
 
 
@@ -29,7 +29,7 @@ class PonderLMHarness(LM):
         self.model, self.tokenizer, self.tau, self.batch_size = model.eval(), tokenizer, tau, batch_size
         self.config = model.config
         self.max_length = self.config.data.seq_len  # the context the model was trained on
-        self.eos_id = tokenizer.token_to_id(EOS_TOKEN)
+        self.eos_id = end_of_document_id(tokenizer)
         self._device = model.backbone.lm_head.weight.device  # read through LM.device
         self.progress = progress
         self.compute = defaultdict(lambda: {"tokens": 0, "extra_steps": 0, "flops": 0.0})

