@@ -127,9 +127,9 @@ def _import(args) -> None:
 
 
 def _export(args) -> None:
-    from ponderlm.hf import export_llama
+    from ponderlm.hf import export_run
 
-    print_json({"hf_dir": str(export_llama(Path(args.run_dir), Path(args.out), args.overwrite))})
+    print_json({"hf_dir": str(export_run(Path(args.run_dir), Path(args.out), args.tau, args.overwrite))})
 
 
 def _sweep(args) -> None:
@@ -283,8 +283,11 @@ def _add_interop_commands(commands) -> None:
     imp.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     imp.set_defaults(handler=_import)
 
-    exp = commands.add_parser("export", help="write a vanilla run as a Hugging Face LlamaForCausalLM folder")
+    exp = commands.add_parser("export", help="write a run as a Hugging Face folder: vanilla as LlamaForCausalLM, "
+                              "other methods with their modeling code (trust_remote_code=True)")
     exp.add_argument("run_dir")
+    exp.add_argument("--tau", type=float, help="the pruning threshold the exported forward runs at (prunable "
+                     "methods; default: the run's ponder.tau)")
     exp.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, tokenizer)")
     exp.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     exp.set_defaults(handler=_export)

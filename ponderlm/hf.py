@@ -29,6 +29,7 @@ from ponderlm.files import atomic_write_text, sha256_file
 from ponderlm.methods import build_model
 from ponderlm.methods.vanilla import Vanilla
 
+REMOTE_CODE = Path(__file__).parent / "remote"  # modeling code an exported non-vanilla run ships with
 # Our ModelConfig key <- the config.json key of a Hugging Face Llama.
 LLAMA_CONFIG_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
                      "num_hidden_layers": "num_hidden_layers", "num_attention_heads": "num_attention_heads",
@@ -167,7 +168,7 @@ def initial_weights(source: Path, model: torch.nn.Module) -> dict[str, torch.Ten
     return fitting
 
 
-def llama_config_json(config: Config, eos_id: int | None) -> dict:
+def llama_config_json(config: Config) -> dict:
     m = config.model
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": m.vocab_size,
             "hidden_size": m.hidden_size, "intermediate_size": m.resolved_intermediate_size(),
@@ -176,24 +177,62 @@ def llama_config_json(config: Config, eos_id: int | None) -> dict:
             "hidden_act": "silu", "rms_norm_eps": m.rms_norm_eps, "rope_theta": m.rope_theta,
             "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
             "max_position_embeddings": config.data.seq_len, "tie_word_embeddings": m.tie_word_embeddings,
-            "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32", "dtype": "float32",
-            "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": None}
+            "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32", "dtype": "float32"}
 
 
-def export_llama(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
-    """Write the latest checkpoint of a vanilla run as a LlamaForCausalLM folder (config, weights, tokenizer)."""
-    from ponderlm.data import EOS_TOKEN, load_tokenizer
-
+def export_run(run_dir: Path, out_dir: Path, tau: float | None = None, overwrite: bool = False) -> Path:
+    """Write the latest checkpoint of a run as a folder `transformers` loads: a vanilla run as a plain
+    LlamaForCausalLM, any other method with its modeling code (trust_remote_code) running our inference at tau."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config = read_run_config(run_dir)
-    if config.method != Vanilla.name:
-        raise PonderError(f"{run_dir} is a {config.method} run; only {Vanilla.name} runs export (as "
-                          "LlamaForCausalLM) so far")
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise PonderError(f"{run_dir} has no checkpoint yet; train it first")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise PonderError(f"{out_dir} is not empty; choose a new folder or pass --overwrite")
+    if config.method == Vanilla.name:
+        if tau is not None:
+            raise PonderError(f"--tau applies to prunable methods; {run_dir} is a {Vanilla.name} run")
+        return _export_llama(run_dir, out_dir, config, checkpoint)
+    return _export_remote_code(run_dir, out_dir, config, checkpoint, tau)
+
+
+def _export_remote_code(run_dir: Path, out_dir: Path, config: Config, checkpoint: Path, tau: float | None) -> Path:
+    """The run's weights under `method.`, its whole config, and modeling code that builds the method from it."""
+    from ponderlm.config import check_tau
+
+    check_tau(tau)
+    model = build_model(config)
+    tau = model.resolve_tau(tau) if model.prunable else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = {f"method.{name}": tensor.contiguous() for name, tensor in read_model_weights(checkpoint).items()}
+    save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
+    for name in ("configuration_ponderlm.py", "modeling_ponderlm.py"):
+        shutil.copyfile(REMOTE_CODE / name, out_dir / name)
+    config_json = {"architectures": ["PonderLMForCausalLM"], "model_type": "ponderlm",
+                   "auto_map": {"AutoConfig": "configuration_ponderlm.PonderLMConfig",
+                                "AutoModelForCausalLM": "modeling_ponderlm.PonderLMForCausalLM"},
+                   "ponderlm": config.to_dict(), "tau": tau, "vocab_size": config.model.vocab_size}
+    _write_tokenizer_and_config(run_dir, out_dir, config, config_json)
+    return out_dir
+
+
+def _write_tokenizer_and_config(run_dir: Path, out_dir: Path, config: Config, config_json: dict) -> None:
+    from ponderlm.data import end_of_document_id, load_tokenizer
+
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    eos_id = end_of_document_id(tokenizer)
+    config_json = {**config_json, "eos_token_id": eos_id, "bos_token_id": None, "pad_token_id": None}
+    atomic_write_text(out_dir / "config.json", json.dumps(config_json, indent=2) + "\n")
+    shutil.copyfile(run_dir / "tokenizer.json", out_dir / "tokenizer.json")
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.data.seq_len,
+                        "eos_token": tokenizer.id_to_token(eos_id) if eos_id is not None else None,
+                        "clean_up_tokenization_spaces": False}
+    atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+def _export_llama(run_dir: Path, out_dir: Path, config: Config, checkpoint: Path) -> Path:
+    """A vanilla run as a plain LlamaForCausalLM: q/k/v and gate/up split, the embedding scale folded in."""
     m = config.model
     w = {name.removeprefix("backbone."): tensor for name, tensor in read_model_weights(checkpoint).items()}
     scale = build_model(config).backbone.embed_scale
@@ -216,10 +255,5 @@ def export_llama(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
             state[hf + name] = w[ours + name]
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, out_dir / "model.safetensors", metadata={"format": "pt"})
-    eos_id = load_tokenizer(run_dir / "tokenizer.json").token_to_id(EOS_TOKEN)
-    atomic_write_text(out_dir / "config.json", json.dumps(llama_config_json(config, eos_id), indent=2) + "\n")
-    shutil.copyfile(run_dir / "tokenizer.json", out_dir / "tokenizer.json")
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN if eos_id is not None
-                        else None, "model_max_length": config.data.seq_len, "clean_up_tokenization_spaces": False}
-    atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
+    _write_tokenizer_and_config(run_dir, out_dir, config, llama_config_json(config))
     return out_dir

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import ponderlm
+from ponderlm.checkpoint import save_checkpoint
 from ponderlm.cli import main
 from ponderlm.config import load_config
+from ponderlm.generate import generate
 from ponderlm.train import train
 
 FIXTURE_TEXTS = sorted((Path(__file__).parent / "fixtures" / "text").glob("*.txt"))
@@ -112,12 +114,7 @@ def test_a_vanilla_run_exports_to_a_llama_that_transformers_loads_with_equal_log
     back, _ = ponderlm.load(tmp_path / "back")
     with torch.no_grad():
         torch.testing.assert_close(back(ids), model(ids), rtol=0, atol=1e-4)
-    p3 = tmp_path / "p3"
-    train(load_config("tiny", [f"data.path={tiny_data_dir}", "train.steps=1", "method=ponderlm3"]), p3,
-          progress=False)
-    capsys.readouterr()
-    assert_one_line_error(main(["export", str(p3), "--out", str(tmp_path / "hf3")]), capsys.readouterr().err,
-                          "is a ponderlm3 run; only vanilla runs export")
+
 
 
 def test_continued_pretraining_of_an_imported_llama_with_ponderlm3(tiny_data_dir, tmp_path, capsys):
@@ -166,3 +163,27 @@ def test_continued_pretraining_from_a_run_directory_starts_from_its_weights(tiny
     after, _ = ponderlm.load(tmp_path / "p2")
     torch.testing.assert_close(after.backbone.norm.weight, before.backbone.norm.weight, rtol=0, atol=1e-6)
     torch.testing.assert_close(after.backbone.lm_head.weight, before.backbone.lm_head.weight, rtol=0, atol=1e-6)
+
+
+def test_a_ponderlm3_run_exports_with_its_modeling_code_and_generates(tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "p3"
+    train(load_config("tiny", [f"data.path={tiny_data_dir}", "train.steps=2", "method=ponderlm3",
+                               "ponder.extra_steps=2"]), run, progress=False)
+    model, tokenizer = ponderlm.load(run)
+    with torch.no_grad():  # a decisive router, so that tau prunes some tokens and not others
+        model.router.weight.normal_(0, 0.5)
+    weights = tmp_path / "p3" / "checkpoints" / "step_0000002"
+    save_checkpoint(run, 3, model.state_dict(), {"step": 3}, {"method": "ponderlm3"}, keep_last=1)
+    assert not weights.exists()
+    assert main(["export", str(run), "--out", str(tmp_path / "hf"), "--tau", "0.3"]) == 0
+    capsys.readouterr()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    ids = torch.randint(0, model.config.model.vocab_size, (2, 20))
+    with torch.no_grad():
+        expected, steps = model.infer(ids, 0.3)
+        torch.testing.assert_close(hf(ids).logits, expected, rtol=0, atol=1e-5)
+    assert 0 < steps.float().mean() < 2  # the export runs the pruned path at its tau
+    prompt = torch.tensor([tokenizer.encode("The king").ids])
+    generated = hf.generate(prompt, max_new_tokens=6, do_sample=False)
+    ours = generate(model, tokenizer, "The king", max_new_tokens=6, tau=0.3)
+    assert tokenizer.decode(generated[0, prompt.shape[1]:].tolist()).startswith(ours)
