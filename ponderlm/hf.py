@@ -1,14 +1,16 @@
-"""Hugging Face interop: a local Llama checkpoint becomes a run directory, and a `vanilla` run a Llama folder.
+"""Hugging Face interop: a local Llama checkpoint becomes a run directory (or a run's starting point), and a run
+a folder `transformers` loads.
 
 `ponderlm import HF_DIR --out RUN_DIR` maps a `LlamaForCausalLM` folder (config.json, model.safetensors or sharded
 safetensors, tokenizer.json) onto our backbone: grouped-query attention, tied embeddings, rope_theta, rms_norm_eps
 and the intermediate size carry over, the embedding scale is off, bf16 weights become fp32 master weights. For a
 latent method the backbone is the imported one and the method's own parts (router, gates, pause embedding) keep
-their usual initialisation. `ponderlm export RUN_DIR --out HF_DIR` writes a `vanilla` run as a plain
-`LlamaForCausalLM` folder with our embedding scale folded into the embedding matrix.
+their usual initialisation; `train --init-from` starts a new run from the same weights (or from a run directory).
+`ponderlm export RUN_DIR --out HF_DIR` writes a `vanilla` run as a plain `LlamaForCausalLM` folder with our
+embedding scale folded into the embedding matrix, and any other method with the modeling code in `remote/`.
 
-Both read and write files only (JSON and safetensors): `transformers` is needed by whoever loads an exported folder
-and by the tests that compare logits on both sides, not by this module.
+This module reads and writes files only (JSON and safetensors): `transformers` is needed by whoever loads an
+exported folder and by the tests that compare logits on both sides, not here.
 """
 
 from __future__ import annotations
