@@ -24,7 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ponderlm.checkpoint import latest_checkpoint, prepare_run_dir, read_model_weights, read_run_config, save_checkpoint
+from ponderlm.checkpoint import (latest_checkpoint, prepare_run_dir, read_model_weights, read_run_config,
+                                 save_checkpoint, with_tied_weights)
 from ponderlm.config import Config, load_config
 from ponderlm.errors import PonderError
 from ponderlm.files import atomic_write_text, sha256_file
@@ -117,16 +118,7 @@ def import_llama(hf_dir: Path, run_dir: Path, method: str | None = None, overrid
         raise PonderError(f"{hf_dir} has no tokenizer.json (the fast tokenizer file); save the model's tokenizer "
                           "there with save_pretrained")
     model = build_model(config)
-    try:
-        state = backbone_state(read_llama_weights(hf_dir), config)
-    except KeyError as exc:
-        raise PonderError(f"{hf_dir} lacks the tensor {exc} of a {config.model.num_hidden_layers}-layer Llama") \
-            from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(name.startswith("backbone.") and name not in state for name in missing
-                         if not (config.model.tie_word_embeddings and name == "backbone.lm_head.weight")):
-        raise PonderError(f"the weights in {hf_dir} do not fit its config.json (missing {missing[:2]}, "
-                          f"unexpected {unexpected[:2]})")
+    model.load_state_dict(with_tied_weights(model, initial_weights(hf_dir, model)), strict=False)
     with prepare_run_dir(run_dir, resume=False, overwrite=overwrite):
         shutil.copyfile(tokenizer, run_dir / "tokenizer.json")
         atomic_write_text(run_dir / "config.yaml", config.to_yaml())
@@ -151,22 +143,26 @@ def init_from_overrides(source: Path, overrides: list[str]) -> list[str]:
 
 
 def initial_weights(source: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors of `source` (its latest checkpoint, or its Llama weights) that fit `model` by name and shape;
-    the backbone must fit entirely. Also checks that the source's tokenizer is the one the run trains with."""
+    """The tensors of `source` (a run directory's latest checkpoint, or a Llama folder's weights) that fit `model` by
+    name and shape; the backbone must fit entirely, the method's own parts keep their init where they do not."""
     source = Path(source)
     if (source / "config.yaml").is_file():
         checkpoint = latest_checkpoint(source)
         if checkpoint is None:
-            raise PonderError(f"--init-from {source} has no checkpoint yet")
+            raise PonderError(f"{source} has no checkpoint yet")
         state = read_model_weights(checkpoint)
     else:
-        state = backbone_state(read_llama_weights(source), model.config)
+        try:
+            state = backbone_state(read_llama_weights(source), model.config)
+        except KeyError as exc:
+            raise PonderError(f"{source} lacks the tensor {exc} of a {model.config.model.num_hidden_layers}-layer "
+                              "Llama") from None
     own = model.state_dict()
     fitting = {name: tensor for name, tensor in state.items() if name in own and own[name].shape == tensor.shape}
     unfit = [name for name in own if name.startswith("backbone.") and name not in fitting
              and not (model.config.model.tie_word_embeddings and name == "backbone.lm_head.weight")]
     if unfit:
-        raise PonderError(f"--init-from {source} does not hold {unfit[0]} in the shape this model needs")
+        raise PonderError(f"{source} does not hold {unfit[0]} in the shape its config describes")
     return fitting
 
 

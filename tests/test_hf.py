@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import ponderlm
 from ponderlm.checkpoint import save_checkpoint
@@ -84,6 +85,12 @@ def test_import_errors_are_one_line(tiny_data_dir, tmp_path, capsys):
     assert_one_line_error(main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "r"), "--set",
                                 "model.hidden_size=32"]), capsys.readouterr().err,
                           "the model shape comes from", "model.hidden_size")
+    assert not (tmp_path / "r").exists()
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "model.norm.weight"}, tmp_path / "hf" / "model.safetensors",
+              metadata={"format": "pt"})
+    assert_one_line_error(main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "r")]),
+                          capsys.readouterr().err, "lacks the tensor 'norm.weight' of a 2-layer Llama")
     assert not (tmp_path / "r").exists()
     (tmp_path / "hf" / "tokenizer.json").unlink()
     assert_one_line_error(main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "r")]),
