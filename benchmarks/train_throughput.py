@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from machine import describe_machine  # noqa: E402
 from ponderlm import distributed  # noqa: E402
 from ponderlm.config import load_config, native_bf16  # noqa: E402
+from ponderlm.hf import llama_config_json  # noqa: E402
 from ponderlm.methods import build_model  # noqa: E402
 from ponderlm.train import build_optimizer  # noqa: E402
 
@@ -94,16 +95,10 @@ class Contender:
 
 
 def build_hf(config):
+    """The LlamaForCausalLM our vanilla exports as (`ponderlm.hf.llama_config_json`), with SDPA attention."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    m = config.model
-    hf_config = LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.resolved_intermediate_size(),
-        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_attention_heads, hidden_act="silu", max_position_embeddings=config.data.seq_len,
-        rms_norm_eps=m.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, attention_dropout=0.0, use_cache=False,
-        pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    hf_config = LlamaConfig.from_dict({**llama_config_json(config), "use_cache": False, "attention_dropout": 0.0})
     hf_config._attn_implementation = "sdpa"
     return LlamaForCausalLM(hf_config)
 

@@ -49,10 +49,9 @@ def evaluate_model(model: Method, shards: TokenShards, max_tokens: int | None = 
     if tokens == 0:
         raise PonderError(f"nothing to evaluate: max_tokens={max_tokens}, split {shards.split!r} holds {len(shards)} "
                           f"tokens, and a window needs data.seq_len + 1 = {config.data.seq_len + 1}")
-    count = tokens
     extra_steps = (histogram * torch.arange(len(histogram))).sum().item()
-    return {"loss": nll / count, "tokens": tokens, "mean_extra_steps": extra_steps / count,
-            "extra_steps_histogram": histogram.tolist(), "inference_flops_per_token": flops / count}
+    return {"loss": nll / tokens, "tokens": tokens, "mean_extra_steps": extra_steps / tokens,
+            "extra_steps_histogram": histogram.tolist(), "inference_flops_per_token": flops / tokens}
 
 
 def _load_for_eval(run_dir: Path, split: str, data_path: str | Path | None) -> tuple[Method, TokenShards, dict]:

@@ -33,6 +33,9 @@ from ponderlm.methods import build_model
 from ponderlm.methods.vanilla import Vanilla
 
 REMOTE_CODE = Path(__file__).parent / "remote"  # modeling code an exported non-vanilla run ships with
+# Per-layer weights that keep their name across the mapping (q/k/v and gate/up are fused on our side).
+SAME_NAME_LAYER_WEIGHTS = ("self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
+                           "post_attention_layernorm.weight")
 # Our ModelConfig key <- the config.json key of a Hugging Face Llama.
 LLAMA_CONFIG_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
                      "num_hidden_layers": "num_hidden_layers", "num_attention_heads": "num_attention_heads",
@@ -92,8 +95,7 @@ def backbone_state(hf_weights: dict[str, torch.Tensor], config: Config) -> dict[
             [w[f"{hf}self_attn.{p}_proj.weight"] for p in "qkv"])
         state[ours + "mlp.gate_up_proj.weight"] = torch.cat([w[hf + "mlp.gate_proj.weight"],
                                                              w[hf + "mlp.up_proj.weight"]])
-        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
-                     "post_attention_layernorm.weight"):
+        for name in SAME_NAME_LAYER_WEIGHTS:
             state[ours + name] = w[hf + name]
     return state
 
@@ -118,7 +120,7 @@ def import_llama(hf_dir: Path, run_dir: Path, method: str | None = None, overrid
         raise PonderError(f"{hf_dir} has no tokenizer.json (the fast tokenizer file); save the model's tokenizer "
                           "there with save_pretrained")
     model = build_model(config)
-    model.load_state_dict(with_tied_weights(model, initial_weights(hf_dir, model)), strict=False)
+    load_initial_weights(hf_dir, model)
     with prepare_run_dir(run_dir, resume=False, overwrite=overwrite):
         shutil.copyfile(tokenizer, run_dir / "tokenizer.json")
         atomic_write_text(run_dir / "config.yaml", config.to_yaml())
@@ -142,9 +144,10 @@ def init_from_overrides(source: Path, overrides: list[str]) -> list[str]:
     return [*(f"model.{k}={v}" for k, v in settings.items()), *overrides, f"train.init_from={source}"]
 
 
-def initial_weights(source: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors of `source` (a run directory's latest checkpoint, or a Llama folder's weights) that fit `model` by
-    name and shape; the backbone must fit entirely, the method's own parts keep their init where they do not."""
+def load_initial_weights(source: Path, model: torch.nn.Module) -> None:
+    """Load the tensors of `source` (a run directory's latest checkpoint, or a Llama folder's weights) that fit
+    `model` by name and shape; the backbone must fit entirely, the method's own parts keep their init where they do
+    not."""
     source = Path(source)
     if (source / "config.yaml").is_file():
         checkpoint = latest_checkpoint(source)
@@ -163,7 +166,7 @@ def initial_weights(source: Path, model: torch.nn.Module) -> dict[str, torch.Ten
              and not (model.config.model.tie_word_embeddings and name == "backbone.lm_head.weight")]
     if unfit:
         raise PonderError(f"{source} does not hold {unfit[0]} in the shape its config describes")
-    return fitting
+    model.load_state_dict(with_tied_weights(model, fitting), strict=False)
 
 
 def llama_config_json(config: Config) -> dict:
@@ -248,8 +251,7 @@ def _export_llama(run_dir: Path, out_dir: Path, config: Config, checkpoint: Path
         parts = {"self_attn.q_proj": q, "self_attn.k_proj": k, "self_attn.v_proj": v, "mlp.gate_proj": gate,
                  "mlp.up_proj": up}
         state.update({f"{hf}{name}.weight": tensor for name, tensor in parts.items()})
-        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
-                     "post_attention_layernorm.weight"):
+        for name in SAME_NAME_LAYER_WEIGHTS:
             state[hf + name] = w[ours + name]
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, out_dir / "model.safetensors", metadata={"format": "pt"})

@@ -30,7 +30,7 @@ from ponderlm.data import TokenShards, load_tokenizer, read_metadata
 from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_model
 from ponderlm.files import atomic_write_text, sha256_file
-from ponderlm.hf import initial_weights
+from ponderlm.hf import load_initial_weights
 from ponderlm.methods import build_model
 
 # Keys a resumed run may change: they do not alter what is computed at a given step.
@@ -163,7 +163,7 @@ class Trainer:
                  topology: distributed.Topology, held: contextlib.ExitStack):
         self.config, self.run_dir, self.topology = config, run_dir, topology
         # Everything that can refuse the run comes before the first write, so a refused run leaves nothing behind.
-        data_metadata = self._check_data(resume)
+        self.data_tokenizer = self._check_data(resume)
         self.train_shards = TokenShards(Path(config.data.path), "train")
         self.val_shards = TokenShards(Path(config.data.path), "val")
         t = config.train
@@ -173,8 +173,8 @@ class Trainer:
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.model = build_model(config).to(topology.device)
         if t.init_from and not resume:
-            self._init_from(Path(t.init_from), data_metadata)
-        self._write_run_dir(resume, overwrite, data_metadata, held)
+            self._init_from(Path(t.init_from))
+        self._write_run_dir(resume, overwrite, held)
         self.wrapped = distributed.parallelize(self.model, config.distributed.strategy, topology, t.compile)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s + 1, config) / t.lr)
@@ -185,8 +185,9 @@ class Trainer:
         if topology.is_main:
             self.metrics.truncate(self.start_step)
 
-    def _check_data(self, resume: bool) -> dict:
-        """The data's metadata, checked against the config (and, on --resume, the run's tokenizer)."""
+    def _check_data(self, resume: bool) -> Path:
+        """Check the data's metadata against the config (and, on --resume, the run's tokenizer); returns the data's
+        tokenizer file."""
         config = self.config
         data_meta = read_metadata(Path(config.data.path))
         vocab_size = data_meta["tokenizer"]["vocab_size"]
@@ -202,26 +203,24 @@ class Trainer:
         config.model.vocab_size = config.model.vocab_size or vocab_size
         if resume:
             require_run_tokenizer(self.run_dir, Path(config.data.path), data_meta)
-        return data_meta
+        return tokenizer_file
 
-    def _init_from(self, source: Path, data_meta: dict) -> None:
+    def _init_from(self, source: Path) -> None:
         """Load the weights a continued-pretraining run starts from; its tokenizer must be the data's."""
-        data_tokenizer = Path(self.config.data.path) / data_meta["tokenizer"]["file"]
         if not (source / "tokenizer.json").is_file() or \
-                sha256_file(source / "tokenizer.json") != sha256_file(data_tokenizer):
+                sha256_file(source / "tokenizer.json") != sha256_file(self.data_tokenizer):
             raise PonderError(f"the data at {self.config.data.path} was not tokenized with the tokenizer of "
                               f"--init-from {source}; prepare it with `ponderlm data prepare --tokenizer "
                               f"{source / 'tokenizer.json'}`")
-        state = initial_weights(source, self.model)
-        self.model.load_state_dict(with_tied_weights(self.model, state), strict=False)
+        load_initial_weights(source, self.model)
 
-    def _write_run_dir(self, resume: bool, overwrite: bool, data_meta: dict, held: contextlib.ExitStack) -> None:
+    def _write_run_dir(self, resume: bool, overwrite: bool, held: contextlib.ExitStack) -> None:
         """Lock (until `held` closes) and create or reuse the run directory on the main rank."""
         config, run_dir = self.config, self.run_dir
         if self.topology.is_main:
             held.enter_context(prepare_run_dir(run_dir, resume, overwrite))
             if not resume:
-                shutil.copyfile(Path(config.data.path) / data_meta["tokenizer"]["file"], run_dir / "tokenizer.json")
+                shutil.copyfile(self.data_tokenizer, run_dir / "tokenizer.json")
                 atomic_write_text(run_dir / "config.yaml", config.to_yaml())
         distributed.barrier(self.topology)
 

@@ -80,8 +80,8 @@ def read_metadata(data_dir: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != 1:
         raise PonderError(f"{path} is not a ponderlm data directory (format 1); {PREPARE_HINT} --overwrite")
     try:
-        vocab_size = meta["tokenizer"]["vocab_size"]
         _require_keys(meta["tokenizer"], ("file", "vocab_size"))
+        vocab_size = meta["tokenizer"]["vocab_size"]
         for name, info in meta["splits"].items():
             if info["dtype"] not in SHARD_DTYPES:
                 raise PonderError(f"{path}: split {name!r} has dtype {info['dtype']!r}, not one of "

@@ -103,8 +103,8 @@ class PonderLM2(Method):
         refine = options[int(torch.randint(len(options), ()))]  # torch's RNG: checkpointed, so resume is exact
         states = self.jacobi(input_ids, refine)
         output, _, stats = self._output_states(states)
-        return self._regularise(self.lm_loss(output, targets), stats), {k: v.item() if torch.is_tensor(v) else v for k, v in stats.items()
-                                               if not k.startswith("_")}
+        logged = {k: v.item() if torch.is_tensor(v) else v for k, v in stats.items() if not k.startswith("_")}
+        return self._regularise(self.lm_loss(output, targets), stats), logged
 
     def _regularise(self, loss: torch.Tensor, stats: dict) -> torch.Tensor:
         return loss

@@ -16,7 +16,6 @@ from .configuration_ponderlm import PonderLMConfig
 class PonderLMForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = PonderLMConfig
     base_model_prefix = "method"
-    _supports_cache_class = False
 
     def __init__(self, config: PonderLMConfig):
         super().__init__(config)
