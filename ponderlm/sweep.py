@@ -21,7 +21,7 @@ repeated; the table and plot give mean +- std over seeds, results.csv one row pe
 
 `lr_from` reuses the learning rate an earlier run chose (a longer budget need not search again).
 
-Resumable: a finished run is not retrained, an interrupted one continues from its last checkpoint, and an
+Resumable: the tables are rewritten after every run, a finished run is not retrained, an interrupted one continues from its last checkpoint, and an
 evaluation already stored in the run directory (same split, token budget and tau) is reused.
 """
 
@@ -140,7 +140,7 @@ def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None) -> lis
         chosen[run["name"]] = lr
         for seed in seeds:
             rows += _train_and_evaluate(recipe, run, lr, seed, out, progress)
-    write_results(rows, out, search)
+            write_results(rows, out, search)  # after every run, so a long sweep's finished part can be published
     return rows
 
 
