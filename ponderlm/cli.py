@@ -192,13 +192,16 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"ponderlm: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(data_only: bool = False) -> argparse.ArgumentParser:
+    """data_only: just the `data` commands, whose help needs no torch (the others list methods and presets), so
+    that `data prepare` and its worker processes never load it."""
     parser = OneLineParser(prog="ponderlm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _add_data_commands(commands)
-    _add_run_commands(commands)
-    _add_benchmark_commands(commands)
-    _add_interop_commands(commands)
+    if not data_only:
+        _add_run_commands(commands)
+        _add_benchmark_commands(commands)
+        _add_interop_commands(commands)
     return parser
 
 
@@ -347,7 +350,8 @@ def _add_benchmark_commands(commands) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(data_only=argv[:1] == ["data"]).parse_args(argv)
     try:
         args.handler(args)
     except PonderError as exc:

@@ -43,6 +43,7 @@ TOKENIZERS = ("bpe", "gpt2")
 SPLITS = ("train", "val", "test")
 TOKENIZER_FILE = "tokenizer.json"
 SAMPLE_BYTES = 256 << 20  # BPE training text: enough for a stable vocabulary, bounded memory
+ENCODE_BATCH = 256  # documents per encode_batch call in a worker
 
 
 def resolve_cache_dir(cache_dir: Path | None = None) -> Path:
@@ -101,16 +102,20 @@ def encode_piece(piece: Piece) -> Encoded:
     texts = piece_texts(piece, _WORKER["text_field"])
     rule: SplitRule = _WORKER["rule"]
     placed = [(piece.split, 0.0, "") for _ in texts] if piece.split else [rule.place(t) for t in texts]
-    ids = [e.ids for e in _WORKER["tok"].encode_batch(texts, add_special_tokens=False)]
-    eos, tokens, documents = [_WORKER["eos"]], {}, {}
-    for split in SPLITS:
-        mine = [doc for doc, (where, _, _) in zip(ids, placed) if where == split]
-        if mine:
-            count = sum(map(len, mine)) + len(mine)
-            stream = itertools.chain.from_iterable(itertools.chain.from_iterable((doc, eos) for doc in mine))
-            tokens[split], documents[split] = np.fromiter(stream, dtype=np.int64, count=count), len(mine)
+    parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    eos = [_WORKER["eos"]]
+    for start in range(0, len(texts), ENCODE_BATCH):  # tokenizers' Encoding objects are large: few at a time
+        batch = _WORKER["tok"].encode_batch(texts[start:start + ENCODE_BATCH], add_special_tokens=False)
+        for split in SPLITS:
+            mine = [e.ids for e, (where, _, _) in zip(batch, placed[start:]) if where == split]
+            if mine:
+                stream = itertools.chain.from_iterable(itertools.chain.from_iterable((ids, eos) for ids in mine))
+                parts[split].append(np.fromiter(stream, dtype=np.int64, count=sum(map(len, mine)) + len(mine)))
+    documents = collections.Counter(where for where, _, _ in placed)
+    tokens = {split: np.concatenate(arrays) for split, arrays in parts.items() if arrays}
     nearest = {} if piece.split else _nearest(placed, rule)  # to fill a split that a large corpus left empty
-    return Encoded(piece.file_index, piece.size, sum(map(len, texts)), tokens, documents, nearest)
+    return Encoded(piece.file_index, piece.size, sum(map(len, texts)), tokens,
+                   {split: documents[split] for split in tokens}, nearest)
 
 
 @contextlib.contextmanager
