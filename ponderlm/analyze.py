@@ -106,6 +106,7 @@ def analyze_run(run_dir: str | Path, split: str = "test", max_tokens: int = 1638
     if not model.adaptive:
         raise PonderError(f"analyze needs a run of an adaptive method; {run_dir} is {config.method}, which runs a "
                           "fixed number of steps for every token")
+    model.check_tau_applies(tau)
     tau = model.resolve_tau(tau)
     data_dir = Path(data_path or config.data.path)
     require_run_tokenizer(run_dir, data_dir, read_metadata(data_dir))

@@ -114,6 +114,7 @@ def _generate(args) -> None:
 
     check_tau(args.tau)
     model, tokenizer = load(args.run_dir)
+    model.check_tau_applies(args.tau)
 
     def emit(piece: str) -> None:
         sys.stdout.write(piece)

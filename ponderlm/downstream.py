@@ -187,6 +187,7 @@ def run_lm_eval(run_dir: Path, tasks: list[str], limit: int | None = None, tau: 
     from ponderlm.harness import PonderLMHarness
 
     model, tokenizer = load(run_dir)
+    model.check_tau_applies(tau)
     harness = PonderLMHarness(model, tokenizer, tau=tau, batch_size=batch_size, progress=progress)
     results: dict = {"results": {}}
     if runnable:

@@ -67,6 +67,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None
     """The `ponderlm eval` JSON. with_soft=False skips a prunable method's soft loss (it does not depend on tau)."""
     check_tau(tau)
     model, shards, metadata = _load_for_eval(Path(run_dir), split, data_path)
+    model.check_tau_applies(tau)
     config = model.config
     measured = evaluate_model(model, shards, max_tokens, tau)
     result = {"method": config.method, "split": split, "loss": measured["loss"], "ppl": math.exp(measured["loss"]),

@@ -29,7 +29,7 @@ from ponderlm.checkpoint import (latest_checkpoint, prepare_run_dir, read_model_
 from ponderlm.config import Config, load_config
 from ponderlm.errors import PonderError
 from ponderlm.files import atomic_write_text, sha256_file
-from ponderlm.methods import build_model
+from ponderlm.methods import METHODS, build_model
 from ponderlm.methods.vanilla import Vanilla
 
 REMOTE_CODE = Path(__file__).parent / "remote"  # modeling code an exported non-vanilla run ships with
@@ -191,9 +191,8 @@ def export_run(run_dir: Path, out_dir: Path, tau: float | None = None, overwrite
         raise PonderError(f"{run_dir} has no checkpoint yet; train it first")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise PonderError(f"{out_dir} is not empty; choose a new folder or pass --overwrite")
+    METHODS[config.method].check_tau_applies(tau)
     if config.method == Vanilla.name:
-        if tau is not None:
-            raise PonderError(f"--tau applies to prunable methods; {run_dir} is a {Vanilla.name} run")
         return _export_llama(run_dir, out_dir, config, checkpoint)
     return _export_remote_code(run_dir, out_dir, config, checkpoint, tau)
 

@@ -76,13 +76,13 @@ def test_generate_and_eval_of_a_latent_run_report_its_steps(method, tiny_data_di
     assert main(["train", "tiny", "--out", str(run), "--set", f"method={method}", "--set", f"data.path={tiny_data_dir}",
                  "--set", "train.steps=2", "--set", "ponder.extra_steps=2"]) == 0
     capsys.readouterr()
-    assert main(["generate", str(run), "--prompt", "Four score", "--max-new-tokens", "4", "--show-steps",
-                 "--tau", "0"]) == 0
+    tau = ["--tau", "0"] if method == "ponderlm3" else []  # ponderlm2 does not prune: it always runs every slot
+    assert main(["generate", str(run), "--prompt", "Four score", "--max-new-tokens", "4", "--show-steps", *tau]) == 0
     shown = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert 1 <= len(shown["extra_steps_per_generated_token"]) <= 4
     assert set(shown["extra_steps_per_generated_token"]) == {2}  # tau = 0 runs every slot
 
-    assert main(["eval", str(run), "--max-tokens", "200", "--tau", "0"]) == 0
+    assert main(["eval", str(run), "--max-tokens", "200", *tau]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["mean_extra_steps"] == 2 and sum(result["extra_steps_histogram"]) == result["tokens"]
     if method == "ponderlm3":  # tau = 0 keeps every slot: the pruned forward is the soft forward
@@ -96,6 +96,14 @@ def test_generate_and_eval_of_a_latent_run_report_its_steps(method, tiny_data_di
     else:
         code, _, err = run_cli(capsys, "eval", str(run), "--taus", "0,0.5")
         assert_one_line_error(code, err, "--taus needs a run of a prunable method")
+
+
+@pytest.mark.parametrize("command", [["eval"], ["generate", "--prompt", "Four"], ["export", "--out", "EXPORT"]])
+def test_tau_is_refused_for_a_method_that_does_not_prune(command, trained_run, tmp_path, capsys):
+    argv = [command[0], str(trained_run), *[str(tmp_path / "hf") if a == "EXPORT" else a for a in command[1:]]]
+    code, _, err = run_cli(capsys, *argv, "--tau", "0.1")
+    assert_one_line_error(code, err, "--tau applies to methods that prune", "vanilla runs do not")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_generate_command_streams_the_continuation(trained_run, capsys):

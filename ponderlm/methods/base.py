@@ -94,6 +94,13 @@ class Method(nn.Module, ABC):
         """The pruning threshold a call runs at."""
         return self.config.ponder.tau if tau is None else tau
 
+    @classmethod
+    def check_tau_applies(cls, tau: float | None) -> None:
+        """Every command with --tau refuses it for a method that does not prune, rather than ignore it."""
+        if tau is not None and not cls.prunable:
+            raise PonderError(f"--tau applies to methods that prune their latent steps; {cls.name} runs do not "
+                              "(drop --tau)")
+
     # ----- decoding with a KV cache -----
 
     def new_cache(self, batch_size: int, max_tokens: int, dtype: torch.dtype = torch.float32) -> KVCache:
