@@ -95,6 +95,7 @@ class PonderConfig:
     backprop_passes: int = 0  # backpropagate through only the last N Jacobi passes; 0 = all of them
     router_init_bias: float = 0.0  # added to the router's k = K logit at init (> 0 starts near ponderlm2)
     router_warmup_steps: int = 0  # ponderlm3 trains as ponderlm2 (s = one-hot K) for its first N steps
+    router_fixed: list[float] = field(default_factory=list)  # ablation: this s (K + 1 values) for every token
     penalty: float = 0.0  # lambda: weight of the expected extra steps in the loss
     tau: float = 1e-4  # inference pruning: keep latent slot k while its tail mass w_k >= tau
     renormalize_pruned: bool = True  # divide the truncated mixture by its kept mass (false: the ablation)
@@ -177,6 +178,10 @@ class Config:
             raise PonderError("ponder.extra_steps, the refine passes, backprop_passes and router_warmup_steps must be "
                               ">= 0, and ponder.train_refine_passes a non-empty list")
         check_tau(p.tau, "ponder.tau")
+        if p.router_fixed and (len(p.router_fixed) != p.extra_steps + 1 or min(p.router_fixed) <= 0
+                               or abs(sum(p.router_fixed) - 1) > 1e-6):
+            raise PonderError(f"ponder.router_fixed must hold extra_steps + 1 = {p.extra_steps + 1} positive values "
+                              f"summing to 1, got {list(p.router_fixed)}")
         if p.penalty < 0:
             raise PonderError(f"ponder.penalty must be >= 0, got {p.penalty}")
         return self

@@ -46,6 +46,9 @@ class Halting(PonderLM3):
 
     def __init__(self, config: Config):
         super(PonderLM3, self).__init__(config)  # PonderLM-2's backbone and slots; gates instead of a router
+        if config.ponder.router_fixed:
+            raise PonderError(f"ponder.router_fixed is an ablation of {PonderLM3.name}'s router; {self.name} has "
+                              "gates instead")
         K, d = self.max_extra_steps, config.model.hidden_size
         count = K if self.options.gate == "per_step" else 1
         self.gates = nn.ModuleList(nn.Linear(d, 1) for _ in range(count))

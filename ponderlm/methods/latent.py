@@ -192,6 +192,8 @@ class PonderLM3(PonderLM2):
             # `0 * logits` keeps the router in the graph (zero gradient), so DDP sees every parameter used.
             logits = 0 * logits + torch.full_like(logits, -1e4).index_fill_(-1, torch.tensor(self.max_extra_steps),
                                                                             0.0)
+        elif self.config.ponder.router_fixed:  # the ablation: one s for every token, nothing learned
+            logits = 0 * logits + torch.tensor(self.config.ponder.router_fixed, device=logits.device).log()
         return logits.softmax(-1), log_tail_mass(logits)
 
     def loss(self, input_ids, targets, train_step=None):

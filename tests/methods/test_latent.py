@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ponderlm.config import load_config
+from ponderlm.errors import PonderError
 from ponderlm.methods import build_model
 from ponderlm.methods.latent import log_tail_mass
 
@@ -121,6 +122,28 @@ def _attached_bias(model, route, states, slots):
     log_w = route(model, states)[1][..., :slots].clone()
     log_w[..., 0] = 0.0
     return log_w.flatten(1, 2)
+
+
+def test_fixed_router_ablation_uses_one_distribution_for_every_token():
+    fixed = [0.96, 0.02, 0.02]
+    p3 = make("ponderlm3", f"ponder.router_fixed={fixed}", "ponder.router_warmup_steps=1").train()
+    sharpen_router(p3, 0.3)  # a router that would vary by token: it must not matter
+    ids, targets = torch.randint(0, VOCAB, (2, 8)), torch.randint(0, VOCAB, (2, 8))
+    assert p3.loss(ids, targets, train_step=1)[1]["step_mass_2"] == 1.0  # the warm-up comes first
+    p3.zero_grad()
+    loss, stats = p3.loss(ids, targets, train_step=2)
+    loss.backward()
+    assert [float(stats[f"step_mass_{k}"]) for k in range(3)] == pytest.approx(fixed)
+    assert float(stats["expected_extra_steps"]) == pytest.approx(0.06)  # w_1 + w_2 = 0.04 + 0.02
+    assert p3.router.weight.grad.abs().sum() == 0
+    p3.eval()
+    # w_1 = 0.04, w_2 = 0.02: tau = 0.03 keeps exactly one latent slot for every token.
+    assert (p3.infer(ids, tau=0.03)[1] == 1).all() and (p3.infer(ids, tau=0.05)[1] == 0).all()
+    for bad in ("[0.5,0.5]", "[0.5,0.6,-0.1]", "[0.3,0.3,0.3]"):
+        with pytest.raises(PonderError, match="ponder.router_fixed must hold extra_steps \\+ 1 = 3 positive"):
+            make("ponderlm3", f"ponder.router_fixed={bad}")
+    with pytest.raises(PonderError, match="ablation of ponderlm3's router; halting has gates"):
+        make("halting", f"ponder.router_fixed={fixed}")
 
 
 def test_router_warmup_trains_as_ponderlm2_then_hands_over_to_the_router():
