@@ -94,9 +94,6 @@ class _HashingReader:
         self.count += len(data)
         return data
 
-    def readable(self) -> bool:
-        return True
-
 
 def read_pieces(path: Path, file_index: int, record: dict, text_field: str = "text",
                 piece_bytes: int = PIECE_BYTES) -> Iterator[Piece]:

@@ -269,14 +269,15 @@ def _packaged(source: str, cache: Path, rule: SplitRule) -> Source:
     def pieces() -> Iterator[Piece]:
         for split in SPLITS:
             batch, size = [], 0
-            for doc in splits[split] + [None]:
-                if doc is None or size >= PIECE_BYTES:
-                    if batch:
-                        yield Piece(0, source, "texts", batch, size, split=split)
+            for doc in splits[split]:
+                batch.append(doc.text)
+                size += len(doc.text)
+                if size >= PIECE_BYTES:
+                    yield Piece(0, source, "texts", batch, size, split=split)
                     batch, size = [], 0
-                if doc is not None:
-                    batch.append(doc.text)
-                    size += len(doc.text)
+            if batch:
+                yield Piece(0, source, "texts", batch, size, split=split)
+
     total = sum(len(d.text) for split in SPLITS for d in splits[split])
     return Source(pieces, total, lambda rule: (d.text for d in splits["train"]), records, words)
 
