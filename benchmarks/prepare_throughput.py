@@ -147,6 +147,15 @@ def write_report(args, corpus_bytes, text_bytes, tokenizer_seconds, prepared, bp
     tokens = sum(info["tokens"] for info in meta["splits"].values())
     cpu, cores = machine_info()
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/prepare_throughput.py", *sys.argv[1:]])
+
+    def tokenizer_row(label: str, took: float) -> str:
+        return f"| `tokenizers` encode_batch, {label} | {took:.1f} | {text_bytes / mb / took:.1f} | | | |"
+
+    def prepare_row(label: str, took: float, peak_bytes: int, ratio_format: str) -> str:
+        ratio = ratio_format.format(text_bytes / mb / took / tokenizer_rate)
+        return (f"| {label} | {took:.1f} | {text_bytes / mb / took:.1f} | {corpus_bytes / mb / took:.1f} | "
+                f"{peak_bytes / mb:,.0f} | {ratio} |")
+
     lines = [
         "# `data prepare` throughput against `tokenizers` alone", "", "```", command, "```", "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {cpu}, {cores} cores; "
@@ -154,20 +163,17 @@ def write_report(args, corpus_bytes, text_bytes, tokenizer_seconds, prepared, bp
         f"- corpus: {corpus_bytes / mb:,.0f} MB of jsonl in {args.files} files ({text_bytes / mb:,.0f} MB of text), "
         f"{tokens:,} tokens; BPE vocab 8,192",
         f"- prepare: {meta['timings']['workers']} workers, {len(meta['splits']['train']['shards'])} train shards", "",
-        "| contender | seconds | text MB/s | jsonl MB/s | peak PSS, all processes (MB) | ratio to tokenizers |", "|---|---|---|---|---|---|",
-        f"| `tokenizers` encode_batch, first run | {tokenizer_seconds[0]:.1f} | {text_bytes / mb / tokenizer_seconds[0]:.1f}"
-        " | | | |",
-        f"| `ponderlm data prepare --tokenizer FILE` | {seconds:.1f} | {text_bytes / mb / seconds:.1f} | "
-        f"{corpus_bytes / mb / seconds:.1f} | {peak / mb:,.0f} | **{text_bytes / mb / seconds / tokenizer_rate:.2f}** |",
-        f"| `tokenizers` encode_batch, second run | {tokenizer_seconds[1]:.1f} | "
-        f"{text_bytes / mb / tokenizer_seconds[1]:.1f} | | | |",
+        "| contender | seconds | text MB/s | jsonl MB/s | peak PSS, all processes (MB) | ratio to tokenizers |",
+        "|---|---|---|---|---|---|",
+        tokenizer_row("first run", tokenizer_seconds[0]),
+        prepare_row("`ponderlm data prepare --tokenizer FILE`", seconds, peak, "**{:.2f}**"),
+        tokenizer_row("second run", tokenizer_seconds[1]),
     ]
     if bpe is not None:
         b_seconds, b_peak, b_meta = bpe
-        lines.append(f"| `ponderlm data prepare` (trains its BPE on {b_meta['tokenizer']['sample_bytes'] / mb:,.0f} MB "
-                     f"in {b_meta['tokenizer']['training_seconds']:.0f} s) | {b_seconds:.1f} | "
-                     f"{text_bytes / mb / b_seconds:.1f} | {corpus_bytes / mb / b_seconds:.1f} | {b_peak / mb:,.0f} | "
-                     f"{text_bytes / mb / b_seconds / tokenizer_rate:.2f} |")
+        label = (f"`ponderlm data prepare` (trains its BPE on {b_meta['tokenizer']['sample_bytes'] / mb:,.0f} MB "
+                 f"in {b_meta['tokenizer']['training_seconds']:.0f} s)")
+        lines.append(prepare_row(label, b_seconds, b_peak, "{:.2f}"))
     lines += ["", "Timings recorded in the prepared metadata.json: " + json.dumps(meta["timings"])]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -229,7 +229,8 @@ def _add_data_commands(commands) -> None:
                       "or Hugging Face folder (a model's own tokenizer, e.g. for --init-from)")
     prep.add_argument("--tokenizer-sample-bytes", type=positive_int, default=SAMPLE_BYTES,
                       help=f"train the BPE on at most this much training text (default {SAMPLE_BYTES >> 20} MiB)")
-    prep.add_argument("--workers", type=positive_int, help="tokenizing processes (default: every core; 1: tokenize in this process)")
+    prep.add_argument("--workers", type=positive_int,
+                      help="tokenizing processes (default: every core; 1: tokenize in this process)")
     prep.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for val (default 0.05)")
     prep.add_argument("--test-fraction", type=float, default=0.05, help="share of documents for test (default 0.05)")
     prep.add_argument("--shard-tokens", type=positive_int, default=50_000_000, help="tokens per shard file")

@@ -21,8 +21,9 @@ repeated; the table and plot give mean +- std over seeds, results.csv one row pe
 
 `lr_from` reuses the learning rate an earlier run chose (a longer budget need not search again).
 
-Resumable: the tables are rewritten after every run, a finished run is not retrained, an interrupted one continues from its last checkpoint, and an
-evaluation already stored in the run directory (same split, token budget and tau) is reused.
+Resumable: the tables are rewritten after every run, a finished run is not retrained, an interrupted one continues
+from its last checkpoint, and an evaluation already stored in the run directory (same split, token budget and tau)
+is reused.
 """
 
 from __future__ import annotations

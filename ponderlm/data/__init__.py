@@ -8,6 +8,6 @@ from ponderlm.data.tokenizer import EOS_TOKEN, end_of_document_id, gpt2_tokenize
 
 __all__ = [
     "Document", "EOS_TOKEN", "SplitRule", "SplitWriter", "TokenShards", "end_of_document_id", "expand_inputs",
-    "fetch_default_corpus", "gpt2_tokenizer", "iter_texts", "load_ptb", "load_tokenizer", "piece_texts", "prepare", "read_metadata",
-    "read_pieces", "resolve_cache_dir", "split_documents", "train_tokenizer", "write_split",
+    "fetch_default_corpus", "gpt2_tokenizer", "iter_texts", "load_ptb", "load_tokenizer", "piece_texts", "prepare",
+    "read_metadata", "read_pieces", "resolve_cache_dir", "split_documents", "train_tokenizer", "write_split",
 ]

@@ -167,7 +167,8 @@ def _table_pieces(path: Path, file_index: int, text_field: str, size: int, suffi
             if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
                 raise PonderError(f"{path}: column '{text_field}' holds {column.type}, not text")
             start, done = done, done + batch.num_rows
-            yield Piece(file_index, str(path), "table", column, size * done // max(rows, 1) - size * start // max(rows, 1))
+            share = size * done // max(rows, 1) - size * start // max(rows, 1)  # the file's bytes, pro rata
+            yield Piece(file_index, str(path), "table", column, share)
     except PonderError:
         raise
     except Exception as exc:  # pyarrow raises a variety of types for corrupt files

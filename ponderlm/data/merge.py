@@ -29,10 +29,15 @@ def _check_parts(parts: list[Path]) -> list[dict]:
         if meta["tokenizer"].get("sha256") != first.get("sha256"):
             raise PonderError(f"{part} was prepared with another tokenizer than {parts[0]}; prepare every part with "
                               f"--tokenizer {parts[0] / TOKENIZER_FILE}")
-        if meta.get("seed") != metas[0].get("seed") or meta.get("split_rule", {}).get("val_fraction") != \
-                metas[0].get("split_rule", {}).get("val_fraction"):
+        if _split_settings(meta) != _split_settings(metas[0]):
             raise PonderError(f"{part} was split with another seed or other fractions than {parts[0]}")
     return metas
+
+
+def _split_settings(meta: dict) -> tuple:
+    """What decides a document's split: the seed and the rule (the documents a tiny part moved are its own)."""
+    rule = {key: value for key, value in (meta.get("split_rule") or {}).items() if key != "moved"}
+    return meta.get("seed"), rule
 
 
 def _place(shard: Path, target: Path, sha256: str) -> None:

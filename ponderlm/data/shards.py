@@ -39,8 +39,7 @@ class SplitWriter:
         self.dtype = token_dtype(vocab_size)
         self.shards: list[dict] = []
         self.tokens, self.documents = 0, 0
-        self._stack = contextlib.ExitStack()
-        self._handle = None
+        self._handle = None  # the open shard's file; _open also sets _stack, _name, _digest, _fill
         self.write(np.array([eos_id]))  # the leading EOS: every document's first token gets a predecessor
 
     def write(self, tokens: np.ndarray, documents: int = 0) -> None:

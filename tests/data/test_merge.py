@@ -55,6 +55,10 @@ def test_merge_refuses_other_tokenizers_and_corrupt_shards(parts, tmp_path):
             cache_dir=tmp_path)
     with pytest.raises(PonderError, match="another tokenizer.*--tokenizer"):
         merge([parts[0], tmp_path / "c"], tmp_path / "m")
+    prepare(tmp_path / "d", source="files", files=[_jsonl(tmp_path / "d.jsonl", 1000, 100)], test_fraction=0.1,
+            tokenizer=str(parts[0] / "tokenizer.json"), cache_dir=tmp_path)
+    with pytest.raises(PonderError, match="another seed or other fractions"):
+        merge([parts[0], tmp_path / "d"], tmp_path / "m")
     with pytest.raises(PonderError, match="at least two"):
         merge([parts[0]], tmp_path / "m")
     shard = parts[1] / "train_0001.bin"
