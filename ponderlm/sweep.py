@@ -19,7 +19,9 @@ repeated; the table and plot give mean +- std over seeds, results.csv one row pe
       - {name: ponderlm3-l1e-3, set: [method=ponderlm3, ponder.penalty=1.0e-3]}
       - {name: ponderlm3-l1e-3-4x, set: [method=ponderlm3, train.steps=8000], lr_from: ponderlm3-l1e-3}
 
-`lr_from` reuses the learning rate an earlier run chose (a longer budget need not search again).
+`lr_from` reuses the learning rate an earlier run chose (a longer budget need not search again). With
+`compare_to: ponderlm3`, results.md also says, for every other point, whether that method's frontier (same training
+tokens, no more inference FLOPs) is better, worse or within seed noise of it.
 
 Resumable: the tables are rewritten after every run, a finished run is not retrained, an interrupted one continues
 from its last checkpoint, and an evaluation already stored in the run directory (same split, token budget and tau)
@@ -60,6 +62,7 @@ class Recipe:
     taus: list[float] = field(default_factory=lambda: [1e-4])
     lrs: list[float] = field(default_factory=list)  # empty: every run at its config's train.lr
     seeds: list[int] = field(default_factory=list)  # empty: every run once, at its config's train.seed
+    compare_to: str = ""  # a method: results.md then says which points its frontier beats beyond seed noise
 
     @classmethod
     def load(cls, path: Path) -> Recipe:
@@ -79,6 +82,9 @@ class Recipe:
         if unknown:
             raise PonderError(f"recipe {path}: unknown run keys {sorted(unknown)} "
                               "(known: name, set, lrs, seeds, lr_from)")
+        if recipe.compare_to and recipe.compare_to not in METHODS:
+            raise PonderError(f"recipe {path}: compare_to {recipe.compare_to!r} is not a method "
+                              f"(known: {', '.join(METHODS)})")
         for index, run in enumerate(recipe.runs):
             if "lr_from" in run and run["lr_from"] not in names[:index]:
                 raise PonderError(f"recipe {path}: run {run['name']} takes lr_from {run['lr_from']!r}, which is not "
@@ -135,19 +141,24 @@ def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None) -> lis
         lrs, seeds = recipe.grid(run, chosen)
         lr = lrs[0]
         if len(lrs) > 1:
-            tried = [(lr, _train_and_evaluate(recipe, run, lr, seeds[0], out, progress)[0]) for lr in lrs]
+            tried = [(lr, _train_and_evaluate(recipe, run, lr, seeds[0], out, progress, first_tau_only=True)[0])
+                     for lr in lrs]
             search += [{"run": run["name"], "seed": seeds[0], "lr": lr, "loss": row["loss"]} for lr, row in tried]
             lr = min(tried, key=lambda item: item[1]["loss"])[0]
         chosen[run["name"]] = lr
         for seed in seeds:
             rows += _train_and_evaluate(recipe, run, lr, seed, out, progress)
-            write_results(rows, out, search)  # after every run, so a long sweep's finished part can be published
+            # after every run, so a long sweep's finished part can be published
+            write_results(rows, out, search, recipe.compare_to)
     return rows
 
 
 def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int | None, out: Path,
-                        progress: bool | None) -> list[dict]:
-    """Train one run (or resume it, or find it finished) and evaluate it: a row per tau, the run's tau first."""
+                        progress: bool | None, first_tau_only: bool = False) -> list[dict]:
+    """Train one run (or resume it, or find it finished) and evaluate it: a row per tau, the run's tau first.
+
+    The learning-rate search compares the first tau only, so a learning rate that loses is not evaluated at the
+    others."""
     config = recipe.config(run, lr, seed)
     run_dir = out / "runs" / run_dir_name(run["name"], lr, seed)
     if not _finished(run_dir, config.train.steps):
@@ -159,7 +170,8 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
     train_flops = model.training_flops_per_token() * train_tokens
     split, max_tokens = recipe.eval.get("split", "val"), recipe.eval.get("max_tokens")
     rows, soft_ppl = [], ""
-    for index, tau in enumerate(recipe.taus if model.prunable else [None]):
+    taus = (recipe.taus[:1] if first_tau_only else recipe.taus) if model.prunable else [None]
+    for index, tau in enumerate(taus):
         # The soft loss does not depend on tau: compute it with the first tau only.
         result = _evaluate(run_dir, split, max_tokens, tau, with_soft=index == 0)
         soft_ppl = result.get("soft_ppl", soft_ppl)
@@ -198,7 +210,57 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return kept
 
 
-def write_results(rows: list[dict], out: Path, lr_search: list[dict] | None = None) -> None:
+FLOPS_TOLERANCE = 0.01  # "no more inference FLOPs" allows 1 %, so a router's own cost does not exclude a point
+
+
+def compare(merged: list[dict], method: str) -> list[dict]:
+    """Every other run's points (aggregated) against the best point of `method` trained on as many tokens with no
+    more inference FLOPs: the difference of mean perplexities (positive: `method` is better) and its standard error
+    over seeds. A point of one seed borrows its reference's seed variance; a reference of one seed has none, so
+    its verdict is "one seed"."""
+    found = []
+    for point in (r for r in merged if r["method"] != method):
+        candidates = [r for r in merged if r["method"] == method and r["train_tokens"] == point["train_tokens"]
+                      and r["inference_flops_per_token"] <= point["inference_flops_per_token"] * (1 + FLOPS_TOLERANCE)]
+        if not candidates:
+            found.append({"point": point, "reference": None})
+            continue
+        reference = min(candidates, key=lambda r: r["ppl"])
+        variance = reference["ppl_std"] ** 2
+        own_variance = point["ppl_std"] ** 2 if point["seeds"] > 1 else variance
+        error = math.sqrt(variance / reference["seeds"] + own_variance / point["seeds"])
+        difference = point["ppl"] - reference["ppl"]
+        verdict = ("one seed" if reference["seeds"] < 2 else "better" if difference > 2 * error
+                   else "worse" if difference < -2 * error else "within noise")
+        found.append({"point": point, "reference": reference, "difference": difference, "error": error,
+                      "verdict": verdict})
+    return found
+
+
+def comparison_table(merged: list[dict], method: str) -> list[str]:
+    def name(r):
+        return r["run"] + (f" tau {r['tau']:g}" if r["tau"] != "" else "")
+
+    lines = [f"{method} against every other point, at the same training tokens and no more inference FLOPs "
+             f"(+{FLOPS_TOLERANCE:.0%}): its best such point, the difference of mean perplexities (positive: "
+             f"{method} lower) +- its standard error over seeds (a point of one seed, marked *, borrows the "
+             f"reference's seed variance), and the verdict: {method} better or worse by more than 2 standard errors, "
+             "else within noise.", "",
+             "| train tokens (M) | point | ppl | seeds | reference | ppl | difference | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in sorted(compare(merged, method), key=lambda c: (c["point"]["train_tokens"], c["point"]["run"])):
+        point, ref = c["point"], c["reference"]
+        head = (f"| {point['train_tokens'] / 1e6:.2f} | {name(point)} | {point['ppl']:.2f} | "
+                f"{point['seeds']}{'*' if point['seeds'] < 2 else ''} |")
+        if ref is None:
+            lines.append(head + f" none as cheap | | | {method} has no point this cheap at this budget |")
+        else:
+            lines.append(head + f" {name(ref)} | {ref['ppl']:.2f} | {c['difference']:+.2f} +- {c['error']:.2f} | "
+                         f"{c['verdict']} |")
+    return lines
+
+
+def write_results(rows: list[dict], out: Path, lr_search: list[dict] | None = None, compare_to: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=COLUMNS)
@@ -218,6 +280,8 @@ def write_results(rows: list[dict], out: Path, lr_search: list[dict] | None = No
         lines += ["", "Learning-rate search (evaluation loss at the first seed; the lowest is kept):", "",
                   "| run | seed | lr | loss |", "|---|---|---|---|"]
         lines += [f"| {r['run']} | {r['seed']} | {r['lr']:g} | {r['loss']:.4f} |" for r in lr_search]
+    if compare_to:
+        lines += ["", *comparison_table(merged, compare_to)]
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     plot(merged, out / "pareto.png")
 

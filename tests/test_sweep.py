@@ -118,3 +118,50 @@ def test_lr_from_must_name_an_earlier_run(tmp_path, tiny_data_dir):
                                                                     {"name": "b", "set": []}])
     with pytest.raises(PonderError, match="lr_from 'b', which is not an earlier run"):
         run_sweep(recipe, tmp_path / "sweep")
+
+
+def point(method, ppl, std, seeds, flops, tokens=1000, tau=""):
+    return {"method": method, "run": method, "tau": tau, "ppl": ppl, "ppl_std": std, "seeds": seeds,
+            "inference_flops_per_token": flops, "train_tokens": tokens}
+
+
+def test_the_comparison_takes_the_best_reference_point_no_more_costly_and_its_seed_error():
+    merged = [point("ponderlm3", 100.0, 3.0, 3, 10.0, tau=0.5), point("ponderlm3", 90.0, 4.0, 3, 30.0, tau=0.0),
+              point("vanilla", 110.0, 5.0, 3, 9.95), point("ponderlm2", 93.0, 0.0, 1, 30.0),
+              point("pause", 102.0, 2.0, 3, 5.0), point("loop", 80.0, 1.0, 3, 30.0, tokens=4000)]
+    found = {c["point"]["method"]: c for c in sweep_module.compare(merged, "ponderlm3")}
+    # vanilla: only the tau-0.5 point is as cheap (within 1 %); error sqrt(9/3 + 25/3)
+    assert found["vanilla"]["reference"]["tau"] == 0.5
+    assert found["vanilla"]["difference"] == pytest.approx(10.0)
+    assert found["vanilla"]["error"] == pytest.approx((9 / 3 + 25 / 3) ** 0.5)
+    assert found["vanilla"]["verdict"] == "better"
+    # one seed borrows the reference's variance: sqrt(16/3 + 16/1)
+    assert found["ponderlm2"]["error"] == pytest.approx((16 / 3 + 16) ** 0.5)
+    assert found["ponderlm2"]["verdict"] == "within noise"
+    assert found["pause"]["reference"] is None  # nothing of ponderlm3's is as cheap
+    assert found["loop"]["reference"] is None  # another budget
+    table = "\n".join(sweep_module.comparison_table(merged, "ponderlm3"))
+    assert "| 0.00 | vanilla | 110.00 | 3 | ponderlm3 tau 0.5 | 100.00 | +10.00 +- 3.37 | better |" in table
+
+
+def test_the_learning_rate_search_evaluates_losing_rates_at_the_first_tau_only(tiny_data_dir, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({
+        "base": "tiny", "set": [f"data.path={tiny_data_dir}", "train.steps=4", "train.save_every=4",
+                                "ponder.extra_steps=2"],
+        "eval": {"split": "val", "max_tokens": 256}, "taus": [0.0, 0.3], "lrs": [1e-5, 3e-3],
+        "compare_to": "ponderlm3", "runs": [{"name": "p3", "set": ["method=ponderlm3"]}]}))
+    out = tmp_path / "sweep"
+    rows = run_sweep(recipe, out, progress=False)
+    assert [(r["lr"], r["tau"]) for r in rows] == [(3e-3, 0.0), (3e-3, 0.3)]
+    stored = {lr: json.loads((out / "runs" / f"p3-lr{lr}" / "sweep_eval.json").read_text())
+              for lr in ("1e-05", "0.003")}
+    assert [key.split("|")[3] for key in stored["1e-05"]] == ["0.0"]
+    assert sorted(key.split("|")[3] for key in stored["0.003"]) == ["0.0", "0.3"]
+
+
+def test_compare_to_must_be_a_method(tmp_path, tiny_data_dir):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_data_dir, RUNS)
+    recipe.write_text(recipe.read_text()[:-1] + ', "compare_to": "ponderlm9"}')
+    with pytest.raises(PonderError, match="compare_to 'ponderlm9' is not a method"):
+        run_sweep(recipe, tmp_path / "sweep")
