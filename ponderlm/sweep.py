@@ -20,8 +20,8 @@ repeated; the table and plot give mean +- std over seeds, results.csv one row pe
       - {name: ponderlm3-l1e-3-4x, set: [method=ponderlm3, train.steps=8000], lr_from: ponderlm3-l1e-3}
 
 `lr_from` reuses the learning rate an earlier run chose (a longer budget need not search again). With
-`compare_to: ponderlm3`, results.md also says, for every other point, whether that method's frontier (same training
-tokens, no more inference FLOPs) is better, worse or within seed noise of it.
+`compare_to: ponderlm3`, results.md also says whether that method is better, worse or within seed noise at equal
+data (same training tokens, no more inference FLOPs) and at equal compute (no more training and inference FLOPs).
 
 Resumable: the tables are rewritten after every run, a finished run is not retrained, an interrupted one continues
 from its last checkpoint, and an evaluation already stored in the run directory (same split, token budget and tau)
@@ -210,30 +210,48 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return kept
 
 
-FLOPS_TOLERANCE = 0.01  # "no more inference FLOPs" allows 1 %, so a router's own cost does not exclude a point
+FLOPS_TOLERANCE = 0.01  # "no more FLOPs" allows 1 %, so a router's own cost does not exclude a point
+
+
+def _no_costlier(point: dict, than: dict, cost: str) -> bool:
+    return point[cost] <= than[cost] * (1 + FLOPS_TOLERANCE)
+
+
+def _gap(mine: dict, other: dict) -> dict:
+    """other's mean perplexity minus mine, its standard error over seeds and the verdict from my side (better or
+    worse by more than 2 standard errors, else within noise). A side of one seed borrows the other's seed variance;
+    when both have one seed there is no spread to judge by."""
+    mine_variance, other_variance = mine["ppl_std"] ** 2, other["ppl_std"] ** 2
+    mine_variance, other_variance = (mine_variance if mine["seeds"] > 1 else other_variance,
+                                     other_variance if other["seeds"] > 1 else mine_variance)
+    error = math.sqrt(mine_variance / mine["seeds"] + other_variance / other["seeds"])
+    difference = other["ppl"] - mine["ppl"]
+    verdict = ("one seed" if max(mine["seeds"], other["seeds"]) < 2 else "better" if difference > 2 * error
+               else "worse" if difference < -2 * error else "within noise")
+    return {"difference": difference, "error": error, "verdict": verdict}
 
 
 def compare(merged: list[dict], method: str) -> list[dict]:
-    """Every other run's points (aggregated) against the best point of `method` trained on as many tokens with no
-    more inference FLOPs: the difference of mean perplexities (positive: `method` is better) and its standard error
-    over seeds. A point of one seed borrows its reference's seed variance; a reference of one seed has none, so
-    its verdict is "one seed"."""
+    """At equal data: every other point (aggregated) against the best point of `method` trained on as many tokens
+    with no more inference FLOPs (None if it has none)."""
     found = []
     for point in (r for r in merged if r["method"] != method):
         candidates = [r for r in merged if r["method"] == method and r["train_tokens"] == point["train_tokens"]
-                      and r["inference_flops_per_token"] <= point["inference_flops_per_token"] * (1 + FLOPS_TOLERANCE)]
-        if not candidates:
-            found.append({"point": point, "reference": None})
-            continue
-        reference = min(candidates, key=lambda r: r["ppl"])
-        variance = reference["ppl_std"] ** 2
-        own_variance = point["ppl_std"] ** 2 if point["seeds"] > 1 else variance
-        error = math.sqrt(variance / reference["seeds"] + own_variance / point["seeds"])
-        difference = point["ppl"] - reference["ppl"]
-        verdict = ("one seed" if reference["seeds"] < 2 else "better" if difference > 2 * error
-                   else "worse" if difference < -2 * error else "within noise")
-        found.append({"point": point, "reference": reference, "difference": difference, "error": error,
-                      "verdict": verdict})
+                      and _no_costlier(r, point, "inference_flops_per_token")]
+        reference = min(candidates, key=lambda r: r["ppl"]) if candidates else None
+        found.append({"point": point, "reference": reference, **(_gap(reference, point) if reference else {})})
+    return found
+
+
+def compare_at_training_cost(merged: list[dict], method: str) -> list[dict]:
+    """At equal compute: every point of `method` against the best other point, of any budget, that cost no more
+    training FLOPs and no more inference FLOPs (None if there is none)."""
+    found = []
+    for point in (r for r in merged if r["method"] == method):
+        candidates = [r for r in merged if r["method"] != method and _no_costlier(r, point, "train_flops")
+                      and _no_costlier(r, point, "inference_flops_per_token")]
+        rival = min(candidates, key=lambda r: r["ppl"]) if candidates else None
+        found.append({"point": point, "reference": rival, **(_gap(point, rival) if rival else {})})
     return found
 
 
@@ -241,22 +259,29 @@ def comparison_table(merged: list[dict], method: str) -> list[str]:
     def name(r):
         return r["run"] + (f" tau {r['tau']:g}" if r["tau"] != "" else "")
 
-    lines = [f"{method} against every other point, at the same training tokens and no more inference FLOPs "
-             f"(+{FLOPS_TOLERANCE:.0%}): its best such point, the difference of mean perplexities (positive: "
-             f"{method} lower) +- its standard error over seeds (a point of one seed, marked *, borrows the "
-             f"reference's seed variance), and the verdict: {method} better or worse by more than 2 standard errors, "
-             "else within noise.", "",
-             "| train tokens (M) | point | ppl | seeds | reference | ppl | difference | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
-    for c in sorted(compare(merged, method), key=lambda c: (c["point"]["train_tokens"], c["point"]["run"])):
+    def row(c, missing):
         point, ref = c["point"], c["reference"]
         head = (f"| {point['train_tokens'] / 1e6:.2f} | {name(point)} | {point['ppl']:.2f} | "
                 f"{point['seeds']}{'*' if point['seeds'] < 2 else ''} |")
         if ref is None:
-            lines.append(head + f" none as cheap | | | {method} has no point this cheap at this budget |")
-        else:
-            lines.append(head + f" {name(ref)} | {ref['ppl']:.2f} | {c['difference']:+.2f} +- {c['error']:.2f} | "
-                         f"{c['verdict']} |")
+            return head + f" none | | | {missing} |"
+        return head + (f" {name(ref)} | {ref['ppl']:.2f} | {ref['seeds']}{'*' if ref['seeds'] < 2 else ''} | "
+                       f"{c['difference']:+.2f} +- {c['error']:.2f} | {c['verdict']} |")
+
+    header = ["| train tokens (M) | point | ppl | seeds | against | ppl | seeds | difference | verdict |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"**At equal data**: every other point against {method}'s best point trained on as many tokens with "
+             f"no more inference FLOPs (+{FLOPS_TOLERANCE:.0%}). Difference: the mean perplexity {method} saves "
+             f"(positive: {method} lower) +- its standard error over seeds (a side of one seed, marked *, borrows "
+             f"the other's seed variance); verdict: {method} better or worse by more than 2 standard errors, else "
+             "within noise.", "", *header]
+    lines += [row(c, f"{method} has no point this cheap at this budget")
+              for c in sorted(compare(merged, method), key=lambda c: (c["point"]["train_tokens"], c["point"]["run"]))]
+    lines += ["", f"**At equal compute**: every point of {method} against the best other point, of any budget, that "
+              "cost no more training FLOPs and no more inference FLOPs (same columns, the same sign: positive means "
+              f"{method} lower). Where another method is better here, {method}'s gain does not pay for its training "
+              "compute.", "", *header]
+    lines += [row(c, "nothing else is as cheap to train and to run") for c in compare_at_training_cost(merged, method)]
     return lines
 
 

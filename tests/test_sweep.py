@@ -120,9 +120,9 @@ def test_lr_from_must_name_an_earlier_run(tmp_path, tiny_data_dir):
         run_sweep(recipe, tmp_path / "sweep")
 
 
-def point(method, ppl, std, seeds, flops, tokens=1000, tau=""):
-    return {"method": method, "run": method, "tau": tau, "ppl": ppl, "ppl_std": std, "seeds": seeds,
-            "inference_flops_per_token": flops, "train_tokens": tokens}
+def point(method, ppl, std, seeds, flops, tokens=1000, tau="", train_flops=1.0, run=None):
+    return {"method": method, "run": run or method, "tau": tau, "ppl": ppl, "ppl_std": std, "seeds": seeds,
+            "inference_flops_per_token": flops, "train_tokens": tokens, "train_flops": train_flops}
 
 
 def test_the_comparison_takes_the_best_reference_point_no_more_costly_and_its_seed_error():
@@ -141,7 +141,22 @@ def test_the_comparison_takes_the_best_reference_point_no_more_costly_and_its_se
     assert found["pause"]["reference"] is None  # nothing of ponderlm3's is as cheap
     assert found["loop"]["reference"] is None  # another budget
     table = "\n".join(sweep_module.comparison_table(merged, "ponderlm3"))
-    assert "| 0.00 | vanilla | 110.00 | 3 | ponderlm3 tau 0.5 | 100.00 | +10.00 +- 3.37 | better |" in table
+    assert "| 0.00 | vanilla | 110.00 | 3 | ponderlm3 tau 0.5 | 100.00 | 3 | +10.00 +- 3.37 | better |" in table
+
+
+def test_at_equal_compute_the_rival_costs_no_more_to_train_and_to_run():
+    merged = [point("ponderlm3", 100.0, 2.0, 3, 10.0, train_flops=7.0),
+              point("vanilla", 90.0, 6.0, 3, 10.05, tokens=4000, train_flops=4.0, run="vanilla-4x"),
+              point("vanilla", 80.0, 6.0, 3, 10.0, tokens=8000, train_flops=8.0, run="vanilla-8x"),
+              point("vanilla", 120.0, 6.0, 3, 10.0, train_flops=1.0),
+              point("pause", 70.0, 0.0, 1, 30.0, train_flops=3.0)]
+    [found] = sweep_module.compare_at_training_cost(merged, "ponderlm3")
+    # vanilla-8x costs more to train, pause more to run: the best rival is vanilla-4x
+    assert found["reference"]["run"] == "vanilla-4x"
+    assert found["difference"] == pytest.approx(-10.0) and found["error"] == pytest.approx((4 / 3 + 36 / 3) ** 0.5)
+    assert found["verdict"] == "worse"
+    table = "\n".join(sweep_module.comparison_table(merged, "ponderlm3"))
+    assert "| 0.00 | ponderlm3 | 100.00 | 3 | vanilla-4x | 90.00 | 3 | -10.00 +- 3.65 | worse |" in table
 
 
 def test_the_learning_rate_search_evaluates_losing_rates_at_the_first_tau_only(tiny_data_dir, tmp_path):
