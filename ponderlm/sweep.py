@@ -46,7 +46,7 @@ from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_run
 from ponderlm.files import atomic_path, atomic_write_bytes, atomic_write_text
 from ponderlm.methods import METHODS, build_model
-from ponderlm.train import train
+from ponderlm.train import config_changes, train
 
 COLUMNS = ["method", "run", "seed", "lr", "tau", "ppl", "loss", "inference_flops_per_token", "mean_extra_steps",
            "train_flops", "train_tokens", "soft_ppl", "split", "eval_tokens"]
@@ -161,8 +161,11 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
     others."""
     config = recipe.config(run, lr, seed)
     run_dir = out / "runs" / run_dir_name(run["name"], lr, seed)
+    resume = (run_dir / "config.yaml").is_file()
+    if resume and (changed := config_changes(read_run_config(run_dir), config)):
+        raise PonderError(f"{run_dir} was trained with another config than the recipe now gives it ({changed}); "
+                          "sweep into a new --out, or delete that run directory to retrain it")
     if not _finished(run_dir, config.train.steps):
-        resume = (run_dir / "config.yaml").is_file()
         train(None if resume else config, run_dir, resume=resume, progress=progress)
     config = read_run_config(run_dir)
     model = build_model(config)

@@ -108,7 +108,8 @@ class MetricsLog:
             self.writer.flush()
 
 
-def _check_resumed_config(saved: Config, requested: Config) -> None:
+def config_changes(saved: Config, requested: Config) -> str:
+    """The keys (up to 4, shown old -> new) in which requested differs from saved beyond RESUMABLE_CHANGES; "" if none."""
     def flatten(d, prefix=""):
         for key, value in d.items():
             if isinstance(value, dict):
@@ -118,8 +119,11 @@ def _check_resumed_config(saved: Config, requested: Config) -> None:
 
     old, new = dict(flatten(saved.to_dict())), dict(flatten(requested.to_dict()))
     changed = [k for k in old if old[k] != new.get(k) and k not in RESUMABLE_CHANGES and k != "model.vocab_size"]
-    if changed:
-        shown = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed[:4])
+    return ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed[:4])
+
+
+def _check_resumed_config(saved: Config, requested: Config) -> None:
+    if shown := config_changes(saved, requested):
         raise PonderError(f"--resume with a different config ({shown}); resume without changing these, "
                           "or start a new run")
 

@@ -181,3 +181,12 @@ def test_compare_to_must_be_a_method(tmp_path, tiny_data_dir):
     recipe.write_text(recipe.read_text()[:-1] + ', "compare_to": "ponderlm9"}')
     with pytest.raises(PonderError, match="compare_to 'ponderlm9' is not a method"):
         run_sweep(recipe, tmp_path / "sweep")
+
+
+def test_a_run_trained_with_another_config_than_the_recipe_gives_is_refused(tiny_data_dir, tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_data_dir, [{"name": "vanilla", "set": ["method=vanilla"]}])
+    out = tmp_path / "sweep"
+    run_sweep(recipe, out, progress=False)
+    recipe.write_text(recipe.read_text().replace("train.steps=4", "train.steps=4\", \"train.warmup_steps=3"))
+    with pytest.raises(PonderError, match=r"trained with another config .*train.warmup_steps: \d+ -> 3.* new --out"):
+        run_sweep(recipe, out, progress=False)
