@@ -62,7 +62,7 @@ class Recipe:
     taus: list[float] = field(default_factory=lambda: [1e-4])
     lrs: list[float] = field(default_factory=list)  # empty: every run at its config's train.lr
     seeds: list[int] = field(default_factory=list)  # empty: every run once, at its config's train.seed
-    compare_to: str = ""  # a method: results.md then says which points its frontier beats beyond seed noise
+    compare_to: str = ""  # a method: results.md then says where it is better beyond seed noise
 
     @classmethod
     def load(cls, path: Path) -> Recipe:
@@ -224,10 +224,10 @@ def _gap(mine: dict, other: dict) -> dict:
     """other's mean perplexity minus mine, its standard error over seeds and the verdict from my side (better or
     worse by more than 2 standard errors, else within noise). A side of one seed borrows the other's seed variance;
     when both have one seed there is no spread to judge by."""
-    mine_variance, other_variance = mine["ppl_std"] ** 2, other["ppl_std"] ** 2
-    mine_variance, other_variance = (mine_variance if mine["seeds"] > 1 else other_variance,
-                                     other_variance if other["seeds"] > 1 else mine_variance)
-    error = math.sqrt(mine_variance / mine["seeds"] + other_variance / other["seeds"])
+    def variance(side, else_side):
+        return (side if side["seeds"] > 1 else else_side)["ppl_std"] ** 2
+
+    error = math.sqrt(variance(mine, other) / mine["seeds"] + variance(other, mine) / other["seeds"])
     difference = other["ppl"] - mine["ppl"]
     verdict = ("one seed" if max(mine["seeds"], other["seeds"]) < 2 else "better" if difference > 2 * error
                else "worse" if difference < -2 * error else "within noise")
