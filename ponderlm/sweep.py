@@ -234,42 +234,43 @@ def _gap(mine: dict, other: dict) -> dict:
     return {"difference": difference, "error": error, "verdict": verdict}
 
 
+def _against_best(point: dict, candidates: list[dict], point_is_method: bool) -> dict:
+    """point against the lowest-perplexity candidate (None if there is none), the gap seen from `method`'s side."""
+    best = min(candidates, key=lambda r: r["ppl"]) if candidates else None
+    if best is None:
+        return {"point": point, "reference": None}
+    return {"point": point, "reference": best, **(_gap(point, best) if point_is_method else _gap(best, point))}
+
+
 def compare(merged: list[dict], method: str) -> list[dict]:
     """At equal data: every other point (aggregated) against the best point of `method` trained on as many tokens
     with no more inference FLOPs (None if it has none)."""
-    found = []
-    for point in (r for r in merged if r["method"] != method):
-        candidates = [r for r in merged if r["method"] == method and r["train_tokens"] == point["train_tokens"]
-                      and _no_costlier(r, point, "inference_flops_per_token")]
-        reference = min(candidates, key=lambda r: r["ppl"]) if candidates else None
-        found.append({"point": point, "reference": reference, **(_gap(reference, point) if reference else {})})
-    return found
+    return [_against_best(point, [r for r in merged if r["method"] == method
+                                  and r["train_tokens"] == point["train_tokens"]
+                                  and _no_costlier(r, point, "inference_flops_per_token")], point_is_method=False)
+            for point in merged if point["method"] != method]
 
 
 def compare_at_training_cost(merged: list[dict], method: str) -> list[dict]:
     """At equal compute: every point of `method` against the best other point, of any budget, that cost no more
     training FLOPs and no more inference FLOPs (None if there is none)."""
-    found = []
-    for point in (r for r in merged if r["method"] == method):
-        candidates = [r for r in merged if r["method"] != method and _no_costlier(r, point, "train_flops")
-                      and _no_costlier(r, point, "inference_flops_per_token")]
-        rival = min(candidates, key=lambda r: r["ppl"]) if candidates else None
-        found.append({"point": point, "reference": rival, **(_gap(point, rival) if rival else {})})
-    return found
+    return [_against_best(point, [r for r in merged if r["method"] != method and _no_costlier(r, point, "train_flops")
+                                  and _no_costlier(r, point, "inference_flops_per_token")], point_is_method=True)
+            for point in merged if point["method"] == method]
 
 
 def comparison_table(merged: list[dict], method: str) -> list[str]:
     def name(r):
         return r["run"] + (f" tau {r['tau']:g}" if r["tau"] != "" else "")
 
+    def side(r):  # a side of one seed borrows the other's variance: marked *
+        return f"{name(r)} | {r['ppl']:.2f} | {r['seeds']}{'*' if r['seeds'] < 2 else ''}"
+
     def row(c, missing):
-        point, ref = c["point"], c["reference"]
-        head = (f"| {point['train_tokens'] / 1e6:.2f} | {name(point)} | {point['ppl']:.2f} | "
-                f"{point['seeds']}{'*' if point['seeds'] < 2 else ''} |")
-        if ref is None:
+        head = f"| {c['point']['train_tokens'] / 1e6:.2f} | {side(c['point'])} |"
+        if c["reference"] is None:
             return head + f" none | | | {missing} |"
-        return head + (f" {name(ref)} | {ref['ppl']:.2f} | {ref['seeds']}{'*' if ref['seeds'] < 2 else ''} | "
-                       f"{c['difference']:+.2f} +- {c['error']:.2f} | {c['verdict']} |")
+        return head + f" {side(c['reference'])} | {c['difference']:+.2f} +- {c['error']:.2f} | {c['verdict']} |"
 
     header = ["| train tokens (M) | point | ppl | seeds | against | ppl | seeds | difference | verdict |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -109,7 +109,8 @@ class MetricsLog:
 
 
 def config_changes(saved: Config, requested: Config) -> str:
-    """The keys (up to 4, shown old -> new) in which requested differs from saved beyond RESUMABLE_CHANGES; "" if none."""
+    """The keys (up to 4, shown old -> new) in which requested differs from saved beyond RESUMABLE_CHANGES; "" if
+    none."""
     def flatten(d, prefix=""):
         for key, value in d.items():
             if isinstance(value, dict):
