@@ -74,6 +74,29 @@ def test_bad_recipes_are_explained(tmp_path, tiny_data_dir):
     with pytest.raises(PonderError, match="unknown config key"):
         run_sweep(write_recipe(tmp_path / "r.yaml", tiny_data_dir, [{"name": "a", "set": ["train.stpes=1"]}]),
                   tmp_path / "o")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_data_dir, RUNS)
+    recipe.write_text(recipe.read_text()[:-1] + ', "lr_search": "random"}')
+    with pytest.raises(PonderError, match="lr_search is 'random'; use grid or local"):
+        run_sweep(recipe, tmp_path / "o")
+
+
+@pytest.mark.parametrize("size", [2, 3, 5, 6])
+def test_the_local_learning_rate_search_finds_the_grids_best_of_a_unimodal_loss_in_fewer_runs(size):
+    grid = [1e-3 * 2 ** i for i in range(size)]
+    for best in range(size):
+        for slope_left, slope_right in ((1.0, 1.0), (0.1, 3.0), (3.0, 0.1)):
+            def loss(lr):
+                calls.append(lr)
+                position = grid.index(lr)
+                return (best - position) * slope_left if position < best else (position - best) * slope_right
+            calls = []
+            assert sweep_module.search_lr(list(reversed(grid)), loss, local=True) == grid[best]
+            assert len(calls) == len(set(calls)), "every rate is trained once"
+            # the middle and its neighbours, then one new neighbour per step toward the best
+            middle = (size - 1) // 2
+            assert len(calls) == min(size - 1, max(middle, best) + 1) - max(0, min(middle, best) - 1) + 1
+            calls = []
+            assert sweep_module.search_lr(grid, loss, local=False) == grid[best] and len(calls) == size
 
 
 def test_shipped_recipes_are_valid():
@@ -91,7 +114,7 @@ def test_shipped_recipes_are_valid():
         assert steps <= {min(steps), 4 * min(steps)}, f"{path}: one budget, or a short one and 4x it"
 
 
-def test_the_learning_rate_is_chosen_on_evaluation_loss_and_seeds_are_aggregated(tiny_data_dir, tmp_path):
+def test_the_learning_rate_is_chosen_on_evaluation_loss_and_seeds_are_aggregated(tiny_data_dir, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps({
         "base": "tiny", "set": [f"data.path={tiny_data_dir}", "train.steps=4", "train.save_every=4"],
@@ -112,6 +135,7 @@ def test_the_learning_rate_is_chosen_on_evaluation_loss_and_seeds_are_aggregated
     assert merged["ppl_std"] == pytest.approx(statistics.stdev(r["ppl"] for r in rows[:2])) and merged["ppl_std"] > 0
     table = (out / "results.md").read_text()
     assert f"{merged['ppl']:.2f} +- {merged['ppl_std']:.2f}" in table and "| vanilla | 0 | 1e-05 |" in table
+    assert "vanilla chose lr 0.003, the edge of its grid [1e-05, 0.003]" in capsys.readouterr().err
 
 
 def test_lr_from_must_name_an_earlier_run(tmp_path, tiny_data_dir):
