@@ -177,6 +177,7 @@ def search_lr(lrs: list[float], loss_at, local: bool) -> float:
             losses[index] = loss_at(lrs[index])
         return losses[index]
     best = (len(lrs) - 1) // 2
+    loss(best)  # the middle first, so the search's table reads outward from it
     while True:
         step = min((i for i in (best - 1, best + 1) if 0 <= i < len(lrs)), key=loss)
         if loss(step) >= loss(best):

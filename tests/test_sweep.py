@@ -94,6 +94,7 @@ def test_the_local_learning_rate_search_finds_the_grids_best_of_a_unimodal_loss_
             assert len(calls) == len(set(calls)), "every rate is trained once"
             # the middle and its neighbours, then one new neighbour per step toward the best
             middle = (size - 1) // 2
+            assert calls[0] == grid[middle]
             assert len(calls) == min(size - 1, max(middle, best) + 1) - max(0, min(middle, best) - 1) + 1
             calls = []
             assert sweep_module.search_lr(grid, loss, local=False) == grid[best] and len(calls) == size
