@@ -354,21 +354,32 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import FormatStrFormatter
+
     largest = max(r["inference_flops_per_token"] for r in rows)
     scale, unit = (1e9, "GFLOPs") if largest >= 1e9 else (1e6, "MFLOPs")
+    budgets = sorted({r["train_tokens"] for r in rows})
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=130)
     for index, method in enumerate(METHODS):
-        mine = [r for r in rows if r["method"] == method]
-        if not mine:
-            continue
-        points = [(r["inference_flops_per_token"] / scale, r["ppl"]) for r in mine]
-        line = ax.plot(*zip(*frontier(points)), "-", alpha=0.6)[0]
-        ax.errorbar(*zip(*points), yerr=[r["ppl_std"] for r in mine], fmt=MARKERS[index % len(MARKERS)], ms=7,
-                    color=line.get_color(), label=method, zorder=3, capsize=3)
+        color = None
+        for budget in budgets:  # a frontier per budget: a longer run is not a point on the shorter one's trade-off
+            mine = [r for r in rows if r["method"] == method and r["train_tokens"] == budget]
+            if not mine:
+                continue
+            first = budget == budgets[0]
+            points = [(r["inference_flops_per_token"] / scale, r["ppl"]) for r in mine]
+            line = ax.plot(*zip(*frontier(points)), "-" if first else "--", alpha=0.6, color=color)[0]
+            color = line.get_color()
+            label = method if len(budgets) == 1 else f"{method}, {budget / 1e6:.2f}M tokens"
+            ax.errorbar(*zip(*points), yerr=[r["ppl_std"] for r in mine], fmt=MARKERS[index % len(MARKERS)], ms=7,
+                        color=color, mfc=color if first else "none", label=label, zorder=3, capsize=3)
     ax.set_yscale("log")
+    for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis_formatter(FormatStrFormatter("%g"))  # plain perplexities, not 2.2 x 10^2
     ax.set_xlabel(f"inference FLOPs per token ({unit}, analytic, slots actually run)")
     ax.set_ylabel("validation perplexity (mean over seeds; bars: std)")
-    ax.set_title("Perplexity vs inference compute (lines: each method's frontier)")
+    ax.set_title("Perplexity vs inference compute (lines: frontiers" + ("; dashed: longer budget)" if len(budgets) > 1
+                                                                        else ")"))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

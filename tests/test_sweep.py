@@ -215,3 +215,21 @@ def test_a_run_trained_with_another_config_than_the_recipe_gives_is_refused(tiny
     recipe.write_text(recipe.read_text().replace("train.steps=4", "train.steps=4\", \"train.warmup_steps=3"))
     with pytest.raises(PonderError, match=r"trained with another config .*train.warmup_steps: \d+ -> 3.* new --out"):
         run_sweep(recipe, out, progress=False)
+
+
+def test_the_plot_draws_a_frontier_per_method_and_budget(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    rows = [point("vanilla", 220.0, 8.0, 3, 4.4e6, tokens=491520),
+            point("vanilla", 150.0, 5.0, 3, 4.4e6, tokens=1966080),
+            point("ponderlm3", 200.0, 1.0, 3, 4.5e6, tau=0.99, tokens=491520),
+            point("ponderlm3", 199.0, 1.0, 3, 9.8e6, tau=1e-4, tokens=491520)]
+    sweep_module.plot(rows, tmp_path / "pareto.png")
+    axes = figures[0].axes[0]
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == [
+        "vanilla, 0.49M tokens", "vanilla, 1.97M tokens", "ponderlm3, 0.49M tokens"]
+    frontiers = [line for line in axes.get_lines() if line.get_linestyle() != "None"]  # not the error bars' markers
+    assert [(line.get_linestyle(), len(line.get_xdata())) for line in frontiers] == [("-", 1), ("--", 1), ("-", 2)]
+    assert axes.yaxis.get_major_formatter()(200.0) == "200"
