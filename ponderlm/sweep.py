@@ -37,6 +37,7 @@ import json
 import math
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,8 +153,8 @@ def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None) -> lis
                 return row["loss"]
             lr = search_lr(lrs, loss_at, local=recipe.lr_search == "local")
             if lr in (min(lrs), max(lrs)):
-                print(f"sweep: {run['name']} chose lr {lr:g}, the edge of its grid {sorted(lrs)}: the optimum may "
-                      "lie outside it; extend lrs", file=sys.stderr)
+                _log(f"{run['name']} chose lr {lr:g}, the edge of its grid {sorted(lrs)}: the optimum may lie "
+                     "outside it; extend lrs")
         chosen[run["name"]] = lr
         for seed in seeds:
             rows += _train_and_evaluate(recipe, run, lr, seed, out, progress)
@@ -197,7 +198,10 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
     if resume and (changed := config_changes(read_run_config(run_dir), config)):
         raise PonderError(f"{run_dir} was trained with another config than the recipe now gives it ({changed}); "
                           "sweep into a new --out, or delete that run directory to retrain it")
+    started = time.monotonic()
     if not _finished(run_dir, config.train.steps):
+        checkpoint = latest_checkpoint(run_dir) if resume else None
+        _log(f"{run_dir.name}: training" + (f", resuming from {checkpoint.name}" if checkpoint else ""))
         train(None if resume else config, run_dir, resume=resume, progress=progress)
     config = read_run_config(run_dir)
     model = build_model(config)
@@ -216,7 +220,14 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
                      "mean_extra_steps": result["mean_extra_steps"], "train_flops": train_flops,
                      "train_tokens": train_tokens, "soft_ppl": soft_ppl, "split": split,
                      "eval_tokens": result["tokens"]})
+    _log(f"{run_dir.name}: ppl {rows[0]['ppl']:.2f}" + (f" at tau {taus[0]:g}" if taus[0] is not None else "")
+         + f" ({(time.monotonic() - started) / 60:.1f} min)")
     return rows
+
+
+def _log(message: str) -> None:
+    """A line per run on stderr, with the time: a sweep runs for hours, usually with its output in a file."""
+    print(f"sweep {time.strftime('%Y-%m-%d %H:%M:%S')}: {message}", file=sys.stderr, flush=True)
 
 
 def aggregate(rows: list[dict]) -> list[dict]:

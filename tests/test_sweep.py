@@ -44,9 +44,13 @@ def test_sweep_writes_one_row_per_run_and_tau(tiny_data_dir, tmp_path, capsys):
     assert len(json.loads((out / "results.json").read_text())) == 3
     assert (out / "results.md").read_text().count("\n") == 5
     assert (out / "pareto.png").stat().st_size > 10_000
+    log = [line.split(": ", 1)[1] for line in capsys.readouterr().err.splitlines() if line.startswith("sweep ")]
+    assert [line.split(" (")[0] for line in log] == [
+        "vanilla: training", f"vanilla: ppl {float(rows[0]['ppl']):.2f}",
+        "p3: training", f"p3: ppl {float(by_tau['0.0']['ppl']):.2f} at tau 0"]
 
 
-def test_a_killed_sweep_resumes_without_retraining_finished_runs(tiny_data_dir, tmp_path, monkeypatch):
+def test_a_killed_sweep_resumes_without_retraining_finished_runs(tiny_data_dir, tmp_path, monkeypatch, capsys):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_data_dir, RUNS)
     out = tmp_path / "sweep"
     run_sweep(recipe, out, progress=False)
@@ -60,6 +64,7 @@ def test_a_killed_sweep_resumes_without_retraining_finished_runs(tiny_data_dir, 
         (run_dir.name, kw["resume"])) or real_train(config, run_dir, **kw))
     run_sweep(recipe, out, progress=False)
     assert trained == [("p3", True)]
+    assert "p3: training, resuming from step_0000002" in capsys.readouterr().err
     assert (out / "results.csv").exists()
 
 
