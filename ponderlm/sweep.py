@@ -26,7 +26,7 @@ data (same training tokens, no more inference FLOPs) and at equal compute (no mo
 
 Resumable: the tables are rewritten after every run, a finished run is not retrained, an interrupted one continues
 from its last checkpoint, and an evaluation already stored in the run directory (same split, token budget and tau)
-is reused.
+is reused. A timestamped line per run goes to stderr as it starts (or resumes) and ends.
 """
 
 from __future__ import annotations
