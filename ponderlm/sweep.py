@@ -349,9 +349,8 @@ def write_results(rows: list[dict], out: Path, lr_search: list[dict] | None = No
                      f"{r['seeds']} | {r['inference_flops_per_token'] / 1e9:.4f} | {r['mean_extra_steps']:.2f} | "
                      f"{r['train_flops'] / 1e15:.4f} |")
     if lr_search:
-        lines += ["", "Learning-rate search (evaluation loss at the first seed, in the order tried; the lowest is kept):",
-                  "",
-                  "| run | seed | lr | loss |", "|---|---|---|---|"]
+        lines += ["", "Learning-rate search (evaluation loss at the first seed, in the order tried; "
+                  "the lowest is kept):", "", "| run | seed | lr | loss |", "|---|---|---|---|"]
         lines += [f"| {r['run']} | {r['seed']} | {r['lr']:g} | {r['loss']:.4f} |" for r in lr_search]
     if compare_to:
         lines += ["", *comparison_table(merged, compare_to)]
