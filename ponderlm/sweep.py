@@ -118,8 +118,7 @@ def run_dir_name(name: str, lr: float | None, seed: int | None) -> str:
     return name + (f"-lr{lr:g}" if lr is not None else "") + (f"-s{seed}" if seed is not None else "")
 
 
-def _finished(run_dir: Path, steps: int) -> bool:
-    checkpoint = latest_checkpoint(run_dir)
+def _finished(checkpoint: Path | None, steps: int) -> bool:
     return checkpoint is not None and int(checkpoint.name.split("_")[1]) >= steps
 
 
@@ -199,8 +198,8 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
         raise PonderError(f"{run_dir} was trained with another config than the recipe now gives it ({changed}); "
                           "sweep into a new --out, or delete that run directory to retrain it")
     started = time.monotonic()
-    if not _finished(run_dir, config.train.steps):
-        checkpoint = latest_checkpoint(run_dir) if resume else None
+    checkpoint = latest_checkpoint(run_dir)
+    if not _finished(checkpoint, config.train.steps):
         _log(f"{run_dir.name}: training" + (f", resuming from {checkpoint.name}" if checkpoint else ""))
         train(None if resume else config, run_dir, resume=resume, progress=progress)
     config = read_run_config(run_dir)
