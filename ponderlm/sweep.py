@@ -199,7 +199,8 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
                           "sweep into a new --out, or delete that run directory to retrain it")
     started = time.monotonic()
     checkpoint = latest_checkpoint(run_dir)
-    if not _finished(checkpoint, config.train.steps):
+    trained_now = not _finished(checkpoint, config.train.steps)
+    if trained_now:
         _log(f"{run_dir.name}: training" + (f", resuming from {checkpoint.name}" if checkpoint else ""))
         train(None if resume else config, run_dir, resume=resume, progress=progress)
     config = read_run_config(run_dir)
@@ -220,7 +221,7 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
                      "train_tokens": train_tokens, "soft_ppl": soft_ppl, "split": split,
                      "eval_tokens": result["tokens"]})
     _log(f"{run_dir.name}: ppl {rows[0]['ppl']:.2f}" + (f" at tau {taus[0]:g}" if taus[0] is not None else "")
-         + f" ({(time.monotonic() - started) / 60:.1f} min)")
+         + f" ({(time.monotonic() - started) / 60:.1f} min{'' if trained_now else ', trained earlier'})")
     return rows
 
 

@@ -64,7 +64,9 @@ def test_a_killed_sweep_resumes_without_retraining_finished_runs(tiny_data_dir, 
         (run_dir.name, kw["resume"])) or real_train(config, run_dir, **kw))
     run_sweep(recipe, out, progress=False)
     assert trained == [("p3", True)]
-    assert "p3: training, resuming from step_0000002" in capsys.readouterr().err
+    log = capsys.readouterr().err
+    assert "p3: training, resuming from step_0000002" in log
+    assert "vanilla: ppl" in log and "min, trained earlier)" in log.split("vanilla: ppl")[-1].splitlines()[0]
     assert (out / "results.csv").exists()
 
 
