@@ -119,8 +119,9 @@ def config_changes(saved: Config, requested: Config) -> str:
                 yield f"{prefix}{key}", value
 
     old, new = dict(flatten(saved.to_dict())), dict(flatten(requested.to_dict()))
-    changed = [k for k in old if old[k] != new.get(k) and k not in RESUMABLE_CHANGES and k != "model.vocab_size"]
-    return ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed[:4])
+    keys = [*old, *(k for k in new if k not in old)]  # a method option may be set on one side only
+    changed = [k for k in keys if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES and k != "model.vocab_size"]
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
 
 
 def _check_resumed_config(saved: Config, requested: Config) -> None:

@@ -9,7 +9,9 @@ learns through the routed output): out_t = x_0 + g_{t,d_t} (x_{d_t} - x_0), then
 The loss adds MoR's balancing term N_r sum_i f_i P_i (f_i: share of tokens at depth i, P_i: mean router weight),
 weighted by `options.mor.balance_weight`, and (ours, the dial shared with the latent methods) `ponder.penalty`
 times the expected extra recursions sum_i g_{t,i} (i - 1). Routing is causal, so training and decoding agree;
-tau plays no role.
+tau plays no role. Two ablation options take the routing apart: `fixed_depth` sends every token to one depth
+(1 is vanilla, K + 1 is `loop`, through this code), `scale_output: false` keeps the gate's gradient to the router
+but not its scaling of the output.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ponderlm.config import Config
+from ponderlm.errors import PonderError
 from ponderlm.flops import block_flops, lm_head_flops
 from ponderlm.methods.base import Inspection, Method
 from ponderlm.methods.latent import HARD_MASK
@@ -30,6 +33,8 @@ from ponderlm.model import KVCache
 @dataclass
 class MoROptions:
     balance_weight: float = 0.01  # weight of MoR's balancing loss (ours: MoR tunes it per setting)
+    fixed_depth: int = 0  # ablation: every token takes this depth (1..K + 1) instead of the router's; 0 routes
+    scale_output: bool = True  # ablation: false gives the gate the value 1 and keeps its gradient to the router
 
 
 class RecursionCache(KVCache):
@@ -64,11 +69,23 @@ class MoR(Method):
         std = (2.0 / (5 * config.model.hidden_size)) ** 0.5  # the backbone's init: a zero router would tie every
         nn.init.trunc_normal_(self.router.weight, std=std, a=-2 * std, b=2 * std)  # depth and send all to depth 1
         nn.init.zeros_(self.router.bias)
+        if not 0 <= self.options.fixed_depth <= self.max_extra_steps + 1:
+            raise PonderError(f"options.mor.fixed_depth={self.options.fixed_depth}: a depth is 1..K + 1 = "
+                              f"{self.max_extra_steps + 1} recursions (0: the router chooses)")
 
     def route(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router weights g (..., N_r) over depths 1..N_r and the chosen depth d (...), from x_1."""
         g = self.router(x1).float().softmax(-1)
+        if self.options.fixed_depth:
+            return g, torch.full(g.shape[:-1], self.options.fixed_depth, dtype=torch.long, device=g.device)
         return g, g.argmax(-1) + 1
+
+    def gate(self, g: torch.Tensor, depth: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The weight (..., 1) that scales what a token's recursions added: the router weight of its depth."""
+        weight = g.gather(-1, (depth - 1)[..., None])
+        if not self.options.scale_output:
+            weight = weight - weight.detach() + 1
+        return weight.to(dtype)
 
     def recurse(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Output states (B, T, d) before the final norm, router weights g (B, T, N_r), depths d (B, T)."""
@@ -80,8 +97,7 @@ class MoR(Method):
             if not active.any():
                 break
             x = self._recurse_active(x, active)
-        weight = g.gather(-1, (depth - 1)[..., None]).to(x.dtype)
-        return x0 + weight * (x - x0), g, depth
+        return x0 + self.gate(g, depth, x.dtype) * (x - x0), g, depth
 
     def _recurse_active(self, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """One recursion over the active tokens only: each row's active tokens, gathered in order (padding after
@@ -148,8 +164,7 @@ class MoR(Method):
             cache.commit(1)
             x = torch.where(active[:, None, None], updated, x)
         cache.recursion = 0
-        weight = g.gather(-1, (depth - 1)[:, None]).to(x.dtype)[..., None]
-        return x0 + weight * (x - x0), depth
+        return x0 + self.gate(g, depth, x.dtype)[..., None] * (x - x0), depth
 
     # ----- FLOPs -----
 
@@ -168,10 +183,10 @@ class MoR(Method):
 
     def training_flops_per_token(self) -> float:
         """Under balanced routing (the balancing loss's target): a share (N_r - r + 1) / N_r of the tokens runs
-        recursion r, attending causally among themselves."""
-        T, depths = self.config.data.seq_len, self.max_extra_steps + 1
+        recursion r, attending causally among themselves; with a fixed depth d, all of them run recursions 1..d."""
+        T, depths, fixed = self.config.data.seq_len, self.max_extra_steps + 1, self.options.fixed_depth
         forward = 0.0
         for recursion in range(1, depths + 1):
-            n = T * (depths - recursion + 1) / depths
+            n = T * (recursion <= fixed if fixed else (depths - recursion + 1) / depths)
             forward += block_flops(self.config.model, self.num_matmul_params(), n, n * (n + 1) / 2)
         return 3 * (forward + T * self.per_token_flops()) / T

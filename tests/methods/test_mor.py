@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ponderlm.config import load_config
+from ponderlm.errors import PonderError
 from ponderlm.methods import build_model
 from ponderlm.methods.latent import HARD_MASK
 
@@ -78,3 +79,29 @@ def test_tau_plays_no_role():
     ids = torch.randint(0, VOCAB, (1, 8))
     with torch.no_grad():
         assert torch.equal(model.infer(ids, 0.0)[0], model.infer(ids, 0.99)[0])
+
+
+@pytest.mark.parametrize("depth,peer", [(1, "vanilla"), (3, "loop")])
+def test_a_fixed_depth_with_an_unscaled_output_is_vanilla_or_loop(depth, peer):
+    model = make(f"options.mor.fixed_depth={depth}", "options.mor.scale_output=false")
+    other = build_model(load_config("tiny", [f"method={peer}", f"model.vocab_size={VOCAB}", "ponder.extra_steps=2"]))
+    other.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith("backbone.")})
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        logits, extra = model.infer(ids)
+        torch.testing.assert_close(logits, other.eval()(ids), rtol=1e-5, atol=1e-5)
+    assert extra.eq(depth - 1).all()
+    router_flops = 3 * 2 * model.config.model.hidden_size * 3
+    assert model.training_flops_per_token() == pytest.approx(other.training_flops_per_token() + router_flops)
+
+
+def test_an_unscaled_output_still_trains_the_router():
+    model = make("options.mor.scale_output=false", "options.mor.balance_weight=0.0").train()
+    ids = torch.randint(0, VOCAB, (2, 10))
+    model.loss(ids, ids)[0].backward()
+    assert model.router.weight.grad.abs().sum() > 0
+
+
+def test_a_fixed_depth_beyond_the_recursions_is_refused():
+    with pytest.raises(PonderError, match=r"options.mor.fixed_depth=4: a depth is 1..K \+ 1 = 3"):
+        make("options.mor.fixed_depth=4")
