@@ -1,9 +1,11 @@
-"""`ponderlm analyze`: which tokens an adaptive run (PonderLM-3) gives more extra steps, on held-out text.
+"""`ponderlm analyze`: which tokens an adaptive run (ponderlm3, halting, mor) gives more extra steps.
 
 For every scored position t (input token x_t, predicting x_{t+1}) we record
-- kept steps K_hat_t: the latent slots the pruned inference path runs at tau (what `eval` counts as FLOPs);
-- expected steps sum_{k>=1} w_{t,k}: the router's soft allocation on the final Jacobi pass's h^(0). Both are
-  reported because with a small tau hard pruning can keep almost every slot while the soft allocation still varies;
+- kept steps K_hat_t: the extra steps the inference path runs (latent slots kept at tau, or the extra recursions a
+  recursion router chose): what `eval` counts as FLOPs;
+- expected steps sum_{k>=1} w_{t,k}: the soft allocation (a router's or the gates' step distribution on the final
+  Jacobi pass's states; a recursion router's distribution over depths). Both are reported because with a small tau
+  hard pruning can keep almost every slot while the soft allocation still varies;
 - the predictive entropy of the inference logits and the NLL of x_{t+1}.
 `summarize` turns these per-position arrays into the numbers (a pure function, so tests can check it directly);
 `analyze_run` measures a run and writes analysis.json, steps_histogram.png and a self-contained analysis.html.

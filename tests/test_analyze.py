@@ -69,14 +69,20 @@ def direct_count(p3_run, tiny_data_dir):
     return direct_measurements(p3_run, tiny_data_dir)
 
 
-def direct_measurements(run, data_dir):
-    """Per-position measurements computed here from the public model API (full windows in one batch here)."""
-    model, tokenizer = ponderlm.load(run)
-    seq_len, tau = model.config.data.seq_len, model.config.ponder.tau
+def split_windows(data_dir, seq_len):
+    """The first MAX_TOKENS test tokens as (inputs, targets) pieces: the full windows in one batch, then the rest."""
     tokens = torch.from_numpy(TokenShards(data_dir, "test").read(0, MAX_TOKENS + 1).astype(np.int64))
     full = MAX_TOKENS // seq_len * seq_len
     pieces = [(tokens[:full].view(-1, seq_len), tokens[1:full + 1].view(-1, seq_len)),
               (tokens[full:MAX_TOKENS][None], tokens[full + 1:][None])]
+    return tokens, pieces
+
+
+def direct_measurements(run, data_dir):
+    """Per-position measurements computed here from the public model API (full windows in one batch here)."""
+    model, tokenizer = ponderlm.load(run)
+    tau = model.config.ponder.tau
+    tokens, pieces = split_windows(data_dir, model.config.data.seq_len)
     kept, expected, entropy, nll = [], [], [], []
     with torch.no_grad():
         for ids, targets in pieces:
@@ -202,6 +208,27 @@ def test_measure_matches_infer_and_the_router():
     assert torch.equal(measured["kept_steps"], used) and len(used.unique()) > 1
     torch.testing.assert_close(measured["expected_steps"], (s * torch.arange(3)).sum(-1))
     torch.testing.assert_close(measured["nll"], F.cross_entropy(logits.transpose(1, 2), targets, reduction="none"))
+
+
+@pytest.mark.parametrize("method", ["halting", "mor"])
+def test_the_other_adaptive_methods_are_analysed_through_their_inference_path(method, tiny_data_dir, tmp_path):
+    run = tmp_path / method
+    train(load_config("tiny", [f"method={method}", f"data.path={tiny_data_dir}", "ponder.extra_steps=2",
+                               "train.steps=2", "train.eval_tokens=64"]), run, progress=False)
+    summary = analyze_run(run, split="test", max_tokens=MAX_TOKENS, out_dir=tmp_path / "analysis")
+    model, _ = ponderlm.load(run)
+    kept, nll = [], []
+    with torch.no_grad():
+        for ids, targets in split_windows(tiny_data_dir, model.config.data.seq_len)[1]:
+            logits, used = model.infer(ids)
+            kept.append(used.flatten())
+            nll.append(F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").flatten())
+    kept = torch.cat(kept).numpy()
+    assert summary["method"] == method and summary["tokens"] == MAX_TOKENS
+    assert summary["kept_steps_counts"] == np.bincount(kept, minlength=3).tolist()
+    assert summary["mean_nll"] == pytest.approx(torch.cat(nll).mean().item(), rel=1e-4)
+    assert 0 <= summary["mean_expected_steps"] <= 2
+    assert (tmp_path / "analysis" / "analysis.html").is_file()
 
 
 def test_other_methods_get_a_one_line_error(tiny_data_dir, tmp_path, capsys):
