@@ -369,7 +369,7 @@ def plot(rows: list[dict], path: Path) -> None:
     largest = max(r["inference_flops_per_token"] for r in rows)
     scale, unit = (1e9, "GFLOPs") if largest >= 1e9 else (1e6, "MFLOPs")
     budgets = sorted({r["train_tokens"] for r in rows})
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=130)
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=130)
     for index, method in enumerate(METHODS):
         color = None
         for budget in budgets:  # a frontier per budget: a longer run is not a point on the shorter one's trade-off
@@ -391,8 +391,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("Perplexity vs inference compute (lines: frontiers" + ("; dashed: longer budget)" if len(budgets) > 1
                                                                         else ")"))
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize="small")  # off the points
     with atomic_path(path) as tmp:
-        fig.savefig(tmp)
+        fig.savefig(tmp, bbox_inches="tight")
     plt.close(fig)
