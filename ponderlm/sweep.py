@@ -203,7 +203,7 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
     if trained_now:
         _log(f"{run_dir.name}: training" + (f", resuming from {checkpoint.name}" if checkpoint else ""))
         train(None if resume else config, run_dir, resume=resume, progress=progress)
-    config = read_run_config(run_dir)
+    config = read_run_config(run_dir)  # as trained: training sets model.vocab_size from the tokenizer
     model = build_model(config)
     train_tokens = config.train.steps * (config.train.batch_tokens // config.data.seq_len) * config.data.seq_len
     train_flops = model.training_flops_per_token() * train_tokens
