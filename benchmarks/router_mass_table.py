@@ -10,15 +10,14 @@ metrics the trainer logged (every `train.log_every` steps, averaged over that st
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from ponderlm.files import atomic_write_text
+from ponderlm.files import atomic_write_text, read_jsonl
 
 
 def mass_rows(run_dir: Path, every: int) -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_jsonl(run_dir / "metrics.jsonl")
     logged = [r for r in records if "step_mass_0" in r]
     if not logged:
         raise SystemExit(f"{run_dir} logs no step_mass_k: not an adaptive run")

@@ -12,19 +12,18 @@ included, evaluations (in training and the sweep's tau sweep) and re-trained ste
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ponderlm.files import atomic_write_text
+from ponderlm.files import atomic_write_text, read_jsonl
 
 RUN_DIR_NAME = re.compile(r"(?P<run>.+?)(-lr[0-9.e+-]+)?(-s\d+)?$")
 
 
 def training_seconds(run_dir: Path) -> float:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_jsonl(run_dir / "metrics.jsonl")
     seconds, tokens = 0.0, 0
     for record in records:
         if "tokens_per_s" in record:

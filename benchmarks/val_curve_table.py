@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import statistics
 import sys
 from pathlib import Path
 
-from ponderlm.files import atomic_write_text
+from ponderlm.files import atomic_write_text, read_jsonl
 
 
 def val_records(run_dir: Path) -> dict[int, dict]:
-    """step -> the last logged record with a val_ppl at that step (a resumed run may log a step twice)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """step -> the record logged at that step with a val_ppl."""
+    records = read_jsonl(run_dir / "metrics.jsonl")
     return {r["step"]: r for r in records if "val_ppl" in r}
 
 

@@ -1,9 +1,10 @@
-"""File helpers shared by every writer: content hashes and atomic replacement."""
+"""File helpers shared by every writer and reader: content hashes, atomic replacement, JSON lines."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,3 +44,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """One object per non-empty line (metrics.jsonl and the like)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

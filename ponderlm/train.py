@@ -29,7 +29,7 @@ from ponderlm.config import Config
 from ponderlm.data import TokenShards, load_tokenizer, read_metadata
 from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_model
-from ponderlm.files import atomic_write_text, sha256_file
+from ponderlm.files import atomic_write_text, read_jsonl, sha256_file
 from ponderlm.hf import load_initial_weights
 from ponderlm.methods import build_model
 
@@ -95,8 +95,7 @@ class MetricsLog:
         """The lowest training loss logged so far (inf before the first record)."""
         if not self.path.exists():
             return math.inf
-        losses = [json.loads(line).get("loss", math.inf) for line in self.path.read_text().splitlines() if line]
-        return min(losses, default=math.inf)
+        return min((record.get("loss", math.inf) for record in read_jsonl(self.path)), default=math.inf)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as handle:

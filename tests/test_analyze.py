@@ -70,7 +70,7 @@ def direct_count(p3_run, tiny_data_dir):
 
 
 def direct_measurements(run, data_dir, tau=None):
-    """Per-position measurements computed here from the public model API (full windows in one batch here).
+    """Per-position measurements computed here from the public model API (the full windows in one batch).
 
     Expected steps come from the router on the Jacobi states for latent-slot methods; None for the others (mor)."""
     model, tokenizer = ponderlm.load(run)
