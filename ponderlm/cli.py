@@ -146,7 +146,7 @@ def _export(args) -> None:
 def _sweep(args) -> None:
     from ponderlm.sweep import run_sweep
 
-    rows = run_sweep(Path(args.recipe), Path(args.out))
+    rows = run_sweep(Path(args.recipe), Path(args.out), reuse=Path(args.reuse) if args.reuse else None)
     print_json({"out": args.out, "rows": len(rows), "results": str(Path(args.out) / "results.csv"),
                 "plot": str(Path(args.out) / "pareto.png")})
 
@@ -348,6 +348,8 @@ def _add_benchmark_commands(commands) -> None:
     sw = commands.add_parser("sweep", help="train and evaluate every run of a recipe; write table and plot")
     sw.add_argument("recipe", help="recipe YAML (see recipes/)")
     sw.add_argument("--out", required=True, help="sweep directory (runs/, results.csv/json/md, pareto.png)")
+    sw.add_argument("--reuse", metavar="DIR", help="a published sweep directory (its results.json and "
+                    "lr_search.json): its runs are taken instead of trained, unless --out has their directory")
     sw.set_defaults(handler=_sweep)
 
 

@@ -24,9 +24,15 @@ run repeated; the table and plot give mean +- std over seeds, results.csv one ro
 `compare_to: ponderlm3`, results.md also says whether that method is better, worse or within seed noise at equal
 data (same training tokens, no more inference FLOPs) and at equal compute (no more training and inference FLOPs).
 
+Every run's first seed comes first, in recipe order, then the other seeds: a long sweep publishes a one-seed
+picture of every run before it adds seeds.
+
 Resumable: the tables are rewritten after every run, a finished run is not retrained, an interrupted one continues
 from its last checkpoint, and an evaluation already stored in the run directory (same split, token budget and tau)
-is reused. A timestamped line per run goes to stderr as it starts (or resumes) and ends.
+is reused. `--reuse DIR` takes the runs (and learning-rate search losses) a published sweep directory holds in its
+results.json and lr_search.json instead of training them again, for a run with no directory under --out: a sweep
+whose run directories were lost, or that moves to another machine, continues from what it published. A
+timestamped line per run goes to stderr as it starts (or resumes) and ends.
 """
 
 from __future__ import annotations
@@ -134,31 +140,63 @@ def _evaluate(run_dir: Path, split: str, max_tokens: int | None, tau: float | No
     return stored[key]
 
 
-def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None) -> list[dict]:
+class Published:
+    """A published sweep directory (results.json, lr_search.json): runs found there are taken, not trained again."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        try:
+            self.rows = json.loads((self.directory / "results.json").read_text())
+            search = self.directory / "lr_search.json"
+            self.search = json.loads(search.read_text()) if search.exists() else []
+        except (OSError, ValueError) as exc:
+            raise PonderError(f"--reuse {directory}: cannot read its results ({exc})") from None
+
+    def rows_of(self, name: str, lr: float | None, seed: int | None) -> list[dict]:
+        return [r for r in self.rows if r["run"] == name and (lr is None or r["lr"] == lr)
+                and (seed is None or r["seed"] == seed)]
+
+    def loss_of(self, name: str, lr: float, seed: int | None) -> float | None:
+        found = [r["loss"] for r in self.search if r["run"] == name and r["lr"] == lr
+                 and (seed is None or r["seed"] == seed)]
+        return found[0] if found else None
+
+
+def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None, reuse: Path | None = None) -> list[dict]:
     recipe = Recipe.load(recipe_path)
     for run in recipe.runs:  # validate every config before training anything
         lrs, seeds = recipe.grid(run, chosen={name: None for name in (r["name"] for r in recipe.runs)})
         for lr in lrs:
             for seed in seeds:
                 recipe.config(run, lr, seed)
-    rows, search, chosen = [], [], {}
+    published = Published(reuse) if reuse else None
+    rows, search, chosen, other_seeds = [], [], {}, []
+
+    def train_and_evaluate(run, lr, seed, first_tau_only=False):
+        return _train_and_evaluate(recipe, run, lr, seed, out, progress, published, first_tau_only)
+
     for run in recipe.runs:
         lrs, seeds = recipe.grid(run, chosen)
         lr = lrs[0]
         if len(lrs) > 1:
             def loss_at(lr):
-                row = _train_and_evaluate(recipe, run, lr, seeds[0], out, progress, first_tau_only=True)[0]
-                search.append({"run": run["name"], "seed": seeds[0], "lr": lr, "loss": row["loss"]})
-                return row["loss"]
+                run_dir = out / "runs" / run_dir_name(run["name"], lr, seeds[0])
+                loss = None if published is None or run_dir.exists() else published.loss_of(run["name"], lr, seeds[0])
+                if loss is None:
+                    loss = train_and_evaluate(run, lr, seeds[0], first_tau_only=True)[0]["loss"]
+                search.append({"run": run["name"], "seed": seeds[0], "lr": lr, "loss": loss})
+                return loss
             lr = search_lr(lrs, loss_at, local=recipe.lr_search == "local")
             if lr in (min(lrs), max(lrs)):
                 _log(f"{run['name']} chose lr {lr:g}, the edge of its grid {sorted(lrs)}: the optimum may lie "
                      "outside it; extend lrs")
         chosen[run["name"]] = lr
-        for seed in seeds:
-            rows += _train_and_evaluate(recipe, run, lr, seed, out, progress)
-            # after every run, so a long sweep's finished part can be published
-            write_results(rows, out, search, recipe.compare_to)
+        rows += train_and_evaluate(run, lr, seeds[0])
+        write_results(rows, out, search, recipe.compare_to)  # after every run, so a long sweep can publish its part
+        other_seeds += [(run, lr, seed) for seed in seeds[1:]]
+    for run, lr, seed in other_seeds:
+        rows += train_and_evaluate(run, lr, seed)
+        write_results(rows, out, search, recipe.compare_to)
     return rows
 
 
@@ -186,13 +224,17 @@ def search_lr(lrs: list[float], loss_at, local: bool) -> float:
 
 
 def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int | None, out: Path,
-                        progress: bool | None, first_tau_only: bool = False) -> list[dict]:
-    """Train one run (or resume it, or find it finished) and evaluate it: a row per tau, the run's tau first.
+                        progress: bool | None, published: Published | None = None,
+                        first_tau_only: bool = False) -> list[dict]:
+    """Train one run (or resume it, or find it finished, or take it from `published`) and evaluate it: a row per tau,
+    the run's tau first.
 
     The learning-rate search compares the first tau only, so a learning rate that loses is not evaluated at the
     others."""
     config = recipe.config(run, lr, seed)
     run_dir = out / "runs" / run_dir_name(run["name"], lr, seed)
+    if published is not None and not run_dir.exists() and (found := published.rows_of(run["name"], lr, seed)):
+        return _reused(recipe, config, found, published.directory, run_dir.name, first_tau_only)
     resume = (run_dir / "config.yaml").is_file()
     if resume and (changed := config_changes(read_run_config(run_dir), config)):
         raise PonderError(f"{run_dir} was trained with another config than the recipe now gives it ({changed}); "
@@ -223,6 +265,24 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
     _log(f"{run_dir.name}: ppl {rows[0]['ppl']:.2f}" + (f" at tau {taus[0]:g}" if taus[0] is not None else "")
          + f" ({(time.monotonic() - started) / 60:.1f} min{'' if trained_now else ', trained earlier'})")
     return rows
+
+
+def _reused(recipe: Recipe, config, found: list[dict], directory: Path, name: str,
+            first_tau_only: bool) -> list[dict]:
+    """A published run's rows, in the recipe's tau order, once they are shown to be what the recipe asks for."""
+    train_tokens = config.train.steps * (config.train.batch_tokens // config.data.seq_len) * config.data.seq_len
+    split = recipe.eval.get("split", "val")
+    by_tau = {r["tau"]: r for r in found}
+    taus = [""] if set(by_tau) == {""} else recipe.taus[:1] if first_tau_only else recipe.taus
+    asked = {"method": config.method, "train_tokens": train_tokens, "split": split}
+    differ = {key: (found[0][key], value) for key, value in asked.items() if found[0][key] != value}
+    if differ or set(taus) - set(by_tau):
+        detail = ", ".join(f"{key}: {a} -> {b}" for key, (a, b) in differ.items()) or \
+            f"taus {sorted(set(taus) - set(by_tau))} were not evaluated"
+        raise PonderError(f"{name} in {directory}/results.json is not what the recipe asks for ({detail}); "
+                          "drop --reuse to train it again")
+    _log(f"{name}: ppl {by_tau[taus[0]]['ppl']:.2f} (published in {directory})")
+    return [by_tau[tau] for tau in taus]
 
 
 def _log(message: str) -> None:
@@ -340,6 +400,7 @@ def write_results(rows: list[dict], out: Path, lr_search: list[dict] | None = No
     writer.writerows(rows)
     atomic_write_bytes(out / "results.csv", table.getvalue().encode())
     atomic_write_text(out / "results.json", json.dumps(rows, indent=1))
+    atomic_write_text(out / "lr_search.json", json.dumps(lr_search or [], indent=1))
     merged = aggregate(rows)
     lines = ["| method | run | lr | tau | ppl (mean +- std over seeds) | seeds | inference GFLOPs/token | "
              "mean extra steps | training PFLOPs |", "|---|---|---|---|---|---|---|---|---|"]

@@ -133,17 +133,54 @@ def test_the_learning_rate_is_chosen_on_evaluation_loss_and_seeds_are_aggregated
     rows = run_sweep(recipe, out, progress=False)
     assert sorted(p.name for p in (out / "runs").iterdir()) == [
         "longer-lr0.003-s0", "vanilla-lr0.003-s0", "vanilla-lr0.003-s1", "vanilla-lr1e-05-s0"]
-    # 4 steps at lr 1e-5 learn nothing: 3e-3 is chosen, and the longer run reuses it without searching again
-    assert [(r["run"], r["seed"], r["lr"]) for r in rows] == [("vanilla", 0, 3e-3), ("vanilla", 1, 3e-3),
-                                                              ("longer", 0, 3e-3)]
+    # 4 steps at lr 1e-5 learn nothing: 3e-3 is chosen, and the longer run reuses it without searching again.
+    # Every run's first seed comes before any run's second.
+    assert [(r["run"], r["seed"], r["lr"]) for r in rows] == [("vanilla", 0, 3e-3), ("longer", 0, 3e-3),
+                                                              ("vanilla", 1, 3e-3)]
     with open(out / "results.csv") as handle:
-        assert [(r["seed"], r["lr"]) for r in csv.DictReader(handle)][:2] == [("0", "0.003"), ("1", "0.003")]
+        assert [(r["seed"], r["lr"]) for r in csv.DictReader(handle)] == [("0", "0.003")] * 2 + [("1", "0.003")]
+    vanilla = [r for r in rows if r["run"] == "vanilla"]
     merged, _ = sweep_module.aggregate(rows)
-    assert merged["ppl"] == pytest.approx(statistics.mean(r["ppl"] for r in rows[:2]))
-    assert merged["ppl_std"] == pytest.approx(statistics.stdev(r["ppl"] for r in rows[:2])) and merged["ppl_std"] > 0
+    assert merged["ppl"] == pytest.approx(statistics.mean(r["ppl"] for r in vanilla))
+    assert merged["ppl_std"] == pytest.approx(statistics.stdev(r["ppl"] for r in vanilla)) and merged["ppl_std"] > 0
     table = (out / "results.md").read_text()
     assert f"{merged['ppl']:.2f} +- {merged['ppl_std']:.2f}" in table and "| vanilla | 0 | 1e-05 |" in table
     assert "vanilla chose lr 0.003, the edge of its grid [1e-05, 0.003]" in capsys.readouterr().err
+
+
+def test_a_sweep_reuses_published_runs_instead_of_training_them_again(tiny_data_dir, tmp_path, monkeypatch, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    protocol = {"base": "tiny", "set": [f"data.path={tiny_data_dir}", "train.steps=4", "train.save_every=4",
+                                        "ponder.extra_steps=2"],
+                "eval": {"split": "val", "max_tokens": 256}, "taus": [0.0, 0.3], "lrs": [1e-5, 3e-3], "seeds": [0, 1]}
+    recipe.write_text(json.dumps({**protocol, "runs": [{"name": "p3", "set": ["method=ponderlm3"]}]}))
+    first = run_sweep(recipe, tmp_path / "lost", progress=False)
+    published = tmp_path / "published"  # what a sweep publishes; its run directories are gone
+    published.mkdir()
+    for name in ("results.json", "lr_search.json", "results.md"):
+        shutil.copy(tmp_path / "lost" / name, published / name)
+    shutil.rmtree(tmp_path / "lost")
+    # The recipe grows a run; only that run trains, and it reads lr_from the published search.
+    runs = [{"name": "p3", "set": ["method=ponderlm3"]},
+            {"name": "vanilla", "set": ["method=vanilla"], "lr_from": "p3", "seeds": [0]}]
+    recipe.write_text(json.dumps({**protocol, "runs": runs}))
+    trained = []
+    real_train = sweep_module.train
+    monkeypatch.setattr(sweep_module, "train", lambda config, run_dir, **kw: trained.append(run_dir.name) or
+                        real_train(config, run_dir, **kw))
+    capsys.readouterr()
+    out = tmp_path / "continued"
+    rows = run_sweep(recipe, out, progress=False, reuse=published)
+    assert trained == ["vanilla-lr0.003-s0"]
+    assert rows[:2] == first[:2] and rows[3:] == first[2:] and rows[2]["run"] == "vanilla"
+    search = json.loads((published / "lr_search.json").read_text())
+    assert json.loads((out / "lr_search.json").read_text()) == search and len(search) == 2
+    assert f"p3-lr0.003-s1: ppl {first[2]['ppl']:.2f} (published in {published})" in capsys.readouterr().err
+    # A published run that is not what the recipe now asks for is refused, not silently taken.
+    recipe.write_text(json.dumps({**protocol, "runs": runs}).replace("train.steps=4", "train.steps=6"))
+    with pytest.raises(PonderError, match=r"p3-lr0.003-s0 in .*results.json is not what the recipe asks for "
+                                          r"\(train_tokens: \d+ -> \d+\); drop --reuse"):
+        run_sweep(recipe, tmp_path / "again", progress=False, reuse=published)
 
 
 def test_lr_from_must_name_an_earlier_run(tmp_path, tiny_data_dir):
