@@ -24,8 +24,8 @@ run repeated; the table and plot give mean +- std over seeds, results.csv one ro
 `compare_to: ponderlm3`, results.md also says whether that method is better, worse or within seed noise at equal
 data (same training tokens, no more inference FLOPs) and at equal compute (no more training and inference FLOPs).
 
-Every run's first seed comes first, in recipe order, then the other seeds: a long sweep publishes a one-seed
-picture of every run before it adds seeds.
+Every run's first seed comes first, in recipe order, then the other seeds that still have to train: a long sweep
+publishes a one-seed picture of every run before it adds seeds. The tables list runs in recipe order.
 
 Resumable: the tables are rewritten after every run, a finished run is not retrained, an interrupted one continues
 from its last checkpoint, and an evaluation already stored in the run directory (same split, token budget and tau)
@@ -170,12 +170,19 @@ def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None, reuse:
             for seed in seeds:
                 recipe.config(run, lr, seed)
     published = Published(reuse) if reuse else None
-    rows, search, chosen, other_seeds = [], [], {}, []
+    search, chosen, done, waiting = [], {}, {}, []
 
     def train_and_evaluate(run, lr, seed, first_tau_only=False):
         return _train_and_evaluate(recipe, run, lr, seed, out, progress, published, first_tau_only)
 
-    for run in recipe.runs:
+    def rows():  # in recipe order, whatever order they ran in
+        return [row for key in sorted(done) for row in done[key]]
+
+    def add(key, run, lr, seed):
+        done[key] = train_and_evaluate(run, lr, seed)
+        write_results(rows(), out, search, recipe.compare_to)  # after every run, so a long sweep can publish its part
+
+    for index, run in enumerate(recipe.runs):
         lrs, seeds = recipe.grid(run, chosen)
         lr = lrs[0]
         if len(lrs) > 1:
@@ -191,13 +198,24 @@ def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None, reuse:
                 _log(f"{run['name']} chose lr {lr:g}, the edge of its grid {sorted(lrs)}: the optimum may lie "
                      "outside it; extend lrs")
         chosen[run["name"]] = lr
-        rows += train_and_evaluate(run, lr, seeds[0])
-        write_results(rows, out, search, recipe.compare_to)  # after every run, so a long sweep can publish its part
-        other_seeds += [(run, lr, seed) for seed in seeds[1:]]
-    for run, lr, seed in other_seeds:
-        rows += train_and_evaluate(run, lr, seed)
-        write_results(rows, out, search, recipe.compare_to)
-    return rows
+        for position, seed in enumerate(seeds):
+            # A seed that still has to train waits until every run has its first seed in: the table has every run early.
+            if position == 0 or _trained(recipe, run, lr, seed, out, published):
+                add((index, position), run, lr, seed)
+            else:
+                waiting.append(((index, position), run, lr, seed))
+    for key, run, lr, seed in waiting:
+        add(key, run, lr, seed)
+    return rows()
+
+
+def _trained(recipe: Recipe, run: dict, lr: float | None, seed: int | None, out: Path,
+             published: Published | None) -> bool:
+    """Whether a run needs no more training: finished under `out`, or absent there and published."""
+    run_dir = out / "runs" / run_dir_name(run["name"], lr, seed)
+    if run_dir.exists():
+        return _finished(latest_checkpoint(run_dir), recipe.config(run, lr, seed).train.steps)
+    return published is not None and bool(published.rows_of(run["name"], lr, seed))
 
 
 def search_lr(lrs: list[float], loss_at, local: bool) -> float:

@@ -122,7 +122,8 @@ def test_shipped_recipes_are_valid():
         assert steps <= {min(steps), 4 * min(steps)}, f"{path}: one budget, or a short one and 4x it"
 
 
-def test_the_learning_rate_is_chosen_on_evaluation_loss_and_seeds_are_aggregated(tiny_data_dir, tmp_path, capsys):
+def test_the_learning_rate_is_chosen_on_evaluation_loss_and_seeds_are_aggregated(tiny_data_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps({
         "base": "tiny", "set": [f"data.path={tiny_data_dir}", "train.steps=4", "train.save_every=4"],
@@ -130,15 +131,19 @@ def test_the_learning_rate_is_chosen_on_evaluation_loss_and_seeds_are_aggregated
         "runs": [{"name": "vanilla", "set": ["method=vanilla"]},
                  {"name": "longer", "set": ["method=vanilla", "train.steps=6"], "lr_from": "vanilla", "seeds": [0]}]}))
     out = tmp_path / "sweep"
+    trained = []
+    real_train = sweep_module.train
+    monkeypatch.setattr(sweep_module, "train", lambda config, run_dir, **kw: trained.append(run_dir.name) or
+                        real_train(config, run_dir, **kw))
     rows = run_sweep(recipe, out, progress=False)
-    assert sorted(p.name for p in (out / "runs").iterdir()) == [
-        "longer-lr0.003-s0", "vanilla-lr0.003-s0", "vanilla-lr0.003-s1", "vanilla-lr1e-05-s0"]
     # 4 steps at lr 1e-5 learn nothing: 3e-3 is chosen, and the longer run reuses it without searching again.
-    # Every run's first seed comes before any run's second.
-    assert [(r["run"], r["seed"], r["lr"]) for r in rows] == [("vanilla", 0, 3e-3), ("longer", 0, 3e-3),
-                                                              ("vanilla", 1, 3e-3)]
+    # Every run's first seed trains before any run's second; the table keeps the recipe's order.
+    assert trained == ["vanilla-lr1e-05-s0", "vanilla-lr0.003-s0", "longer-lr0.003-s0", "vanilla-lr0.003-s1"]
+    assert [(r["run"], r["seed"], r["lr"]) for r in rows] == [("vanilla", 0, 3e-3), ("vanilla", 1, 3e-3),
+                                                              ("longer", 0, 3e-3)]
     with open(out / "results.csv") as handle:
-        assert [(r["seed"], r["lr"]) for r in csv.DictReader(handle)] == [("0", "0.003")] * 2 + [("1", "0.003")]
+        assert [(r["run"], r["seed"]) for r in csv.DictReader(handle)] == [("vanilla", "0"), ("vanilla", "1"),
+                                                                           ("longer", "0")]
     vanilla = [r for r in rows if r["run"] == "vanilla"]
     merged, _ = sweep_module.aggregate(rows)
     assert merged["ppl"] == pytest.approx(statistics.mean(r["ppl"] for r in vanilla))
@@ -172,10 +177,13 @@ def test_a_sweep_reuses_published_runs_instead_of_training_them_again(tiny_data_
     out = tmp_path / "continued"
     rows = run_sweep(recipe, out, progress=False, reuse=published)
     assert trained == ["vanilla-lr0.003-s0"]
-    assert rows[:2] == first[:2] and rows[3:] == first[2:] and rows[2]["run"] == "vanilla"
+    assert rows[:4] == first and rows[4]["run"] == "vanilla"
     search = json.loads((published / "lr_search.json").read_text())
     assert json.loads((out / "lr_search.json").read_text()) == search and len(search) == 2
-    assert f"p3-lr0.003-s1: ppl {first[2]['ppl']:.2f} (published in {published})" in capsys.readouterr().err
+    # A published seed needs no training, so it does not wait behind the new run's first seed.
+    log = capsys.readouterr().err
+    assert log.index(f"p3-lr0.003-s1: ppl {first[2]['ppl']:.2f} (published in {published})") < \
+        log.index("vanilla-lr0.003-s0: training")
     # A published run that is not what the recipe now asks for is refused, not silently taken.
     recipe.write_text(json.dumps({**protocol, "runs": runs}).replace("train.steps=4", "train.steps=6"))
     with pytest.raises(PonderError, match=r"p3-lr0.003-s0 in .*results.json is not what the recipe asks for "
