@@ -186,6 +186,8 @@ def test_a_sweep_reuses_published_runs_instead_of_training_them_again(tiny_data_
         log.index("vanilla-lr0.003-s0: training")
     # A published run that is not what the recipe now asks for is refused, not silently taken.
     recipe.write_text(json.dumps({**protocol, "runs": runs}).replace("train.steps=4", "train.steps=6"))
+    assert main(["sweep", str(recipe), "--out", str(tmp_path / "again"), "--reuse", str(tmp_path / "nowhere")]) == 2
+    assert "ponderlm: error: --reuse " in capsys.readouterr().err and not (tmp_path / "again").exists()
     with pytest.raises(PonderError, match=r"p3-lr0.003-s0 in .*results.json is not what the recipe asks for "
                                           r"\(train_tokens: \d+ -> \d+\); drop --reuse"):
         run_sweep(recipe, tmp_path / "again", progress=False, reuse=published)
