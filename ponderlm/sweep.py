@@ -141,10 +141,11 @@ def _evaluate(run_dir: Path, split: str, max_tokens: int | None, tau: float | No
 
 
 class Published:
-    """A published sweep directory (results.json, lr_search.json): runs found there are taken, not trained again."""
+    """A published sweep directory (results.json, lr_search.json): a run found there and with no directory under the
+    sweep's own `runs` is taken, not trained again."""
 
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
+    def __init__(self, directory: Path, runs: Path):
+        self.directory, self.runs = Path(directory), runs
         try:
             self.rows = json.loads((self.directory / "results.json").read_text())
             search = self.directory / "lr_search.json"
@@ -152,14 +153,18 @@ class Published:
         except (OSError, ValueError) as exc:
             raise PonderError(f"--reuse {directory}: cannot read its results ({exc})") from None
 
-    def rows_of(self, name: str, lr: float | None, seed: int | None) -> list[dict]:
-        return [r for r in self.rows if r["run"] == name and (lr is None or r["lr"] == lr)
+    def _matching(self, records: list[dict], name: str, lr: float | None, seed: int | None) -> list[dict]:
+        if (self.runs / run_dir_name(name, lr, seed)).exists():
+            return []
+        return [r for r in records if r["run"] == name and (lr is None or r["lr"] == lr)
                 and (seed is None or r["seed"] == seed)]
 
+    def rows_of(self, name: str, lr: float | None, seed: int | None) -> list[dict]:
+        return self._matching(self.rows, name, lr, seed)
+
     def loss_of(self, name: str, lr: float, seed: int | None) -> float | None:
-        found = [r["loss"] for r in self.search if r["run"] == name and r["lr"] == lr
-                 and (seed is None or r["seed"] == seed)]
-        return found[0] if found else None
+        found = self._matching(self.search, name, lr, seed)
+        return found[0]["loss"] if found else None
 
 
 def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None, reuse: Path | None = None) -> list[dict]:
@@ -169,7 +174,7 @@ def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None, reuse:
         for lr in lrs:
             for seed in seeds:
                 recipe.config(run, lr, seed)
-    published = Published(reuse) if reuse else None
+    published = Published(reuse, out / "runs") if reuse else None
     search, chosen, done, waiting = [], {}, {}, []
 
     def train_and_evaluate(run, lr, seed, first_tau_only=False):
@@ -187,8 +192,7 @@ def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None, reuse:
         lr = lrs[0]
         if len(lrs) > 1:
             def loss_at(lr):
-                run_dir = out / "runs" / run_dir_name(run["name"], lr, seeds[0])
-                loss = None if published is None or run_dir.exists() else published.loss_of(run["name"], lr, seeds[0])
+                loss = published.loss_of(run["name"], lr, seeds[0]) if published else None
                 if loss is None:
                     loss = train_and_evaluate(run, lr, seeds[0], first_tau_only=True)[0]["loss"]
                 search.append({"run": run["name"], "seed": seeds[0], "lr": lr, "loss": loss})
@@ -211,11 +215,11 @@ def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None, reuse:
 
 def _trained(recipe: Recipe, run: dict, lr: float | None, seed: int | None, out: Path,
              published: Published | None) -> bool:
-    """Whether a run needs no more training: finished under `out`, or absent there and published."""
-    run_dir = out / "runs" / run_dir_name(run["name"], lr, seed)
-    if run_dir.exists():
-        return _finished(latest_checkpoint(run_dir), recipe.config(run, lr, seed).train.steps)
-    return published is not None and bool(published.rows_of(run["name"], lr, seed))
+    """Whether a run needs no more training: finished under `out`, or published."""
+    if published is not None and published.rows_of(run["name"], lr, seed):
+        return True
+    return _finished(latest_checkpoint(out / "runs" / run_dir_name(run["name"], lr, seed)),
+                     recipe.config(run, lr, seed).train.steps)
 
 
 def search_lr(lrs: list[float], loss_at, local: bool) -> float:
@@ -251,7 +255,7 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
     others."""
     config = recipe.config(run, lr, seed)
     run_dir = out / "runs" / run_dir_name(run["name"], lr, seed)
-    if published is not None and not run_dir.exists() and (found := published.rows_of(run["name"], lr, seed)):
+    if published is not None and (found := published.rows_of(run["name"], lr, seed)):
         return _reused(recipe, config, found, published.directory, run_dir.name, first_tau_only)
     resume = (run_dir / "config.yaml").is_file()
     if resume and (changed := config_changes(read_run_config(run_dir), config)):
@@ -265,7 +269,7 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
         train(None if resume else config, run_dir, resume=resume, progress=progress)
     config = read_run_config(run_dir)  # as trained: training sets model.vocab_size from the tokenizer
     model = build_model(config)
-    train_tokens = config.train.steps * (config.train.batch_tokens // config.data.seq_len) * config.data.seq_len
+    train_tokens = _train_tokens(config)
     train_flops = model.training_flops_per_token() * train_tokens
     split, max_tokens = recipe.eval.get("split", "val"), recipe.eval.get("max_tokens")
     rows, soft_ppl = [], ""
@@ -285,14 +289,17 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
     return rows
 
 
+def _train_tokens(config) -> int:
+    return config.train.steps * (config.train.batch_tokens // config.data.seq_len) * config.data.seq_len
+
+
 def _reused(recipe: Recipe, config, found: list[dict], directory: Path, name: str,
             first_tau_only: bool) -> list[dict]:
     """A published run's rows, in the recipe's tau order, once they are shown to be what the recipe asks for."""
-    train_tokens = config.train.steps * (config.train.batch_tokens // config.data.seq_len) * config.data.seq_len
     split = recipe.eval.get("split", "val")
     by_tau = {r["tau"]: r for r in found}
     taus = [""] if set(by_tau) == {""} else recipe.taus[:1] if first_tau_only else recipe.taus
-    asked = {"method": config.method, "train_tokens": train_tokens, "split": split}
+    asked = {"method": config.method, "train_tokens": _train_tokens(config), "split": split}
     differ = {key: (found[0][key], value) for key, value in asked.items() if found[0][key] != value}
     if differ or set(taus) - set(by_tau):
         detail = ", ".join(f"{key}: {a} -> {b}" for key, (a, b) in differ.items()) or \
