@@ -24,6 +24,14 @@ def write_recipe(path, data_dir, runs):
     return path
 
 
+def record_training(monkeypatch) -> list[tuple[str, bool]]:
+    """The (run directory name, resume) of every training the sweep starts, in order; training still runs."""
+    trained, real_train = [], sweep_module.train
+    monkeypatch.setattr(sweep_module, "train", lambda config, run_dir, **kw: trained.append(
+        (run_dir.name, kw["resume"])) or real_train(config, run_dir, **kw))
+    return trained
+
+
 RUNS = [{"name": "vanilla", "set": ["method=vanilla"]}, {"name": "p3", "set": ["method=ponderlm3"]}]
 
 
@@ -58,10 +66,7 @@ def test_a_killed_sweep_resumes_without_retraining_finished_runs(tiny_data_dir, 
     (out / "results.csv").unlink()
     (out / "runs" / "p3" / "sweep_eval.json").unlink()
     shutil.rmtree(out / "runs" / "p3" / "checkpoints" / "step_0000004")
-    trained = []
-    real_train = sweep_module.train
-    monkeypatch.setattr(sweep_module, "train", lambda config, run_dir, **kw: trained.append(
-        (run_dir.name, kw["resume"])) or real_train(config, run_dir, **kw))
+    trained = record_training(monkeypatch)
     run_sweep(recipe, out, progress=False)
     assert trained == [("p3", True)]
     log = capsys.readouterr().err
@@ -131,14 +136,12 @@ def test_the_learning_rate_is_chosen_on_evaluation_loss_and_seeds_are_aggregated
         "runs": [{"name": "vanilla", "set": ["method=vanilla"]},
                  {"name": "longer", "set": ["method=vanilla", "train.steps=6"], "lr_from": "vanilla", "seeds": [0]}]}))
     out = tmp_path / "sweep"
-    trained = []
-    real_train = sweep_module.train
-    monkeypatch.setattr(sweep_module, "train", lambda config, run_dir, **kw: trained.append(run_dir.name) or
-                        real_train(config, run_dir, **kw))
+    trained = record_training(monkeypatch)
     rows = run_sweep(recipe, out, progress=False)
     # 4 steps at lr 1e-5 learn nothing: 3e-3 is chosen, and the longer run reuses it without searching again.
     # Every run's first seed trains before any run's second; the table keeps the recipe's order.
-    assert trained == ["vanilla-lr1e-05-s0", "vanilla-lr0.003-s0", "longer-lr0.003-s0", "vanilla-lr0.003-s1"]
+    assert [name for name, _ in trained] == ["vanilla-lr1e-05-s0", "vanilla-lr0.003-s0", "longer-lr0.003-s0",
+                                             "vanilla-lr0.003-s1"]
     assert [(r["run"], r["seed"], r["lr"]) for r in rows] == [("vanilla", 0, 3e-3), ("vanilla", 1, 3e-3),
                                                               ("longer", 0, 3e-3)]
     with open(out / "results.csv") as handle:
@@ -169,14 +172,11 @@ def test_a_sweep_reuses_published_runs_instead_of_training_them_again(tiny_data_
     runs = [{"name": "p3", "set": ["method=ponderlm3"]},
             {"name": "vanilla", "set": ["method=vanilla"], "lr_from": "p3", "seeds": [0]}]
     recipe.write_text(json.dumps({**protocol, "runs": runs}))
-    trained = []
-    real_train = sweep_module.train
-    monkeypatch.setattr(sweep_module, "train", lambda config, run_dir, **kw: trained.append(run_dir.name) or
-                        real_train(config, run_dir, **kw))
+    trained = record_training(monkeypatch)
     capsys.readouterr()
     out = tmp_path / "continued"
     rows = run_sweep(recipe, out, progress=False, reuse=published)
-    assert trained == ["vanilla-lr0.003-s0"]
+    assert [name for name, _ in trained] == ["vanilla-lr0.003-s0"]
     assert rows[:4] == first and rows[4]["run"] == "vanilla"
     search = json.loads((published / "lr_search.json").read_text())
     assert json.loads((out / "lr_search.json").read_text()) == search and len(search) == 2
