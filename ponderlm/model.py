@@ -42,61 +42,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
-class KVCache:
-    """Keys and values of every layer for incremental decoding, plus each cached key's additive bias.
-
-    `length` counts cached slots; `tokens` counts real tokens seen, which is the next RoPE position (a method with
-    latent slots caches several slots per token).
-    """
-
-    def __init__(self, config: ModelConfig, batch_size: int, max_slots: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", passes: int = 1):
-        head_dim = config.hidden_size // config.num_attention_heads
-        # Methods that run the layer stack several times per token (loop, ponderlm1) cache every pass's keys.
-        shape = (passes * config.num_hidden_layers, batch_size, config.resolved_key_value_heads(), max_slots, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.key_bias = torch.zeros(batch_size, max_slots, dtype=torch.float32, device=device)
-        self.length = 0
-        self.tokens = 0
-
-    @property
-    def max_slots(self) -> int:
-        return self.keys.shape[3]
-
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this layer's new keys/values after the cached ones; return all of them."""
-        end = self.length + k.shape[2]
-        if end > self.max_slots:
-            raise ValueError(f"KV cache full: {end} slots needed, {self.max_slots} allocated")
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-    def commit(self, new_slots: int) -> None:
-        """Called once all layers have stored `new_slots` slots (whose key_bias entries the caller has set)."""
-        self.length += new_slots
-
-
-def attention_mask(q_len: int, past_len: int, key_bias: torch.Tensor | None, dtype: torch.dtype,
-                   device: torch.device) -> torch.Tensor | None:
-    """Additive mask (B|1, 1, q_len, past_len + q_len): causal over the new slots plus the per-key bias.
-
-    None means no mask is needed: plain causal from position 0 (SDPA's fused `is_causal` path) or a single query.
-    """
-    if key_bias is None and (past_len == 0 or q_len == 1):
-        return None  # plain causal from 0 (is_causal), or one new query that sees every key
-    k_len = past_len + q_len
-    if q_len == 1:
-        return key_bias[:, None, None, :k_len].to(dtype)
-    query_index = torch.arange(q_len, device=device)[:, None] + past_len
-    future = torch.arange(k_len, device=device)[None, :] > query_index
-    mask = torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill(future, float("-inf"))
-    if key_bias is None:
-        return mask[None, None]
-    return mask[None, None] + key_bias[:, None, None, :k_len].to(dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -109,8 +54,8 @@ class Attention(nn.Module):
                                   bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None, layer: int, bias_column: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, layer: int,
+                bias_column: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         kv_width = self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split((self.num_heads * self.head_dim, kv_width, kv_width), dim=-1)
@@ -119,8 +64,8 @@ class Attention(nn.Module):
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # rotate in the activation dtype: no bf16 -> fp32 round trip
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.store(layer, k, v)
+        if cache is not None:  # a view of the engine's cache writes the new keys and attends (ponderlm/kvcache.py)
+            return self.o_proj(cache.attend(layer, q, k, v).transpose(1, 2).reshape(batch, seq, -1))
         if self.num_kv_heads != self.num_heads:  # grouped-query attention: each key/value head serves a group
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
             v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
@@ -129,9 +74,7 @@ class Attention(nn.Module):
         elif bias_column is not None:
             out = biased_causal_attention(q, k, v, bias_column)
         else:
-            if mask is not None:
-                mask = mask.to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -192,8 +135,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache, layer, bias_column=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, bias_column)
+    def forward(self, x, cos, sin, cache, layer, bias_column=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, bias_column)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -278,38 +221,38 @@ class Transformer(nn.Module):
         return self.embed_tokens(input_ids) * self.embed_scale
 
     def hidden_states(self, inputs_embeds: torch.Tensor, positions: torch.Tensor | None = None,
-                      key_bias: torch.Tensor | None = None, cache: KVCache | None = None, repeats: int = 1,
-                      cache_pass: int = 0, final_norm: bool = True) -> torch.Tensor:
-        """Final-norm hidden states (B, S, d) for input embeddings (B, S, d).
+                      key_bias: torch.Tensor | None = None, cache=None, repeats: int = 1, cache_pass: int = 0,
+                      final_norm: bool = True, slot_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, S, d) for input embeddings (B, S, d), causal over the S slots.
 
-        positions: RoPE positions (S,) or (B, S); default 0..S-1 after the cached tokens.
-        key_bias: additive attention bias per key (B, past + S), added for every query, layer and head.
-        cache: if given, new keys/values are appended after the cached ones (the caller commits them).
+        positions: RoPE positions (S,) or (B, S); default 0..S-1.
+        key_bias: additive attention bias per key (B, S), added for every query, layer and head (training path).
+        cache: a view of the inference engine's KV cache (`ponderlm/kvcache.py`), which stores the new keys and
+            holds the earlier ones with their own biases.
         repeats: apply the whole layer stack this many times with shared weights (`loop`); final norm once.
-        cache_pass: which pass of a multi-pass cache this call's first repeat writes to.
+        cache_pass: which pass of a multi-pass method this call's first repeat is (its keys' cache group).
         final_norm: False returns the residual stream itself, for methods that continue it in a later call.
+        slot_mask: (B, S) which slots are real, for a prefill view (others are padding and never cached).
         """
         seq = inputs_embeds.shape[1]
-        past = cache.length if cache is not None else 0
         if positions is None:
-            start = cache.tokens if cache is not None else 0
-            positions = torch.arange(start, start + seq, device=inputs_embeds.device)
+            positions = torch.arange(seq, device=inputs_embeds.device)
+        if cache is not None:
+            cache.begin(positions, slot_mask)
         cos, sin = rotary_tables(positions, self.config.hidden_size // self.config.num_attention_heads,
                                  self.config.rope_theta)
         if cos.dim() == 3:  # per-sequence positions: broadcast over heads
             cos, sin = cos[:, None], sin[:, None]
         cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
-        mask, bias_column = None, None
-        if key_bias is not None and cache is None:
+        bias_column = None
+        if key_bias is not None:
             head_dim = self.config.hidden_size // self.config.num_attention_heads
             bias_column = (key_bias * head_dim ** 0.5)[:, None, :, None]
-        else:
-            mask = attention_mask(seq, past, key_bias, inputs_embeds.dtype, inputs_embeds.device)
         x = inputs_embeds
         layers = len(self.layers)
         for repeat in range(repeats):
             for index, layer in enumerate(self.layers):
-                x = layer(x, cos, sin, mask, cache, (cache_pass + repeat) * layers + index, bias_column)
+                x = layer(x, cos, sin, cache, (cache_pass + repeat) * layers + index, bias_column)
         return self.norm(x) if final_norm else x
 
     def num_matmul_params(self) -> int:

@@ -12,6 +12,7 @@ tau, the pruning threshold of adaptive methods, is an argument of every inferenc
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -24,7 +25,7 @@ from torch import nn
 from ponderlm.config import Config
 from ponderlm.errors import PonderError
 from ponderlm.flops import lm_head_flops
-from ponderlm.model import KVCache, Transformer, linear_cross_entropy
+from ponderlm.model import Transformer, linear_cross_entropy
 
 
 @dataclasses.dataclass
@@ -101,21 +102,28 @@ class Method(nn.Module, ABC):
             raise PonderError(f"--tau applies to methods that prune their latent steps; {cls.name} runs do not "
                               "(drop --tau)")
 
-    # ----- decoding with a KV cache -----
+    # ----- decoding, through the inference engine (ponderlm/engine.py) -----
 
-    def new_cache(self, batch_size: int, max_tokens: int, dtype: torch.dtype = torch.float32) -> KVCache:
-        slots_per_token = 1 + (self.max_extra_steps if self.latent_slots else 0)
-        passes = 1 if self.latent_slots else 1 + self.max_extra_steps
-        return KVCache(self.config.model, batch_size, max_tokens * slots_per_token, dtype,
-                       self.backbone.lm_head.weight.device, passes=passes)
+    # The prompt's slots can run in parallel exactly (no slot's input depends on an earlier slot's output):
+    # the engine then fills a new row's cache with `prefill` instead of feeding the prompt slot by slot.
+    parallel_prefill: ClassVar[bool] = False
+    # The parallel `infer` equals sequential decoding exactly; False where it is a Jacobi approximation.
+    exact_parallel: ClassVar[bool] = True
+
+    @property
+    def slots_per_token(self) -> int:
+        """The most slots (cache entries) one token can take: its own and one per extra step."""
+        return 1 + self.max_extra_steps
 
     @abstractmethod
-    def decode(self, input_ids: torch.Tensor, cache: KVCache, tau: float | None = None,
-               extra_steps: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Feed (B, n) tokens after the cached ones; return the logits (B, V) for the token after them.
+    def decode_state(self, capacity: int) -> DecodeState:
+        """This method's per-row decoding state for an engine of `capacity` rows."""
 
-        extra_steps, if given, receives the extra steps each fed token ran (one (B,) tensor per token).
-        """
+    def prefill(self, input_ids: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run right-padded prompts (n, P) of rows that start empty through a prefill view of the engine's cache;
+        the lm-head's input after every token (n, P, d) and the extra steps each ran (n, P). `parallel_prefill`
+        methods only."""
+        raise NotImplementedError(f"{self.name} decodes its prompts slot by slot")
 
     # ----- FLOPs -----
 
@@ -129,6 +137,49 @@ class Method(nn.Module, ABC):
 
     def num_matmul_params(self) -> int:
         return self.backbone.num_matmul_params()
+
+
+class DecodeState:
+    """A method's decoding state for each row of the engine: the engine's rows are 0..rows-1 of every tensor.
+
+    Each engine step runs one slot per row. `next_slots` says what that slot is: its input embedding, its cache
+    group and the bias its key gets (`ponderlm/kvcache.py`); `absorb` takes the slot's output (the residual stream
+    before the final norm) and says which rows finished their token, with the state the lm-head reads and the
+    extra steps the token ran. Every tensor attribute has one entry per row and moves with it (`move_row`).
+    `phase` is the slot of the current token that runs now: 0 is the token's own slot, k its k-th extra step.
+    """
+
+    def __init__(self, method: Method, capacity: int):
+        weight = method.backbone.lm_head.weight
+        self.method, self.backbone = method, method.backbone
+        self.phase = torch.zeros(capacity, dtype=torch.long, device=weight.device)
+        self.previous = torch.zeros(capacity, method.config.model.hidden_size, dtype=weight.dtype, device=weight.device)
+        self.log_tau = torch.zeros(capacity, device=weight.device)  # log of each row's pruning threshold
+
+    def set_tau(self, row: int, tau: float) -> None:
+        self.log_tau[row] = math.log(tau) if tau > 0 else float("-inf")
+
+    def move_row(self, source: int, target: int) -> None:
+        for value in vars(self).values():
+            if torch.is_tensor(value):
+                value[target] = value[source]
+
+    def advance(self, rows: int, starting: torch.Tensor) -> torch.Tensor:
+        """The phase of this step's slot for rows 0..rows-1: 0 where a token starts, else one more than before."""
+        phase = torch.where(starting, 0, self.phase[:rows] + 1)
+        self.phase[:rows] = phase
+        return phase
+
+    @abstractmethod
+    def next_slots(self, rows: int, starting: torch.Tensor, token_embeds: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs (rows, d), cache groups (rows,) and key biases (rows,) of this step's slots; `starting` (rows,)
+        marks rows that begin a new token, whose embedding is in `token_embeds` (rows, d)."""
+
+    @abstractmethod
+    def absorb(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From the slots' outputs (rows, d): finished (rows,) bool, lm-head inputs (rows, d) (read where finished),
+        extra steps of the finished tokens (rows,)."""
 
 
 def method_options(config: Config, method: type[Method]):

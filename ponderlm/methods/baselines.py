@@ -16,33 +16,43 @@ from torch import nn
 
 from ponderlm.config import Config
 from ponderlm.flops import causal_pass_flops, interleaved_inference_flops, multipass_inference_flops
-from ponderlm.methods.base import Method
-from ponderlm.model import KVCache
+from ponderlm.methods.base import DecodeState, Method
 
 
 class FixedSteps(Method):
     """Shared plumbing: every token runs exactly K extra steps (K = 0: vanilla)."""
+
+    parallel_prefill = True
 
     def infer(self, input_ids: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         extra = torch.full(input_ids.shape, self.max_extra_steps, dtype=torch.long, device=input_ids.device)
         return self.backbone.lm_head(self.output_states(input_ids)), extra
 
     @abstractmethod
-    def output_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The states (B, T, d) the lm-head reads, after the K extra steps of every token."""
+    def output_states(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+        """The states (B, T, d) the lm-head reads, after the K extra steps of every token; with a prefill view of
+        the engine's cache, every slot's keys are stored there."""
 
     def loss(self, input_ids, targets, train_step=None):
         return self.lm_loss(self.output_states(input_ids), targets), {}
 
-    def _finish_decode(self, hidden: torch.Tensor, input_ids: torch.Tensor, cache: KVCache, slots: int,
-                       extra_steps: list | None) -> torch.Tensor:
-        """Commit the `slots` new cache entries, advance the token count, record K steps per token; next logits."""
-        cache.commit(slots)
-        cache.tokens += input_ids.shape[1]
-        if extra_steps is not None:
-            extra_steps += [torch.full((input_ids.shape[0],), self.max_extra_steps, dtype=torch.long)] * \
-                input_ids.shape[1]
-        return self.backbone.lm_head(hidden[:, -1])
+    def prefill(self, input_ids, cache):
+        extra = torch.full(input_ids.shape, self.max_extra_steps, dtype=torch.long, device=input_ids.device)
+        return self.output_states(input_ids, cache), extra
+
+
+class PassState(DecodeState):
+    """`loop`, `vanilla`, `ponderlm1`: pass p of a token is slot p, in cache group p (each pass has its own keys)."""
+
+    def next_slots(self, rows, starting, token_embeds):
+        phase = self.advance(rows, starting)
+        inputs = torch.where(starting[:, None], token_embeds, self.previous[:rows])
+        return inputs, phase, torch.zeros(rows, device=phase.device)
+
+    def absorb(self, hidden):
+        rows, K = len(hidden), self.method.max_extra_steps
+        self.previous[:rows] = hidden  # the residual stream goes on into the next pass
+        return self.phase[:rows] == K, self.backbone.norm(hidden), torch.full_like(self.phase[:rows], K)
 
 
 class Pause(FixedSteps):
@@ -65,17 +75,13 @@ class Pause(FixedSteps):
         positions = torch.arange(tokens, device=input_ids.device).repeat_interleave(K + 1)
         return slots, positions
 
-    def output_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def output_states(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
         slots, positions = self.slots(input_ids)
-        hidden = self.backbone.hidden_states(slots, positions)
+        hidden = self.backbone.hidden_states(slots, positions, cache=cache)
         return hidden.view(*input_ids.shape, self.max_extra_steps + 1, -1)[:, :, -1]
 
-    @torch.no_grad()
-    def decode(self, input_ids, cache, tau=None, extra_steps=None):
-        # The pause slots' inputs are known in advance, so all slots of the new tokens go in one causal chunk.
-        slots, positions = self.slots(input_ids)
-        hidden = self.backbone.hidden_states(slots, positions + cache.tokens, cache=cache)
-        return self._finish_decode(hidden, input_ids, cache, slots.shape[1], extra_steps)
+    def decode_state(self, capacity: int) -> DecodeState:
+        return PauseState(self, capacity)
 
     def inference_flops(self, extra_steps: torch.Tensor) -> float:
         return interleaved_inference_flops(self.config.model, self.num_matmul_params(), extra_steps,
@@ -87,21 +93,31 @@ class Pause(FixedSteps):
         return 3 * (forward + T * self.per_token_flops()) / T
 
 
+class PauseState(DecodeState):
+    """The token's slot, then K slots whose input is the pause embedding; all in group 0."""
+
+    def next_slots(self, rows, starting, token_embeds):
+        phase = self.advance(rows, starting)
+        pause = (self.method.pause_embedding * self.backbone.embed_scale).to(token_embeds.dtype)
+        inputs = torch.where(starting[:, None], token_embeds, pause)
+        return inputs, torch.zeros_like(phase), torch.zeros(rows, device=phase.device)
+
+    def absorb(self, hidden):
+        K = self.method.max_extra_steps
+        phase = self.phase[: len(hidden)]
+        return phase == K, self.backbone.norm(hidden), torch.full_like(phase, K)
+
+
 class Loop(FixedSteps):
     name = "loop"
 
-    def final_states(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """Final-norm states (B, T, d) after every pass; with a cache, each pass stores its own keys."""
+    def output_states(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+        """Final-norm states (B, T, d) after every pass; with a cache, pass p stores its keys in group p."""
         return self.backbone.hidden_states(self.backbone.embed(input_ids), cache=cache,
                                            repeats=self.max_extra_steps + 1)
 
-    def output_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.final_states(input_ids, None)
-
-    @torch.no_grad()
-    def decode(self, input_ids, cache, tau=None, extra_steps=None):
-        return self._finish_decode(self.final_states(input_ids, cache), input_ids, cache, input_ids.shape[1],
-                                   extra_steps)
+    def decode_state(self, capacity: int) -> DecodeState:
+        return PassState(self, capacity)
 
     def inference_flops(self, extra_steps: torch.Tensor) -> float:
         return multipass_inference_flops(self.config.model, self.num_matmul_params(), extra_steps,
@@ -116,19 +132,44 @@ class Loop(FixedSteps):
 class PonderLM1(Loop):
     name = "ponderlm1"
 
-    def final_states(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def output_states(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
         """K soft-embedding refinement passes, then the last pass; final-norm states (B, T, d)."""
         base = self.backbone.embed(input_ids)
-        scaled_embeddings = self.backbone.embed_tokens.weight * self.backbone.embed_scale
         inputs = base
         for refinement in range(self.max_extra_steps + 1):
             hidden = self.backbone.hidden_states(inputs, cache=cache, cache_pass=refinement)
             if refinement < self.max_extra_steps:
-                probs = self.backbone.lm_head(hidden).float().softmax(-1)
-                inputs = base + (probs.to(scaled_embeddings.dtype) @ scaled_embeddings).to(base.dtype)
+                inputs = self.refined_inputs(base, hidden)
         return hidden
+
+    def refined_inputs(self, base: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The next pass's inputs e0 + softmax(lm_head(h)) @ (c E), from the token embeddings and this pass's states."""
+        scaled_embeddings = self.backbone.embed_tokens.weight * self.backbone.embed_scale
+        probs = self.backbone.lm_head(hidden).float().softmax(-1)
+        return base + (probs.to(scaled_embeddings.dtype) @ scaled_embeddings).to(base.dtype)
+
+    def decode_state(self, capacity: int) -> DecodeState:
+        return SoftEmbeddingState(self, capacity)
 
     def per_token_flops(self) -> float:
         """An lm-head per pass, and the soft embedding (V x d) after each refinement pass."""
         m, K = self.config.model, self.max_extra_steps
         return (K + 1) * super().per_token_flops() + K * 2 * m.vocab_size * m.hidden_size
+
+
+class SoftEmbeddingState(PassState):
+    """`ponderlm1`: pass p in group p, each pass's input refined from the previous pass's prediction."""
+
+    def __init__(self, method: PonderLM1, capacity: int):
+        super().__init__(method, capacity)
+        self.token_embeds = torch.zeros_like(self.previous)
+
+    def next_slots(self, rows, starting, token_embeds):
+        self.token_embeds[:rows] = torch.where(starting[:, None], token_embeds, self.token_embeds[:rows])
+        return super().next_slots(rows, starting, token_embeds)
+
+    def absorb(self, hidden):
+        rows, K = len(hidden), self.method.max_extra_steps
+        states = self.backbone.norm(hidden)
+        self.previous[:rows] = self.method.refined_inputs(self.token_embeds[:rows], states)
+        return self.phase[:rows] == K, states, torch.full_like(self.phase[:rows], K)

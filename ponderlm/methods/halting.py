@@ -15,7 +15,6 @@ router) and `ponder.router_warmup_steps` holds every gate open for the first ste
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +24,8 @@ from torch import nn
 from ponderlm.config import Config
 from ponderlm.errors import PonderError
 from ponderlm.flops import interleaved_inference_flops, lm_head_flops
-from ponderlm.methods.latent import HARD_MASK, PonderLM3
-from ponderlm.model import KVCache
+from ponderlm.methods.base import DecodeState
+from ponderlm.methods.latent import LatentState, PonderLM3
 
 OPEN_GATE = 1e4  # a continue logit whose log-sigmoid is 0 in float32: the gate of a bypassed (warm-up) step
 
@@ -88,24 +87,18 @@ class Halting(PonderLM3):
             w = torch.cat((w, torch.zeros_like(w[..., :1])), dim=-1)
         return w[..., :-1] - w[..., 1:]
 
-    def _decode_token(self, token_ids: torch.Tensor, cache: KVCache, tau: float):
-        """The token slot, then latent slots while w_k >= tau for some row; rows already stopped hard-mask."""
-        threshold = math.log(tau) if tau > 0 else float("-inf")
-        no_bias = torch.zeros(len(token_ids), device=token_ids.device)
-        hidden = self._slot(self.backbone.embed(token_ids[:, None]), cache, no_bias)  # the token slot: never masked
-        states, log_w = [hidden], [no_bias]
-        for k in range(1, self.max_extra_steps + 1):
-            log_w.append(log_w[-1] + F.logsigmoid(self.continue_logit(k, hidden[:, 0])))
-            kept = log_w[-1] >= threshold
-            if not kept.any():
-                break
-            hidden = self._slot(hidden, cache, log_w[-1].masked_fill(~kept, HARD_MASK))
-            states.append(hidden)
-        log_w = torch.stack(log_w, dim=-1)
-        keep = self.kept_slots(log_w, tau)
-        s = self._slot_weights(log_w, complete=log_w.shape[1] == len(states))  # one weight per state run
-        s = self.truncate(s, torch.arange(len(states), device=s.device) <= keep[:, None])
-        return (s[..., None].to(hidden.dtype) * torch.cat(states, dim=1)).sum(dim=1), keep
+    def continue_logits_at(self, steps: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """g_k(h^(k-1)) for a different latent step k = steps[i] (1..K) per row i, from states (rows, d)."""
+        if self.step_embedding is None:
+            weight = torch.cat([gate.weight for gate in self.gates])  # (K, d): every step's gate at once
+            bias = torch.cat([gate.bias for gate in self.gates])
+            logits = F.linear(states, weight, bias).gather(1, (steps - 1)[:, None])[:, 0]
+        else:
+            logits = self.gates[0](states + self.step_embedding[steps - 1].to(states.dtype))[:, 0]
+        return logits.float()
+
+    def decode_state(self, capacity: int) -> DecodeState:
+        return HaltingState(self, capacity)
 
     def mask_flops_per_token(self) -> float:
         """The K gates (an upper bound for the growth passes, which know fewer states)."""
@@ -116,3 +109,38 @@ class Halting(PonderLM3):
         gates = (extra_steps + 1).clamp(max=self.max_extra_steps).double() * 2 * self.config.model.hidden_size
         return interleaved_inference_flops(self.config.model, self.num_matmul_params(), extra_steps,
                                            lm_head_flops(self.config.model) + gates)
+
+
+class HaltingState(LatentState):
+    """After slot k runs, gate k + 1 reads its state: w_{k+1} = w_k c_{k+1}; slot k + 1 runs if w_{k+1} >= tau (and
+    k < K), with its key biased by log w_{k+1}. s_k = w_k - w_{k+1} is known once slot k runs, so the mixture
+    accumulates as the slots run and is renormalised by the kept mass 1 - w_{K_hat + 1} at the end."""
+
+    def __init__(self, method: Halting, capacity: int):
+        super().__init__(method, capacity)
+        self.log_w = torch.zeros(capacity, device=self.phase.device)  # log w of the slot that runs now
+        self.kept_mass = torch.zeros(capacity, device=self.phase.device)
+        self.mixture = torch.zeros_like(self.previous)
+
+    def next_slots(self, rows, starting, token_embeds):
+        inputs, group, _ = super().next_slots(rows, starting, token_embeds)
+        self.log_w[:rows].masked_fill_(starting, 0.0)  # w_0 = 1: the token slot is never masked
+        return inputs, group, self.log_w[:rows].clone()
+
+    def absorb(self, hidden):
+        rows, method, K = len(hidden), self.method, self.method.max_extra_steps
+        states = self.backbone.norm(hidden)
+        self.previous[:rows] = states
+        phase, log_w = self.phase[:rows], self.log_w[:rows]
+        started = phase == 0
+        last = phase == K
+        gate = F.logsigmoid(method.continue_logits_at((phase + 1).clamp(max=K), states))
+        next_log_w = torch.where(last, float("-inf"), log_w + gate)  # w_{K+1} = 0
+        s = log_w.exp() - next_log_w.exp()
+        mixture = torch.where(started[:, None], 0.0, self.mixture[:rows]) + s[:, None].to(states.dtype) * states
+        kept_mass = torch.where(started, 0.0, self.kept_mass[:rows]) + s
+        finished = last | (next_log_w < self.log_tau[:rows])
+        self.mixture[:rows], self.kept_mass[:rows], self.log_w[:rows] = mixture, kept_mass, next_log_w
+        if method.config.ponder.renormalize_pruned:
+            mixture = mixture / kept_mass[:, None].to(mixture.dtype)
+        return finished, mixture, phase.clone()

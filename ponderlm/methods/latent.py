@@ -22,8 +22,7 @@ from torch import nn
 
 from ponderlm.config import Config
 from ponderlm.flops import causal_pass_flops, interleaved_inference_flops
-from ponderlm.methods.base import Inspection, Method
-from ponderlm.model import KVCache
+from ponderlm.methods.base import DecodeState, Inspection, Method
 
 HARD_MASK = -1e9  # the bias of a pruned slot: invisible to every query, yet finite so nothing turns into NaN
 
@@ -40,6 +39,7 @@ def log_tail_mass(router_logits: torch.Tensor) -> torch.Tensor:
 class PonderLM2(Method):
     name = "ponderlm2"
     latent_slots = True
+    exact_parallel = False  # Jacobi passes approach the sequential recurrence; the engine computes it exactly
 
     # ----- parallel forward (training and evaluation) -----
 
@@ -109,36 +109,10 @@ class PonderLM2(Method):
     def _regularise(self, loss: torch.Tensor, stats: dict) -> torch.Tensor:
         return loss
 
-    # ----- sequential decoding with a KV cache -----
+    # ----- sequential decoding, through the engine -----
 
-    def _slot(self, inputs: torch.Tensor, cache: KVCache, bias: torch.Tensor | None) -> torch.Tensor:
-        """Run one slot per sequence (inputs (B, 1, d)) at the current token's position; cache it."""
-        key_bias = None
-        if bias is not None:  # biased methods: every cached key has a bias (0 for token slots)
-            cache.key_bias[:, cache.length] = bias
-            key_bias = cache.key_bias[:, : cache.length + 1]
-        hidden = self.backbone.hidden_states(inputs, key_bias=key_bias, cache=cache)
-        cache.commit(1)
-        return hidden
-
-    def _decode_token(self, token_ids: torch.Tensor, cache: KVCache, tau: float
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All slots of one token (B,); returns the output state (B, d) and the latent slots run (B,)."""
-        hidden = self._slot(self.backbone.embed(token_ids[:, None]), cache, None)
-        for _ in range(self.max_extra_steps):
-            hidden = self._slot(hidden, cache, None)
-        return hidden[:, 0], torch.full_like(token_ids, self.max_extra_steps)
-
-    @torch.no_grad()
-    def decode(self, input_ids, cache, tau=None, extra_steps=None):
-        """Feed (B, n) tokens one by one after the cached ones; logits (B, V) for the next token."""
-        tau = self.resolve_tau(tau)
-        for i in range(input_ids.shape[1]):
-            output, used = self._decode_token(input_ids[:, i], cache, tau)
-            cache.tokens += 1
-            if extra_steps is not None:
-                extra_steps.append(used)
-        return self.backbone.lm_head(output)
+    def decode_state(self, capacity: int) -> DecodeState:
+        return LatentState(self, capacity)
 
     # ----- FLOPs -----
 
@@ -216,9 +190,9 @@ class PonderLM3(PonderLM2):
         s = s.masked_fill(~kept, 0.0)
         return s / s.sum(-1, keepdim=True) if self.config.ponder.renormalize_pruned else s
 
-    def kept_slots(self, log_w: torch.Tensor, tau: float) -> torch.Tensor:
-        """K_hat = max{k : w_k >= tau}; w_0 = 1, so at least 0."""
-        threshold = math.log(tau) if tau > 0 else float("-inf")
+    def kept_slots(self, log_w: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+        """K_hat = max{k : w_k >= tau}; w_0 = 1, so at least 0. tau: a number, or log tau per row (...,)."""
+        threshold = (math.log(tau) if tau > 0 else float("-inf")) if isinstance(tau, float | int) else tau[..., None]
         return (log_w[..., 1:] >= threshold).sum(-1)  # w is non-increasing in k, so a count is the max k
 
     def _slot_bias(self, states, slots, tau):
@@ -248,23 +222,61 @@ class PonderLM3(PonderLM2):
     def _regularise(self, loss, stats):
         return loss + self.config.ponder.penalty * stats["_expected_extra"].mean()
 
-    def _decode_token(self, token_ids, cache, tau):
-        token_slot_bias = torch.zeros(len(token_ids))  # the token slot is never masked
-        hidden = self._slot(self.backbone.embed(token_ids[:, None]), cache, token_slot_bias)
-        s, log_w = self.route(hidden)
-        keep = self.kept_slots(log_w, tau)
-        run = int(keep.max())  # a batch runs up to its longest kept chain; shorter rows hard-mask the rest
-        kept = torch.arange(self.max_extra_steps + 1, device=keep.device) <= keep[:, None]
-        bias = log_w.masked_fill(~kept, HARD_MASK)
-        states = [hidden]
-        for k in range(1, run + 1):
-            hidden = self._slot(hidden, cache, bias[:, k])
-            states.append(hidden)
-        weights = self.truncate(s, kept)[:, : run + 1, None].to(hidden.dtype)
-        return (weights * torch.cat(states, dim=1)).sum(dim=1), keep
+    def decode_state(self, capacity: int) -> DecodeState:
+        return RoutedState(self, capacity)
 
     def per_token_flops(self) -> float:
         return super().per_token_flops() + self.mask_flops_per_token()
 
     def mask_flops_per_token(self) -> float:
         return 2 * self.config.model.hidden_size * (self.max_extra_steps + 1)  # the router
+
+
+class LatentState(DecodeState):
+    """PonderLM-2: the token's slot, then K latent slots, each fed the previous slot's final-norm state; group 0."""
+
+    def next_slots(self, rows, starting, token_embeds):
+        phase = self.advance(rows, starting)
+        inputs = torch.where(starting[:, None], token_embeds, self.previous[:rows])
+        return inputs, torch.zeros_like(phase), torch.zeros(rows, device=phase.device)
+
+    def absorb(self, hidden):
+        rows, K = len(hidden), self.method.max_extra_steps
+        states = self.backbone.norm(hidden)
+        self.previous[:rows] = states
+        return self.phase[:rows] == K, states, torch.full_like(self.phase[:rows], K)
+
+
+class RoutedState(LatentState):
+    """PonderLM-3: after the token's slot the router fixes K_hat; latent slot k runs only if k <= K_hat, with its
+    key biased by log w_k; the output accumulates the truncated, renormalised mixture as the slots run."""
+
+    def __init__(self, method: PonderLM3, capacity: int):
+        super().__init__(method, capacity)
+        K = method.max_extra_steps
+        self.log_w = torch.zeros(capacity, K + 1, device=self.phase.device)
+        self.weights = torch.zeros(capacity, K + 1, device=self.phase.device)
+        self.keep = torch.zeros_like(self.phase)
+        self.mixture = torch.zeros_like(self.previous)
+
+    def next_slots(self, rows, starting, token_embeds):
+        inputs, group, _ = super().next_slots(rows, starting, token_embeds)
+        bias = self.log_w[:rows].gather(1, self.phase[:rows, None])[:, 0].masked_fill(starting, 0.0)
+        return inputs, group, bias  # the token slot is never masked
+
+    def absorb(self, hidden):
+        rows, method = len(hidden), self.method
+        states = self.backbone.norm(hidden)
+        self.previous[:rows] = states
+        phase = self.phase[:rows]
+        routed = phase == 0
+        s, log_w = method.route(states[:, None])
+        keep = method.kept_slots(log_w, self.log_tau[:rows])
+        weights = method.truncate(s, torch.arange(method.max_extra_steps + 1, device=s.device) <= keep[:, None])
+        self.log_w[:rows] = torch.where(routed[:, None], log_w, self.log_w[:rows])
+        self.weights[:rows] = torch.where(routed[:, None], weights, self.weights[:rows])
+        self.keep[:rows] = torch.where(routed, keep, self.keep[:rows])
+        weight = self.weights[:rows].gather(1, phase[:, None]).to(states.dtype)
+        self.mixture[:rows] = torch.where(routed[:, None], 0.0, self.mixture[:rows]) + weight * states
+        keep = self.keep[:rows]
+        return phase == keep, self.mixture[:rows], keep.clone()

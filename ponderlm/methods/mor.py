@@ -25,9 +25,7 @@ from torch import nn
 from ponderlm.config import Config
 from ponderlm.errors import PonderError
 from ponderlm.flops import block_flops, lm_head_flops
-from ponderlm.methods.base import Inspection, Method
-from ponderlm.methods.latent import HARD_MASK
-from ponderlm.model import KVCache
+from ponderlm.methods.base import DecodeState, Inspection, Method
 
 
 @dataclass
@@ -37,30 +35,10 @@ class MoROptions:
     scale_output: bool = True  # ablation: false gives the gate the value 1 and keeps its gradient to the router
 
 
-class RecursionCache(KVCache):
-    """Recursion-wise KV caching: cache pass r holds only the tokens that ran recursion r + 1.
-
-    Each pass has its own length; `recursion` selects the pass that `length`, `store` and `commit` act on. In a
-    batch, a token slot is stored if any row ran that recursion, and `recursion_bias` hides it from the others.
-    """
-
-    def __init__(self, config, batch_size: int, max_tokens: int, dtype, device, passes: int):
-        self.lengths, self.recursion = [0] * passes, 0
-        super().__init__(config, batch_size, max_tokens, dtype, device, passes=passes)
-        self.recursion_bias = torch.zeros(passes, batch_size, max_tokens, device=device)
-
-    @property
-    def length(self) -> int:
-        return self.lengths[self.recursion]
-
-    @length.setter
-    def length(self, value: int) -> None:
-        self.lengths[self.recursion] = value
-
-
 class MoR(Method):
     name = "mor"
     adaptive = True
+    parallel_prefill = True
     Options = MoROptions
 
     def __init__(self, config: Config):
@@ -87,25 +65,27 @@ class MoR(Method):
             weight = weight - weight.detach() + 1
         return weight.to(dtype)
 
-    def recurse(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Output states (B, T, d) before the final norm, router weights g (B, T, N_r), depths d (B, T)."""
+    def recurse(self, input_ids: torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Output states (B, T, d) before the final norm, router weights g (B, T, N_r), depths d (B, T); with a
+        prefill view of the engine's cache, recursion r stores its tokens' keys in group r - 1."""
         x0 = self.backbone.embed(input_ids)
-        x = self.backbone.hidden_states(x0, final_norm=False)
+        x = self.backbone.hidden_states(x0, final_norm=False, cache=cache)
         g, depth = self.route(x)
         for recursion in range(2, self.max_extra_steps + 2):
             active = depth >= recursion
             if not active.any():
                 break
-            x = self._recurse_active(x, active)
+            x = self._recurse_active(x, active, recursion, cache)
         return x0 + self.gate(g, depth, x.dtype) * (x - x0), g, depth
 
-    def _recurse_active(self, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def _recurse_active(self, x: torch.Tensor, active: torch.Tensor, recursion: int, cache) -> torch.Tensor:
         """One recursion over the active tokens only: each row's active tokens, gathered in order (padding after
         them, which no real query can see), at their own RoPE positions; the others keep their state."""
         counts = active.sum(-1)
         order = torch.argsort((~active).to(torch.int8), dim=-1, stable=True)[:, : int(counts.max())]
         index = order[..., None].expand(-1, -1, x.shape[-1])
-        updated = self.backbone.hidden_states(x.gather(1, index), positions=order, final_norm=False)
+        updated = self.backbone.hidden_states(x.gather(1, index), positions=order, final_norm=False, cache=cache,
+                                              cache_pass=recursion - 1, slot_mask=active.gather(1, order))
         return torch.where(active[..., None], x.scatter(1, index, updated), x)
 
     def infer(self, input_ids: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,41 +110,14 @@ class MoR(Method):
                  **{f"depth_share_{i + 1}": share[i].item() for i in range(depths)}}
         return total, stats
 
-    # ----- decoding -----
+    # ----- decoding, through the engine -----
 
-    def new_cache(self, batch_size: int, max_tokens: int, dtype: torch.dtype = torch.float32) -> RecursionCache:
-        return RecursionCache(self.config.model, batch_size, max_tokens, dtype, self.backbone.lm_head.weight.device,
-                              passes=self.max_extra_steps + 1)
+    def prefill(self, input_ids, cache):
+        out, _, depth = self.recurse(input_ids, cache)
+        return self.backbone.norm(out), depth - 1
 
-    @torch.no_grad()
-    def decode(self, input_ids, cache, tau=None, extra_steps=None):
-        for i in range(input_ids.shape[1]):
-            out, depth = self._decode_token(input_ids[:, i : i + 1], cache)
-            cache.tokens += 1
-            if extra_steps is not None:
-                extra_steps.append(depth - 1)
-        return self.backbone.lm_head(self.backbone.norm(out[:, 0]))
-
-    def _decode_token(self, token_ids: torch.Tensor, cache: RecursionCache):
-        """Recursion 1 for every row, then recursion r for the rows whose depth reaches r (none: not run)."""
-        x0 = self.backbone.embed(token_ids)
-        cache.recursion = 0
-        x = self.backbone.hidden_states(x0, cache=cache, final_norm=False)
-        cache.commit(1)
-        g, depth = self.route(x[:, 0])
-        for recursion in range(2, self.max_extra_steps + 2):
-            active = depth >= recursion
-            if not active.any():
-                break
-            cache.recursion = recursion - 1
-            bias = cache.recursion_bias[recursion - 1]
-            bias[:, cache.length] = torch.where(active, 0.0, HARD_MASK)
-            updated = self.backbone.hidden_states(x, key_bias=bias[:, : cache.length + 1], cache=cache,
-                                                  cache_pass=recursion - 1, final_norm=False)
-            cache.commit(1)
-            x = torch.where(active[:, None, None], updated, x)
-        cache.recursion = 0
-        return x0 + self.gate(g, depth, x.dtype)[..., None] * (x - x0), depth
+    def decode_state(self, capacity: int) -> DecodeState:
+        return RecursionState(self, capacity)
 
     # ----- FLOPs -----
 
@@ -190,3 +143,33 @@ class MoR(Method):
             n = T * (recursion <= fixed if fixed else (depths - recursion + 1) / depths)
             forward += block_flops(self.config.model, self.num_matmul_params(), n, n * (n + 1) / 2)
         return 3 * (forward + T * self.per_token_flops()) / T
+
+
+class RecursionState(DecodeState):
+    """Recursion 1 of a token is slot 0 (group 0); the router then fixes its depth d, and recursion r = 2..d runs
+    as slot r - 1 in group r - 1, fed the residual stream. Rows whose token is done need no slot for it: a token
+    that stops early costs nothing in later recursions."""
+
+    def __init__(self, method: MoR, capacity: int):
+        super().__init__(method, capacity)
+        self.token_embeds = torch.zeros_like(self.previous)
+        self.depth = torch.ones_like(self.phase)
+        self.gate = torch.zeros(capacity, 1, dtype=self.previous.dtype, device=self.phase.device)
+
+    def next_slots(self, rows, starting, token_embeds):
+        phase = self.advance(rows, starting)
+        self.token_embeds[:rows] = torch.where(starting[:, None], token_embeds, self.token_embeds[:rows])
+        inputs = torch.where(starting[:, None], token_embeds, self.previous[:rows])
+        return inputs, phase, torch.zeros(rows, device=phase.device)
+
+    def absorb(self, hidden):
+        rows, method = len(hidden), self.method
+        self.previous[:rows] = hidden
+        phase = self.phase[:rows]
+        routed = phase == 0
+        g, depth = method.route(hidden)
+        self.depth[:rows] = torch.where(routed, depth, self.depth[:rows])
+        self.gate[:rows] = torch.where(routed[:, None], method.gate(g, depth, hidden.dtype), self.gate[:rows])
+        x0, depth = self.token_embeds[:rows], self.depth[:rows]
+        out = self.backbone.norm(x0 + self.gate[:rows].to(hidden.dtype) * (hidden - x0))
+        return phase == depth - 1, out, depth - 1

@@ -1,0 +1,296 @@
+"""The inference engine: many sequences decoded together, one slot per sequence per step (docs/design.md §9).
+
+Each step, every sequence in the batch runs the next slot it needs: its next token's own slot, or the next extra
+step of the token in flight (a latent slot, a pass, a recursion). Every slot runs the same layer stack, so rows in
+different phases share one forward call; each row brings its own input, RoPE position, cache length and key bias.
+A method says what a row's next slot is and what a finished token's output is (`DecodeState`); the engine knows
+no method names. A token that needs fewer extra steps simply finishes sooner: a pruned slot takes neither a row of
+the forward call nor a cache position, and the row moves on to its next token.
+
+Sequences join and leave at every step (continuous batching). The rows in use are always 0..n-1: a finished
+sequence's row is refilled by the last row. Methods whose prompt slots can run in parallel exactly
+(`parallel_prefill`) fill a new row's cache from the whole prompt in one call; the others feed it slot by slot.
+
+`Engine` is the loop (add requests, `step`, read results); `score` is teacher-forced decoding of whole windows
+(exact scoring for the latent methods, whose parallel forward is a Jacobi approximation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from ponderlm.errors import PonderError
+from ponderlm.kvcache import KVCache
+
+
+@dataclasses.dataclass
+class Sampling:
+    """How a request picks its next token: temperature 0 is greedy; seeded per request, so a sampled continuation
+    does not depend on which other requests share its batch."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V); temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float().cpu() / temperature  # the generator lives on the CPU
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token once the mass before it already reaches top_p; the most likely token always stays.
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@dataclasses.dataclass
+class Request:
+    """One sequence for the engine: a prompt, then up to max_new_tokens generated tokens.
+
+    stop_ids: generation ends after one of these is sampled (it is kept in `tokens`, finish_reason "stop").
+    tau: the pruning threshold of this request (None: the run's); methods that do not prune ignore it.
+    keep_logits: keep the logits after every prompt token (teacher-forced scoring; float32 on the CPU).
+    """
+
+    prompt: list[int]
+    max_new_tokens: int = 0
+    sampling: Sampling = dataclasses.field(default_factory=Sampling)
+    stop_ids: tuple[int, ...] = ()
+    tau: float | None = None
+    keep_logits: bool = False
+
+
+@dataclasses.dataclass
+class Sequence:
+    """A request in the engine, and its results as they come."""
+
+    id: int
+    request: Request
+    tokens: list[int] = dataclasses.field(default_factory=list)  # generated tokens
+    extra_steps: list[int] = dataclasses.field(default_factory=list)  # per token fed: prompt, then generated
+    logits: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per prompt token, if keep_logits
+    finish_reason: str | None = None  # "length" or "stop" once done
+    fed: int = 0  # tokens started so far
+    generator: torch.Generator | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def next_token(self) -> int:
+        prompt = self.request.prompt
+        return prompt[self.fed] if self.fed < len(prompt) else self.tokens[self.fed - len(prompt)]
+
+
+class Engine:
+    """Continuous batching of requests over one model.
+
+    max_batch: rows decoded together. max_tokens: the longest sequence (prompt + new tokens) a request may have;
+    the model's context (data.seq_len) by default. The KV cache holds max_batch x max_tokens x slots-per-token slots.
+    """
+
+    def __init__(self, model, max_batch: int = 32, max_tokens: int | None = None):
+        self.model = model.eval()
+        self.config = model.config
+        self.max_batch = max_batch
+        self.max_tokens = max_tokens or self.config.data.seq_len
+        weight = model.backbone.lm_head.weight
+        self.device = weight.device
+        self.autocast = lambda: self.config.autocast(self.device.type)
+        dtype = torch.bfloat16 if isinstance(self.autocast(), torch.autocast) else weight.dtype
+        self.cache = KVCache(self.config.model, max_batch, self.max_tokens * model.slots_per_token, dtype, self.device)
+        self.state = model.decode_state(max_batch)
+        self.positions = torch.full((max_batch,), -1, dtype=torch.long, device=self.device)
+        self.between_tokens = torch.ones(max_batch, dtype=torch.bool, device=self.device)
+        self.rows: list[Sequence] = []
+        self.waiting: deque[Sequence] = deque()
+        self._next_id = 0
+        self.slot_rows = 0  # rows the layer stack has run, prefill included: what the compute cost
+        self.steps = 0
+
+    # ----- requests -----
+
+    def add(self, request: Request) -> Sequence:
+        """Queue a request; it joins the batch at the next step with a free row."""
+        prompt = request.prompt
+        if not prompt:
+            raise PonderError("a request needs at least one prompt token (start a document with the EOS token)")
+        if len(prompt) + request.max_new_tokens > self.max_tokens:
+            raise PonderError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({request.max_new_tokens}) exceed "
+                              f"the engine's {self.max_tokens} tokens per sequence (the model's context)")
+        vocab = self.config.model.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise PonderError(f"prompt token ids must lie in [0, {vocab}) for this model")
+        if request.tau is not None and not self.model.prunable:
+            self.model.check_tau_applies(request.tau)
+        sequence = Sequence(self._next_id, request)
+        if request.sampling.temperature > 0:
+            sequence.generator = torch.Generator().manual_seed(request.sampling.seed)
+        self._next_id += 1
+        self.waiting.append(sequence)
+        return sequence
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    def run(self, requests: Iterable[Request], progress=None) -> list[Sequence]:
+        """Every request to completion; results in request order. progress: called with each finished sequence."""
+        sequences = [self.add(request) for request in requests]
+        for finished in self.stream():
+            if progress is not None:
+                progress(finished)
+        return sequences
+
+    def stream(self) -> Iterator[Sequence]:
+        """Step until no request is left, yielding each sequence as it finishes."""
+        while self.busy:
+            yield from (sequence for sequence in self.step() if sequence.done)
+
+    # ----- the loop -----
+
+    @torch.no_grad()
+    def step(self) -> list[Sequence]:
+        """Admit waiting requests, run one slot for every row; the sequences that got a new token or finished."""
+        events: list[Sequence] = []
+        with self.autocast():
+            self._admit(events)
+            rows = len(self.rows)
+            if rows == 0:
+                return events
+            starting = self.between_tokens[:rows].clone()
+            starting_rows = starting.nonzero()[:, 0].tolist()
+            token_ids = torch.zeros(rows, dtype=torch.long)
+            for row in starting_rows:
+                sequence = self.rows[row]
+                token_ids[row] = sequence.next_token()
+                sequence.fed += 1
+            self.positions[:rows] += starting.long()
+            inputs, group, bias = self.state.next_slots(rows, starting,
+                                                         self.model.backbone.embed(token_ids.to(self.device)))
+            view = self.cache.step(rows, group, bias)
+            hidden = self.model.backbone.hidden_states(inputs[:, None], self.positions[:rows, None], cache=view,
+                                                       final_norm=False)[:, 0]
+            view.commit()
+            self.slot_rows += rows
+            self.steps += 1
+            finished, outputs, extra_steps = self.state.absorb(hidden)
+            self.between_tokens[:rows] = finished
+            done_rows = finished.nonzero()[:, 0].tolist()
+            if done_rows:
+                self._finish_tokens(done_rows, outputs[done_rows], extra_steps[done_rows].tolist(), events)
+        return events
+
+    def _admit(self, events: list[Sequence]) -> None:
+        first = len(self.rows)
+        while self.waiting and len(self.rows) < self.max_batch:
+            sequence = self.waiting.popleft()
+            row = len(self.rows)
+            self.rows.append(sequence)
+            self.state.set_tau(row, self.model.resolve_tau(sequence.request.tau))
+            self.positions[row] = -1
+            self.between_tokens[row] = True
+        if self.model.parallel_prefill and len(self.rows) > first:
+            self._prefill(first, events)
+
+    def _prefill(self, first: int, events: list[Sequence]) -> None:
+        """The whole prompts of rows first.. in one call per pass; each prompt's last token yields the first logits."""
+        sequences = self.rows[first:]
+        lengths = [len(s.request.prompt) for s in sequences]
+        ids = torch.zeros(len(sequences), max(lengths), dtype=torch.long)
+        for index, sequence in enumerate(sequences):
+            ids[index, : lengths[index]] = torch.tensor(sequence.request.prompt)
+            sequence.fed = lengths[index]
+        view = self.cache.prefill(first, torch.tensor(lengths, device=self.device))
+        states, extra_steps = self.model.prefill(ids.to(self.device), view)
+        self.slot_rows += sum(lengths) * self.model.slots_per_token
+        self.positions[first: first + len(sequences)] = torch.tensor(lengths, device=self.device) - 1
+        rows, outputs, extra_lists = [], [], []
+        for index, sequence in enumerate(sequences):
+            length = lengths[index]
+            sequence.extra_steps.extend(extra_steps[index, : length - 1].tolist())
+            if sequence.request.keep_logits and length > 1:
+                sequence.logits.extend(self.model.backbone.lm_head(states[index, : length - 1]).float().cpu())
+            rows.append(first + index)
+            outputs.append(states[index, length - 1])
+            extra_lists.append(int(extra_steps[index, length - 1]))
+        self._finish_tokens(rows, torch.stack(outputs), extra_lists, events)
+
+    def _finish_tokens(self, rows: list[int], outputs: torch.Tensor, extra_steps: list[int],
+                       events: list[Sequence]) -> None:
+        """Rows whose token just finished: record it; after the last known token, sample the next or stop."""
+        need_logits = []
+        for index, row in enumerate(rows):
+            sequence = self.rows[row]
+            sequence.extra_steps.append(extra_steps[index])
+            if sequence.request.keep_logits or sequence.fed >= len(sequence.request.prompt):
+                need_logits.append(index)
+        if not need_logits:
+            return
+        logits = self.model.backbone.lm_head(outputs[need_logits]).float()
+        greedy = logits.argmax(-1).tolist()
+        retired = []
+        for position, index in enumerate(need_logits):
+            row = rows[index]
+            sequence = self.rows[row]
+            request = sequence.request
+            if request.keep_logits and sequence.fed <= len(request.prompt):
+                sequence.logits.append(logits[position].cpu())
+            if sequence.fed < len(request.prompt):
+                continue  # more prompt to feed
+            if len(sequence.tokens) >= request.max_new_tokens:
+                sequence.finish_reason = "length"
+            else:
+                sampling = request.sampling
+                token = greedy[position] if sampling.temperature <= 0 else int(sample_next(
+                    logits[position: position + 1], sampling.temperature, sampling.top_k, sampling.top_p,
+                    sequence.generator))
+                sequence.tokens.append(token)
+                if token in request.stop_ids:
+                    sequence.finish_reason = "stop"
+                elif len(sequence.tokens) >= request.max_new_tokens:
+                    sequence.finish_reason = "length"
+            events.append(sequence)
+            if sequence.done:
+                retired.append(row)
+        for row in sorted(retired, reverse=True):
+            self._retire(row)
+
+    def _retire(self, row: int) -> None:
+        """Free a finished row: the last row moves into it, so the rows in use stay 0..n-1."""
+        last = len(self.rows) - 1
+        if row != last:
+            self.cache.move_row(last, row)
+            self.state.move_row(last, row)
+            self.positions[row] = self.positions[last]
+            self.between_tokens[row] = self.between_tokens[last]
+            self.rows[row] = self.rows[last]
+        self.rows.pop()
+        self.cache.clear_row(last)
+
+
+@torch.no_grad()
+def score(model, input_ids: torch.Tensor, tau: float | None = None, max_batch: int = 32
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced decoding of windows (B, T): logits (B, T, V) after every token and the extra steps each
+    token ran (B, T), as `infer` returns them, computed by the exact sequential recurrence."""
+    engine = Engine(model, max_batch=min(max_batch, len(input_ids)), max_tokens=input_ids.shape[1])
+    rows = input_ids.tolist()
+    sequences = engine.run(Request(row, tau=tau, keep_logits=True) for row in rows)
+    logits = torch.stack([torch.stack(s.logits) for s in sequences])
+    extra_steps = torch.tensor([s.extra_steps for s in sequences])
+    return logits.to(input_ids.device), extra_steps.to(input_ids.device)
+
