@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 from ponderlm.errors import PonderError
@@ -64,10 +65,11 @@ def _eval(args) -> None:
             taus = [float(t) for t in args.taus.split(",")]
         except ValueError:
             raise PonderError(f"--taus expects comma-separated numbers, got {args.taus!r}") from None
-        print(tau_table(args.run_dir, taus, split=args.split, max_tokens=args.max_tokens, data_path=args.data))
+        print(tau_table(args.run_dir, taus, split=args.split, max_tokens=args.max_tokens, data_path=args.data,
+                        scoring=args.scoring))
         return
     print_json(evaluate_run(args.run_dir, split=args.split, max_tokens=args.max_tokens,
-                            data_path=args.data, tau=args.tau))
+                            data_path=args.data, tau=args.tau, scoring=args.scoring))
 
 
 def _analyze(args) -> None:
@@ -107,14 +109,60 @@ def _lm_eval(args) -> None:
     print(f"results: {path}")
 
 
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line of a text file, or a "prompt" field per line of a .jsonl file."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PonderError(f"cannot read --prompts-file {path}: {exc}") from None
+    if not path.endswith(".jsonl"):
+        prompts = [line for line in lines if line.strip()]
+    else:
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                prompts.append(record["prompt"] if isinstance(record, dict) else None)
+            except (json.JSONDecodeError, KeyError):
+                prompts.append(None)
+            if not isinstance(prompts[-1], str):
+                raise PonderError(f"{path}:{number}: each line must be a JSON object with a string \"prompt\"")
+    if not prompts:
+        raise PonderError(f"--prompts-file {path} holds no prompt")
+    return prompts
+
+
 def _generate(args) -> None:
     from ponderlm.config import check_tau
-    from ponderlm.generate import generate
+    from ponderlm.generate import generate, generate_many
     from ponderlm.runs import load
 
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise PonderError("give either --prompt TEXT or --prompts-file FILE")
     check_tau(args.tau)
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else None
     model, tokenizer = load(args.run_dir)
     model.check_tau_applies(args.tau)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, tau=args.tau)
+    if prompts is not None:
+        from tqdm import tqdm
+
+        start = time.perf_counter()
+        with tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr, dynamic_ncols=True) as bar:
+            results = generate_many(model, tokenizer, prompts, max_batch=args.batch_size,
+                                    on_result=lambda index, result: bar.update(), **sampling)
+        seconds = time.perf_counter() - start
+        for index, result in enumerate(results):
+            print_json({"index": index, "prompt": result.prompt, "text": result.text,
+                        "finish_reason": result.finish_reason, "extra_steps": result.extra_steps,
+                        "mean_extra_steps": sum(result.extra_steps) / max(1, len(result.extra_steps))})
+        tokens = sum(len(result.extra_steps) for result in results)
+        print(f"ponderlm: {len(prompts)} prompts, {tokens} new tokens in {seconds:.1f} s "
+              f"({tokens / seconds:.1f} tokens/s, batch {args.batch_size})", file=sys.stderr)
+        return
 
     def emit(piece: str) -> None:
         sys.stdout.write(piece)
@@ -122,8 +170,7 @@ def _generate(args) -> None:
 
     sys.stdout.write(args.prompt)
     steps: list[int] = []
-    generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-             top_k=args.top_k, top_p=args.top_p, seed=args.seed, tau=args.tau, on_text=emit, extra_steps_per_token=steps)
+    generate(model, tokenizer, args.prompt, on_text=emit, extra_steps_per_token=steps, **sampling)
     sys.stdout.write("\n")
     if args.show_steps:
         print_json({"extra_steps_per_generated_token": steps,
@@ -271,6 +318,9 @@ def _add_run_commands(commands) -> None:
     ev.add_argument("--max-tokens", type=positive_int, help="score only the first N tokens of the split")
     ev.add_argument("--data", help="prepared data directory (default: the run's data.path)")
     ev.add_argument("--tau", type=float, help=f"{tau_help}; 0 runs all K extra steps for every token")
+    ev.add_argument("--scoring", choices=["exact", "jacobi"], default="exact",
+                    help="latent methods: exact teacher-forced decoding through the engine (default), or the "
+                    "parallel Jacobi forward of training (approximate, ponder.eval_refine_passes)")
     ev.add_argument("--taus", help="comma-separated taus: print the trade-off table (perplexity, extra steps, "
                     "FLOPs per token at each tau) instead of the JSON")
     ev.set_defaults(handler=_eval)
@@ -285,9 +335,12 @@ def _add_run_commands(commands) -> None:
     an.add_argument("--out", help="output directory (default: RUN_DIR/analysis)")
     an.set_defaults(handler=_analyze)
 
-    gen = commands.add_parser("generate", help="continue a prompt with a trained run")
+    gen = commands.add_parser("generate", help="continue a prompt, or many prompts batched, with a trained run")
     gen.add_argument("run_dir")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", help="one prompt, whose continuation streams to stdout")
+    gen.add_argument("--prompts-file", help="many prompts (one per line, or .jsonl with a \"prompt\" field), run "
+                     "together; one JSON line per prompt on stdout, prompt i sampled with seed --seed + i")
+    gen.add_argument("--batch-size", type=positive_int, default=32, help="prompts decoded together (default 32)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=100)
     gen.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")

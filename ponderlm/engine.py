@@ -73,7 +73,7 @@ class Request:
     keep_logits: bool = False
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Sequence:
     """A request in the engine, and its results as they come."""
 
@@ -100,10 +100,13 @@ class Engine:
 
     max_batch: rows decoded together. max_tokens: the longest sequence (prompt + new tokens) a request may have;
     the model's context (data.seq_len) by default. The KV cache holds max_batch x max_tokens x slots-per-token slots.
+    prefill: fill new rows from their whole prompt at once where the method can (False: slot by slot, as tests of
+    the step path want).
     """
 
-    def __init__(self, model, max_batch: int = 32, max_tokens: int | None = None):
+    def __init__(self, model, max_batch: int = 32, max_tokens: int | None = None, prefill: bool = True):
         self.model = model.eval()
+        self.prefill = prefill and model.parallel_prefill
         self.config = model.config
         self.max_batch = max_batch
         self.max_tokens = max_tokens or self.config.data.seq_len
@@ -142,6 +145,16 @@ class Engine:
         self._next_id += 1
         self.waiting.append(sequence)
         return sequence
+
+    def cancel(self, sequence: Sequence, reason: str = "stop") -> None:
+        """End a sequence now (a stop string the caller found, a client gone): its row is freed for others."""
+        if sequence.done:
+            return
+        sequence.finish_reason = reason
+        if sequence in self.waiting:
+            self.waiting.remove(sequence)
+        else:
+            self._retire(next(row for row, s in enumerate(self.rows) if s is sequence))
 
     @property
     def busy(self) -> bool:
@@ -203,7 +216,7 @@ class Engine:
             self.state.set_tau(row, self.model.resolve_tau(sequence.request.tau))
             self.positions[row] = -1
             self.between_tokens[row] = True
-        if self.model.parallel_prefill and len(self.rows) > first:
+        if self.prefill and len(self.rows) > first:
             self._prefill(first, events)
 
     def _prefill(self, first: int, events: list[Sequence]) -> None:
@@ -223,7 +236,7 @@ class Engine:
             length = lengths[index]
             sequence.extra_steps.extend(extra_steps[index, : length - 1].tolist())
             if sequence.request.keep_logits and length > 1:
-                sequence.logits.extend(self.model.backbone.lm_head(states[index, : length - 1]).float().cpu())
+                sequence.logits.extend(self.model.logits(states[index, : length - 1]).float().cpu())
             rows.append(first + index)
             outputs.append(states[index, length - 1])
             extra_lists.append(int(extra_steps[index, length - 1]))
@@ -240,7 +253,7 @@ class Engine:
                 need_logits.append(index)
         if not need_logits:
             return
-        logits = self.model.backbone.lm_head(outputs[need_logits]).float()
+        logits = self.model.logits(outputs[need_logits]).float()
         greedy = logits.argmax(-1).tolist()
         retired = []
         for position, index in enumerate(need_logits):
@@ -282,15 +295,32 @@ class Engine:
         self.cache.clear_row(last)
 
 
+SCORINGS = ("exact", "jacobi")
+
+
 @torch.no_grad()
-def score(model, input_ids: torch.Tensor, tau: float | None = None, max_batch: int = 32
+def score(model, input_ids: torch.Tensor, tau: float | None = None, scoring: str = "exact", max_batch: int = 32
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced decoding of windows (B, T): logits (B, T, V) after every token and the extra steps each
-    token ran (B, T), as `infer` returns them, computed by the exact sequential recurrence."""
-    engine = Engine(model, max_batch=min(max_batch, len(input_ids)), max_tokens=input_ids.shape[1])
-    rows = input_ids.tolist()
-    sequences = engine.run(Request(row, tau=tau, keep_logits=True) for row in rows)
+    """Logits (B, T, V) after every token of windows (B, T) and the extra steps each token ran (B, T).
+
+    scoring "exact": the sequential recurrence. Where a method's parallel forward already equals it
+    (`exact_parallel`) that forward runs; otherwise teacher-forced decoding through the engine. "jacobi": the
+    parallel Jacobi forward of the latent methods (`ponder.eval_refine_passes` refinement passes), approximate.
+    """
+    if scoring not in SCORINGS:
+        raise PonderError(f"scoring must be one of {', '.join(SCORINGS)}, not {scoring!r}")
+    if scoring == "jacobi" or model.exact_parallel:
+        return model.infer(input_ids, tau)
+    return teacher_forced(model, input_ids, tau, max_batch)
+
+
+@torch.no_grad()
+def teacher_forced(model, input_ids: torch.Tensor, tau: float | None = None, max_batch: int = 32,
+                   prefill: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, T, V) and extra steps (B, T) of windows (B, T) decoded through the engine, each window one
+    sequence (prefill=False: slot by slot even where the method could prefill)."""
+    engine = Engine(model, max_batch=min(max_batch, len(input_ids)), max_tokens=input_ids.shape[1], prefill=prefill)
+    sequences = engine.run([Request(row, tau=tau, keep_logits=True) for row in input_ids.tolist()])
     logits = torch.stack([torch.stack(s.logits) for s in sequences])
     extra_steps = torch.tensor([s.extra_steps for s in sequences])
     return logits.to(input_ids.device), extra_steps.to(input_ids.device)
-

@@ -2,11 +2,15 @@
 
 Everything is measured on the inference path: for prunable methods the hard-pruned forward at tau, whose kept
 extra steps per token also drive the FLOPs count; their soft (training-mask) loss is reported beside it.
+`scoring` chooses how the latent methods' recurrence is computed (`ponderlm/engine.py`, `score`): "exact", by
+teacher-forced decoding through the engine (the default), or "jacobi", by the parallel training-mode forward.
+Validation during training calls the parallel forward (through the distributed wrapper).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -16,6 +20,7 @@ from ponderlm.batching import eval_batches
 from ponderlm.checkpoint import require_run_tokenizer
 from ponderlm.config import check_tau
 from ponderlm.data import TokenShards, read_metadata
+from ponderlm.engine import score
 from ponderlm.errors import PonderError
 from ponderlm.methods import Method
 from ponderlm.runs import load
@@ -23,13 +28,16 @@ from ponderlm.runs import load
 
 @torch.no_grad()
 def evaluate_model(model: Method, shards: TokenShards, max_tokens: int | None = None, tau: float | None = None,
-                   runner=None) -> dict:
+                   runner=None, scoring: str = "exact") -> dict:
     """Mean next-token NLL (nats) over the first max_tokens of a split, with pondering statistics.
 
-    runner: the distributed wrapper to call the model through (`runner("infer", ...)`), if any.
+    runner: the distributed wrapper to call the model's parallel forward through (`runner("infer", ...)`), if any.
     """
     config = model.config
-    infer = model.infer if runner is None else (lambda ids, t: runner("infer", ids, t))
+    if runner is not None:
+        infer = lambda ids, t: runner("infer", ids, t)  # noqa: E731
+    else:
+        infer = lambda ids, t: score(model, ids, t, scoring)  # noqa: E731
     device = model.backbone.lm_head.weight.device
     was_training = model.training
     model.eval()
@@ -63,14 +71,16 @@ def _load_for_eval(run_dir: Path, split: str, data_path: str | Path | None) -> t
 
 
 def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None = None,
-                 data_path: str | Path | None = None, tau: float | None = None, with_soft: bool = True) -> dict:
+                 data_path: str | Path | None = None, tau: float | None = None, with_soft: bool = True,
+                 scoring: str = "exact") -> dict:
     """The `ponderlm eval` JSON. with_soft=False skips a prunable method's soft loss (it does not depend on tau)."""
     check_tau(tau)
     model, shards, metadata = _load_for_eval(Path(run_dir), split, data_path)
     model.check_tau_applies(tau)
     config = model.config
-    measured = evaluate_model(model, shards, max_tokens, tau)
-    result = {"method": config.method, "split": split, "loss": measured["loss"], "ppl": math.exp(measured["loss"]),
+    measured = evaluate_model(model, shards, max_tokens, tau, scoring=scoring)
+    result = {"method": config.method, "split": split, "scoring": scoring, "loss": measured["loss"],
+              "ppl": math.exp(measured["loss"]),
               "tokens": measured["tokens"], "mean_extra_steps": measured["mean_extra_steps"],
               "inference_flops_per_token": measured["inference_flops_per_token"]}
     if model.max_extra_steps:
@@ -79,7 +89,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None
     if model.prunable:
         result["tau"] = model.resolve_tau(tau)
     if model.prunable and with_soft:
-        soft = evaluate_model(model, shards, max_tokens, tau=0.0)["loss"]
+        soft = evaluate_model(model, shards, max_tokens, tau=0.0, scoring=scoring)["loss"]
         result.update(soft_loss=soft, soft_ppl=math.exp(soft), pruned_minus_soft=measured["loss"] - soft)
     words = metadata["splits"][split].get("words")
     if words and measured["tokens"] == len(shards) - 1:
@@ -90,7 +100,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None
 
 
 def tau_table(run_dir: str | Path, taus: list[float], split: str = "val", max_tokens: int | None = None,
-              data_path: str | Path | None = None) -> str:
+              data_path: str | Path | None = None, scoring: str = "exact") -> str:
     """The trade-off of a prunable run as a markdown table: perplexity, extra steps and FLOPs at each tau."""
     for tau in taus:
         check_tau(tau)
@@ -98,12 +108,15 @@ def tau_table(run_dir: str | Path, taus: list[float], split: str = "val", max_to
     if not model.prunable:
         raise PonderError(f"--taus needs a run of a prunable method; {run_dir} is {model.config.method}, whose "
                           "compute does not depend on tau")
-    soft = evaluate_model(model, shards, max_tokens, tau=0.0)
-    lines = [f"{model.config.method}, {split} split, {soft['tokens']:,} tokens; soft (training-mask) perplexity "
-             f"{math.exp(soft['loss']):.2f}", "", "| tau | ppl | mean extra steps | inference FLOPs/token |",
-             "|---|---|---|---|"]
+    soft = evaluate_model(model, shards, max_tokens, tau=0.0, scoring=scoring)
+    lines = [f"{model.config.method}, {split} split, {soft['tokens']:,} tokens, {scoring} scoring; soft "
+             f"(training-mask) perplexity {math.exp(soft['loss']):.2f}",
+             "tokens/s: tokens scored per second of wall-clock time on this machine, at each tau", "", "| tau | ppl | mean extra steps | inference FLOPs/token | tokens/s |",
+             "|---|---|---|---|---|"]
     for tau in taus:
-        measured = evaluate_model(model, shards, max_tokens, tau)
+        start = time.perf_counter()
+        measured = evaluate_model(model, shards, max_tokens, tau, scoring=scoring)
+        seconds = time.perf_counter() - start
         lines.append(f"| {tau:g} | {math.exp(measured['loss']):.2f} | {measured['mean_extra_steps']:.3f} | "
-                     f"{measured['inference_flops_per_token']:.3e} |")
+                     f"{measured['inference_flops_per_token']:.3e} | {measured['tokens'] / seconds:,.0f} |")
     return "\n".join(lines)

@@ -1,56 +1,76 @@
-"""`ponderlm generate`: KV-cached sampling (greedy, temperature, top-k, top-p) with streamed text.
+"""`ponderlm generate`: sampling (greedy, temperature, top-k, top-p) through the engine, one prompt streamed or
+many prompts batched together (`--prompts-file`).
 
-`continuation` is the one generation loop; `generate` and the lm-eval harness both run it.
+Prompt i of a batch samples with seed `seed + i`, so its text does not depend on which prompts share its batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import torch
 from tokenizers import Tokenizer
 
 from ponderlm.data import end_of_document_id
+from ponderlm.engine import Engine, Request, Sampling, sample_next
 from ponderlm.errors import PonderError
 
-
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V); temperature 0 means greedy."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float().cpu() / temperature  # the generator lives on the CPU
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token once the mass before it already reaches top_p; the most likely token always stays.
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+__all__ = ["Generated", "generate", "generate_many", "prompt_ids", "sample_next"]
 
 
-def continuation(model, prompt_ids: list[int], max_new_tokens: int, choose_next: Callable[[torch.Tensor], torch.Tensor],
-                 tau: float | None = None, extra_steps: list[torch.Tensor] | None = None) -> Iterator[int]:
-    """The KV-cached generation loop: yields up to max_new_tokens new token ids; the caller stops by breaking.
+@dataclasses.dataclass
+class Generated:
+    prompt: str
+    text: str
+    extra_steps: list[int]  # the extra steps the model ran before emitting each generated token
+    finish_reason: str  # "stop" (EOS) or "length"
 
-    choose_next maps the logits (1, V) to the next token id (1,); tau is the pruning threshold of adaptive methods.
-    extra_steps, if given, receives the extra steps of every token fed to the model, the prompt's included.
-    """
-    device = model.backbone.lm_head.weight.device
-    autocast = model.config.autocast
-    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
-    with torch.no_grad(), autocast(device.type):
-        logits = model.decode(torch.tensor([prompt_ids], device=device), cache, tau, extra_steps)
-    for index in range(max_new_tokens):
-        token = int(choose_next(logits))
-        yield token
-        if index + 1 < max_new_tokens:  # the last token is never fed back: nothing would read its logits
-            with torch.no_grad(), autocast(device.type):
-                logits = model.decode(torch.tensor([[token]], device=device), cache, tau, extra_steps)
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str, max_new_tokens: int, context: int) -> list[int]:
+    """The prompt's token ids, cut to its last tokens where it and max_new_tokens would not fit the context."""
+    if not 0 <= max_new_tokens < context:
+        raise PonderError(f"--max-new-tokens must be between 0 and {context - 1}: the model's context is {context} "
+                          "tokens (data.seq_len), prompt included")
+    ids = tokenizer.encode(prompt).ids or [end_of_document_id(tokenizer)]  # an empty prompt starts a new document
+    if len(ids) + max_new_tokens > context:
+        keep = context - max_new_tokens
+        print(f"ponderlm: notice: the prompt has {len(ids)} tokens; only its last {keep} are used, so that it and "
+              f"{max_new_tokens} new tokens fit the model's context of {context}", file=sys.stderr)
+        ids = ids[-keep:]
+    return ids
+
+
+class TextStream:
+    """Turns a growing list of token ids into new text pieces, holding back a piece that ends inside a UTF-8
+    character (a byte-level BPE token may split one)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.emitted = tokenizer, ""
+
+    def push(self, ids: list[int], final: bool = False) -> str:
+        text = self.tokenizer.decode(ids)
+        if text.endswith("\ufffd") and not final or len(text) <= len(self.emitted):
+            return ""
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece
+
+
+def _requests(model, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, top_k: int,
+              top_p: float, seed: int, tau: float | None) -> list[Request]:
+    eos_id = end_of_document_id(tokenizer)
+    context = model.config.data.seq_len  # the longest window the model was trained on
+    return [Request(prompt_ids(tokenizer, prompt, max_new_tokens, context), max_new_tokens,
+                    Sampling(temperature, top_k, top_p, seed + index), stop_ids=(eos_id,), tau=tau)
+            for index, prompt in enumerate(prompts)]
+
+
+def _result(tokenizer: Tokenizer, prompt: str, sequence) -> Generated:
+    ended = sequence.tokens and sequence.tokens[-1] in sequence.request.stop_ids
+    new_ids = sequence.tokens[:-1] if ended else sequence.tokens
+    # The extra steps of token i + 1 are those its predecessor ran: the first comes from the last prompt token.
+    fed = sequence.extra_steps[len(sequence.request.prompt) - 1:]
+    return Generated(prompt, tokenizer.decode(new_ids), fed[: len(new_ids)], sequence.finish_reason)
 
 
 def generate(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.0,
@@ -60,35 +80,35 @@ def generate(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100
 
     extra_steps_per_token, if given, receives the extra steps the model ran before emitting each generated token.
     """
-    context = model.config.data.seq_len  # the longest window the model was trained on
-    if not 0 <= max_new_tokens < context:
-        raise PonderError(f"--max-new-tokens must be between 0 and {context - 1}: the model's context is {context} "
-                          "tokens (data.seq_len), prompt included")
-    eos_id = end_of_document_id(tokenizer)
-    ids = tokenizer.encode(prompt).ids or [eos_id]  # an empty prompt starts a new document
-    if len(ids) + max_new_tokens > context:
-        keep = context - max_new_tokens
-        print(f"ponderlm: notice: the prompt has {len(ids)} tokens; only its last {keep} are used, so that it and "
-              f"{max_new_tokens} new tokens fit the model's context of {context}", file=sys.stderr)
-        ids = ids[-keep:]
-    generator = torch.Generator().manual_seed(seed)
-    extra_steps: list[torch.Tensor] = []
-    new_ids: list[int] = []
-    emitted = ""
-    for token in continuation(model, ids, max_new_tokens,
-                              lambda logits: sample_next(logits, temperature, top_k, top_p, generator),
-                              tau, extra_steps):
-        if token == eos_id:
-            break
-        new_ids.append(token)
-        if extra_steps_per_token is not None:
-            extra_steps_per_token.append(int(extra_steps[-1][0]))
-        text = tokenizer.decode(new_ids)
-        # A byte-level BPE token may end inside a UTF-8 character; wait until the character is complete.
-        if on_text is not None and not text.endswith("\ufffd"):
-            on_text(text[len(emitted):])
-            emitted = text
-    text = tokenizer.decode(new_ids)
-    if on_text is not None and len(text) > len(emitted):
-        on_text(text[len(emitted):])
-    return text
+    request, = _requests(model, tokenizer, [prompt], max_new_tokens, temperature, top_k, top_p, seed, tau)
+    engine = Engine(model, max_batch=1)
+    sequence = engine.add(request)
+    stream = TextStream(tokenizer)
+    eos = request.stop_ids
+    while engine.busy:
+        engine.step()
+        if on_text is not None:
+            piece = stream.push([t for t in sequence.tokens if t not in eos], final=sequence.done)
+            if piece:
+                on_text(piece)
+    result = _result(tokenizer, prompt, sequence)
+    if extra_steps_per_token is not None:
+        extra_steps_per_token.extend(result.extra_steps)
+    return result.text
+
+
+def generate_many(model, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int = 100,
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                  tau: float | None = None, max_batch: int = 32, on_result: Callable[[int, Generated], None] | None = None
+                  ) -> list[Generated]:
+    """Continue every prompt, `max_batch` at a time with continuous batching; results in prompt order.
+    on_result(index, result) is called as each prompt finishes."""
+    requests = _requests(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, tau)
+    engine = Engine(model, max_batch=max_batch)
+    sequences = [engine.add(request) for request in requests]
+    index_of = {sequence.id: index for index, sequence in enumerate(sequences)}
+    for sequence in engine.stream():
+        if on_result is not None:
+            index = index_of[sequence.id]
+            on_result(index, _result(tokenizer, prompts[index], sequence))
+    return [_result(tokenizer, prompt, sequence) for prompt, sequence in zip(prompts, sequences)]

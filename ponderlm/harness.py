@@ -1,7 +1,9 @@
 """An lm-eval `LM` for every ponderlm method, on the inference path (prunable methods: hard pruning at tau).
 
-Scoring runs the parallel inference forward (`model.infer`), batched and right-padded, which is causal, so the
-padding never changes a real position. Generation runs the KV-cached decoder. Beside lm-eval's metrics the adapter
+Scoring is exact (`ponderlm/engine.py`): methods whose parallel forward equals sequential decoding run it, batched
+and right-padded (causal, so the padding never changes a real position); the latent methods, whose parallel forward
+is a Jacobi approximation, are scored by teacher-forced decoding through the engine, every request its own
+sequence (`scoring="jacobi"` keeps the parallel forward for them). Generation runs through the engine, batched. Beside lm-eval's metrics the adapter
 counts, per task, the tokens it ran, the latent steps they used and their inference FLOPs (the same analytic
 count as `ponderlm eval`), because a latent-thought model's accuracy means little without its compute.
 """
@@ -9,7 +11,6 @@ count as `ponderlm eval`), because a latent-thought model's accuracy means littl
 from __future__ import annotations
 
 from collections import defaultdict
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +20,19 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from ponderlm.data import end_of_document_id
-from ponderlm.generate import continuation, sample_next
+from ponderlm.engine import SCORINGS, Engine, Request, Sampling, score
+from ponderlm.errors import PonderError
 
 
 class PonderLMHarness(LM):
     def __init__(self, model, tokenizer: Tokenizer, tau: float | None = None, batch_size: int = 16,
-                 progress: bool = True):
+                 progress: bool = True, scoring: str = "exact"):
         super().__init__()
+        if scoring not in SCORINGS:
+            raise PonderError(f"scoring must be one of {', '.join(SCORINGS)}, not {scoring!r}")
         self.model, self.tokenizer, self.tau, self.batch_size = model.eval(), tokenizer, tau, batch_size
+        self.scoring = scoring
+        self.decode_scoring = scoring == "exact" and not model.exact_parallel
         self.config = model.config
         self.max_length = self.config.data.seq_len  # the context the model was trained on
         self.eos_id = end_of_document_id(tokenizer)
@@ -60,33 +66,53 @@ class PonderLMHarness(LM):
 
     # ----- scoring -----
 
+    def _windows(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], int]]:
+        """For each (context, continuation): the model's input (the most recent tokens that fit) and how many of
+        its last positions predict the continuation."""
+        rows = []
+        for context, continuation in pairs:
+            continuation = continuation[-self.max_length:]
+            window = (context + continuation)[-(self.max_length + 1):]  # keep the most recent context
+            rows.append((window[:-1], len(continuation)))
+        return rows
+
     @torch.no_grad()
     def _score(self, pairs: list[tuple[list[int], list[int]]], tasks: list[str]) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), continuation is the greedy one) for token-id pairs."""
+        rows = self._windows(pairs)
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
-        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        for batch in tqdm(batches, desc="score", unit="batch", disable=not self.progress, dynamic_ncols=True):
-            rows = []
-            for i in batch:
-                context, continuation = pairs[i]
-                continuation = continuation[-self.max_length:]
-                window = (context + continuation)[-(self.max_length + 1):]  # keep the most recent context
-                rows.append((window[:-1], len(continuation)))
-            width = max(len(ids) for ids, _ in rows)
-            inputs = torch.full((len(rows), width), self.eos_id, dtype=torch.long)
-            for r, (ids, _) in enumerate(rows):
-                inputs[r, : len(ids)] = torch.tensor(ids)
-            with self.config.autocast(self.device.type):
-                logits, extra_steps = self.model.infer(inputs.to(self.device), self.tau)
-            log_probs = F.log_softmax(logits.float(), dim=-1).cpu()
-            for r, (i, (ids, n)) in enumerate(zip(batch, rows)):
-                length = len(ids)
-                targets = torch.tensor(pairs[i][1][-n:])
-                scored = log_probs[r, length - n: length]
-                results[i] = (scored.gather(-1, targets[:, None]).sum().item(),
-                              bool((scored.argmax(-1) == targets).all()))
-                self._record(tasks[i], extra_steps[r, :length])
+
+        def record(i: int, log_probs: torch.Tensor, extra_steps: torch.Tensor) -> None:
+            ids, n = rows[i]
+            targets = torch.tensor(pairs[i][1][-n:])
+            scored = log_probs[len(ids) - n: len(ids)]
+            results[i] = (scored.gather(-1, targets[:, None]).sum().item(), bool((scored.argmax(-1) == targets).all()))
+            self._record(tasks[i], extra_steps[: len(ids)])
+
+        order = sorted(range(len(pairs)), key=lambda i: -len(rows[i][0]))
+        bar = tqdm(total=len(pairs), desc="score", unit="request", disable=not self.progress, dynamic_ncols=True)
+        if self.decode_scoring:  # every request its own sequence, continuously batched
+            engine = Engine(self.model, max_batch=self.batch_size, max_tokens=self.max_length)
+            sequences = [engine.add(Request(rows[i][0], tau=self.tau, keep_logits=True)) for i in order]
+            for sequence in engine.stream():
+                i = order[sequence.id]
+                record(i, F.log_softmax(torch.stack(sequence.logits), dim=-1), torch.tensor(sequence.extra_steps))
+                bar.update()
+            del sequences
+        else:
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                width = max(len(rows[i][0]) for i in batch)
+                inputs = torch.full((len(batch), width), self.eos_id, dtype=torch.long)
+                for r, i in enumerate(batch):
+                    inputs[r, : len(rows[i][0])] = torch.tensor(rows[i][0])
+                with self.config.autocast(self.device.type):
+                    logits, extra_steps = score(self.model, inputs.to(self.device), self.tau, self.scoring)
+                log_probs = F.log_softmax(logits.float(), dim=-1).cpu()
+                for r, i in enumerate(batch):
+                    record(i, log_probs[r], extra_steps[r].cpu())
+                bar.update(len(batch))
+        bar.close()
         return results
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
@@ -116,30 +142,38 @@ class PonderLMHarness(LM):
     # ----- generation -----
 
     def generate_until(self, requests) -> list[str]:
-        """Greedy (or sampled, if asked) continuation of each context until a stop string or max_gen_toks."""
-        outputs = []
-        for request in tqdm(requests, desc="generate", unit="request", disable=not self.progress):
+        """Greedy (or sampled, if asked) continuation of each context until a stop string or max_gen_toks, all
+        requests through one engine (continuously batched)."""
+        engine = Engine(self.model, max_batch=self.batch_size, max_tokens=self.max_length)
+        sequences, stops = [], []
+        for request in requests:
             context, options = request.args
             options = dict(options)
             until = options.pop("until", None) or [self.tokenizer.decode([self.eos_id])]
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(options.pop("max_gen_toks", 256))
+            stops.append([until] if isinstance(until, str) else list(until))
+            max_new = min(int(options.pop("max_gen_toks", 256)), self.max_length - 1)
             temperature = float(options.pop("temperature", 0.0)) if options.pop("do_sample", False) else 0.0
-            ids = (self._encode(context) or [self.eos_id])[-max(1, self.max_length - max_new):]
-            extra_steps: list[torch.Tensor] = []
-            new_ids: list[int] = []
-            text = ""
-            choose = partial(sample_next, temperature=temperature, top_k=0, top_p=1.0, generator=None)
-            for token in continuation(self.model, ids, max_new, choose, self.tau, extra_steps):
-                if token == self.eos_id:
-                    break
-                new_ids.append(token)
-                text = self.tokenizer.decode(new_ids)
-                if any(stop in text for stop in until):
-                    break
+            ids = (self._encode(context) or [self.eos_id])[-(self.max_length - max_new):]
+            sequences.append(engine.add(Request(ids, max_new, Sampling(temperature), stop_ids=(self.eos_id,),
+                                                tau=self.tau)))
+        bar = tqdm(total=len(sequences), desc="generate", unit="request", disable=not self.progress)
+        while engine.busy:
+            for sequence in engine.step():
+                until = stops[sequence.id]
+                if not sequence.done and any(stop in self.tokenizer.decode(sequence.tokens) for stop in until):
+                    engine.cancel(sequence)  # a stop string is complete: nothing after it is read
+                if sequence.done:
+                    bar.update()
+        bar.close()
+        outputs = []
+        for request, sequence, until in zip(requests, sequences, stops):
+            ended = sequence.tokens and sequence.tokens[-1] == self.eos_id
+            new_ids = sequence.tokens[:-1] if ended else sequence.tokens
+            text = self.tokenizer.decode(new_ids)
             for stop in until:
                 text = text.split(stop)[0]
-            self._record(request.task_name, torch.stack(extra_steps)[:, 0])
+            fed = sequence.extra_steps
+            self._record(request.task_name, torch.tensor(fed))
             self.cache_hook.add_partial("generate_until", request.args, text)
             outputs.append(text)
         return outputs

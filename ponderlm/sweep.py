@@ -2,7 +2,8 @@
 the perplexity-versus-inference-FLOPs table and plot.
 
 A recipe names a base config, overrides shared by every run, the runs (each a name plus its own overrides), the
-evaluation split and token budget, the tau values swept for every run of a prunable method, and optionally the
+evaluation split, token budget and scoring (`exact` by default, `jacobi` for the parallel forward: see
+`ponderlm eval --scoring`), the tau values swept for every run of a prunable method, and optionally the
 protocol that makes a comparison believable: a learning-rate grid (each run trains at every lr with its first seed
 and keeps the lr with the lowest evaluation loss, at the first tau for prunable methods; `lr_search: local` walks
 from the middle of the grid toward lower loss instead, and stops where both neighbours are worse) and seeds (every
@@ -85,9 +86,9 @@ class Recipe:
         bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9._-]+", str(n))]
         if bad or len(set(names)) != len(names) or not names:
             raise PonderError(f"recipe {path}: every run needs a unique name of letters, digits, '.', '_', '-'")
-        unknown = set(recipe.eval) - {"split", "max_tokens"}
+        unknown = set(recipe.eval) - {"split", "max_tokens", "scoring"}
         if unknown:
-            raise PonderError(f"recipe {path}: unknown eval keys {sorted(unknown)} (known: split, max_tokens)")
+            raise PonderError(f"recipe {path}: unknown eval keys {sorted(unknown)} (known: split, max_tokens, scoring)")
         unknown = {key for run in recipe.runs for key in run} - {"name", "set", "lrs", "seeds", "lr_from"}
         if unknown:
             raise PonderError(f"recipe {path}: unknown run keys {sorted(unknown)} "
@@ -128,14 +129,16 @@ def _finished(checkpoint: Path | None, steps: int) -> bool:
     return checkpoint is not None and int(checkpoint.name.split("_")[1]) >= steps
 
 
-def _evaluate(run_dir: Path, split: str, max_tokens: int | None, tau: float | None, with_soft: bool) -> dict:
+def _evaluate(run_dir: Path, split: str, max_tokens: int | None, tau: float | None, with_soft: bool,
+              scoring: str) -> dict:
     """Evaluate once and store the result in the run directory, keyed by what was asked."""
     store = run_dir / "sweep_eval.json"
     stored = json.loads(store.read_text()) if store.exists() else {}
     checkpoint = latest_checkpoint(run_dir).name
-    key = f"{checkpoint}|{split}|{max_tokens}|{tau}|{with_soft}"
+    key = f"{checkpoint}|{split}|{max_tokens}|{tau}|{with_soft}" + ("" if scoring == "jacobi" else f"|{scoring}")
     if key not in stored:
-        stored[key] = evaluate_run(run_dir, split=split, max_tokens=max_tokens, tau=tau, with_soft=with_soft)
+        stored[key] = evaluate_run(run_dir, split=split, max_tokens=max_tokens, tau=tau, with_soft=with_soft,
+                                   scoring=scoring)
         atomic_write_text(store, json.dumps(stored, indent=1))
     return stored[key]
 
@@ -276,7 +279,8 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
     taus = (recipe.taus[:1] if first_tau_only else recipe.taus) if model.prunable else [None]
     for index, tau in enumerate(taus):
         # The soft loss does not depend on tau: compute it with the first tau only.
-        result = _evaluate(run_dir, split, max_tokens, tau, with_soft=index == 0)
+        result = _evaluate(run_dir, split, max_tokens, tau, with_soft=index == 0,
+                           scoring=recipe.eval.get("scoring", "exact"))
         soft_ppl = result.get("soft_ppl", soft_ppl)
         rows.append({"method": config.method, "run": run["name"], "seed": config.train.seed, "lr": config.train.lr,
                      "tau": "" if tau is None else tau, "ppl": result["ppl"], "loss": result["loss"],

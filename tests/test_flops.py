@@ -6,6 +6,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ponderlm.config import load_config
+from ponderlm.engine import teacher_forced
 from ponderlm.methods import build_model
 
 
@@ -33,17 +34,24 @@ def test_inference_flops_match_the_counted_decode(method, tau):
                 if not name.startswith("backbone.") and parameter.dim() == 2:
                     parameter.normal_(0, 0.5)
     ids = torch.randint(0, 101, (1, 9))
-    cache = model.new_cache(1, 9)
-    used = []
-    # Token by token, as inference runs: every slot's query meets exactly the keys it can see.
-    measured = counted(lambda: [model.decode(ids[:, t : t + 1], cache, extra_steps=used) for t in range(9)])
-    slots = torch.stack(used, dim=1)
+    # Slot by slot through the engine, as inference runs: every slot's query meets exactly the keys it can see.
+    results = []
+    measured = counted(lambda: results.append(teacher_forced(model, ids, prefill=False)))
+    slots = results[0][1]
     if model.adaptive and tau > 0:
         assert 0 < slots.float().mean() < 2  # pruning happened and the counter saw only the kept slots
     expected = model.inference_flops(slots)
-    if method == "pause":  # a token's K + 1 slots go in as one chunk: the kernel also scores the masked pairs
+    if method in ("loop", "ponderlm1", "mor"):
+        # The engine keeps one sequence of keys per row; a pass's query also scores the other passes' keys there,
+        # which the mask hides: the counter sees those pairs, the analytic count (what the method needs) does not.
+        hidden_pairs, cached, ran = 0, 0, []
+        for extra in slots[0].tolist():
+            for p in range(extra + 1):
+                cached += 1
+                hidden_pairs += cached - (sum(e >= p for e in ran) + 1)
+            ran.append(extra)
         m = model.config.model
-        expected += 9 * (3 * 2 / 2) * 4 * m.num_hidden_layers * m.hidden_size
+        expected += hidden_pairs * 4 * m.num_hidden_layers * m.hidden_size
     assert expected == measured
 
 

@@ -1,11 +1,11 @@
-"""Generation: one KV-cached loop for `generate` and the lm-eval harness; greedy equals the full forward's argmax."""
+"""Generation through the engine: greedy equals the full forward's argmax; batched equals one prompt at a time."""
 
 import pytest
 import torch
 
 from ponderlm.config import load_config
 from ponderlm.data import EOS_TOKEN, load_tokenizer
-from ponderlm.generate import continuation, generate, sample_next
+from ponderlm.generate import generate, generate_many, sample_next
 from ponderlm.methods import build_model
 
 
@@ -61,15 +61,33 @@ def test_top_k_and_top_p_keep_only_the_most_likely_tokens():
     assert int(sample_next(logits, 0.0, 0, 1.0, None)) == 1  # temperature 0: greedy
 
 
-def test_the_loop_records_the_extra_steps_of_every_token_fed(tokenizer):
+def test_the_extra_steps_of_each_generated_token_are_those_its_predecessor_ran(tokenizer):
     model = make("ponderlm3", tokenizer)
-    prompt = tokenizer.encode("Four score and seven years").ids
-    extra_steps = []
-    new = list(continuation(model, prompt, 5, lambda logits: logits.argmax(-1), 0.2, extra_steps))
-    assert len(new) == 5 and len(extra_steps) == len(prompt) + 4  # the last new token is never fed back
+    prompt = "Four score and seven years"
+    steps = []
+    text = generate(model, tokenizer, prompt, max_new_tokens=5, tau=0.2, extra_steps_per_token=steps)
+    ids = tokenizer.encode(prompt).ids
+    new = tokenizer.encode(prompt + text).ids[len(ids):]
+    assert len(steps) == len(new) == 5
     with torch.no_grad():
-        _, parallel = model.infer(torch.tensor([prompt + new[:-1]]), 0.2)
-    assert torch.equal(torch.stack(extra_steps, dim=1), parallel)
+        _, parallel = model.infer(torch.tensor([ids + new[:-1]]), 0.2)
+    assert steps == parallel[0, len(ids) - 1:].tolist()
+
+
+@pytest.mark.parametrize("method", ["vanilla", "ponderlm3"])
+def test_batched_generation_equals_one_prompt_at_a_time(method, tokenizer):
+    model = make(method, tokenizer)
+    prompts = ["The King", "Four score and seven years ago", "I", "", "Whether 'tis nobler in the mind to suffer"]
+    tau = 0.2 if model.prunable else None
+    for sampling in ({}, {"temperature": 1.0, "top_k": 20, "seed": 3}):
+        batched = generate_many(model, tokenizer, prompts, max_new_tokens=8, tau=tau, max_batch=2, **sampling)
+        for index, (prompt, result) in enumerate(zip(prompts, batched)):
+            steps = []
+            seed = sampling.get("seed", 0) + index  # prompt i samples with seed + i
+            alone = generate(model, tokenizer, prompt, max_new_tokens=8, tau=tau, extra_steps_per_token=steps,
+                             **{**sampling, "seed": seed})
+            assert (result.text, result.extra_steps) == (alone, steps)
+    assert len({result.text for result in batched}) > 1
 
 
 def test_generation_prunes_at_the_tau_it_is_given(tokenizer):

@@ -13,6 +13,7 @@ import ponderlm
 from ponderlm.checkpoint import save_checkpoint
 from ponderlm.cli import main
 from ponderlm.config import load_config
+from ponderlm.engine import Engine, teacher_forced
 from ponderlm.generate import generate
 from ponderlm.train import train
 
@@ -57,12 +58,9 @@ def test_an_imported_llama_computes_the_logits_of_transformers(dtype, tied, shar
         expected = hf(ids).logits
         got = model(ids)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
-    cache = model.new_cache(2, 30)  # the KV cache holds 2 key/value heads and decodes the same logits
-    with torch.no_grad():
-        model.decode(ids[:, :20], cache)
-        last = model.decode(ids[:, 20:], cache)
-    assert cache.keys.shape[2] == 2
-    torch.testing.assert_close(last, expected[:, -1], rtol=0, atol=1e-4)
+    assert Engine(model, max_batch=2).cache.keys.shape[2] == 2  # the KV cache holds the 2 key/value heads
+    for prefill in (True, False):  # and decodes the same logits, from a prefill or slot by slot
+        torch.testing.assert_close(teacher_forced(model, ids, prefill=prefill)[0], expected, rtol=0, atol=1e-4)
 
 
 def test_a_latent_method_on_an_imported_backbone_trains_and_evaluates(tiny_data_dir, tmp_path, capsys):

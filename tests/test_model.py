@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ponderlm.config import load_config
+from ponderlm.kvcache import KVCache
 from ponderlm.methods import build_model
-from ponderlm.model import (Attention, apply_rotary, attention_mask, biased_causal_attention,
-                            linear_cross_entropy, rotary_tables)
+from ponderlm.model import Attention, apply_rotary, biased_causal_attention, linear_cross_entropy, rotary_tables
 
 
 @pytest.fixture
@@ -27,25 +27,6 @@ def test_changing_a_later_token_never_changes_earlier_logits(model):
         out = model(changed)
         torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-5)
         assert not torch.allclose(out[:, t + 1], base[:, t + 1])
-
-
-def test_kv_cached_decoding_equals_full_forward(model):
-    ids = torch.randint(0, 97, (2, 20))
-    full = model(ids)
-    cache = model.new_cache(2, 20)
-    steps = [model.decode(ids[:, :6], cache)]  # prefill
-    steps.append(model.decode(ids[:, 6:9], cache))  # a chunk after cached tokens: causal mask with an offset
-    steps += [model.decode(ids[:, t : t + 1], cache) for t in range(9, 20)]
-    positions = [5, 8] + list(range(9, 20))
-    for logits, t in zip(steps, positions):
-        torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-4)
-    assert cache.length == cache.tokens == 20
-
-
-def test_cache_overflow_is_an_error(model):
-    cache = model.new_cache(1, 4)
-    with pytest.raises(ValueError, match="KV cache full"):
-        model.decode(torch.zeros(1, 5, dtype=torch.long), cache)
 
 
 def naive_attention(attn: Attention, x, positions, key_bias):
@@ -70,8 +51,7 @@ def test_key_bias_is_added_to_every_querys_logit_for_that_key(model):
     bias = torch.randn(2, 10) * 3
     bias[:, 4] = -30.0  # a nearly invisible key
     cos, sin = rotary_tables(positions, attn.head_dim, 10000.0)
-    mask = attention_mask(10, 0, bias, x.dtype, x.device)
-    ours = attn(x, cos, sin, mask, None, 0)
+    ours = attn(x, cos, sin, None, 0, (bias * attn.head_dim ** 0.5)[:, None, :, None])
     torch.testing.assert_close(ours, naive_attention(attn, x, positions, bias), rtol=1e-5, atol=1e-5)
 
 
@@ -171,7 +151,8 @@ def test_fused_biased_attention_equals_the_float_mask_and_passes_gradients():
     q, k, v = (torch.randn(2, 4, 12, 16) for _ in range(3))
     bias = (torch.randn(2, 12) * 2 - 1).requires_grad_()
     fused = biased_causal_attention(q, k, v, (bias * 16**0.5)[:, None, :, None])  # augmented q.k, is_causal
-    mask = attention_mask(12, 0, bias, torch.float32, torch.device("cpu"))
+    future = torch.ones(12, 12, dtype=torch.bool).triu(1)
+    mask = torch.zeros(12, 12).masked_fill(future, float("-inf"))[None, None] + bias[:, None, None, :]
     reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
     (grad_fused,) = torch.autograd.grad(fused.square().sum(), bias)
@@ -180,12 +161,18 @@ def test_fused_biased_attention_equals_the_float_mask_and_passes_gradients():
     assert grad_fused.abs().sum() > 0
 
 
-def test_backbone_with_key_bias_matches_cached_masked_path(model):
+def test_backbone_with_key_bias_matches_the_cached_path_one_slot_at_a_time(model):
+    """The fused training path (bias inside q.k) against the engine's cache, which keeps each key's bias and
+    adds it for every later query."""
     emb = model.backbone.embed(torch.randint(0, 97, (2, 12)))
     bias = torch.randn(2, 12)
     fused = model.backbone.hidden_states(emb, key_bias=bias)
-    masked = model.backbone.hidden_states(emb, key_bias=bias, cache=model.new_cache(2, 12))
-    torch.testing.assert_close(fused, masked, rtol=1e-4, atol=1e-4)
+    cache = KVCache(model.config.model, 2, 12, torch.float32)
+    for t in range(12):
+        view = cache.step(2, torch.zeros(2, dtype=torch.long), bias[:, t])
+        out = model.backbone.hidden_states(emb[:, t:t + 1], torch.full((2, 1), t), cache=view)
+        view.commit()
+        torch.testing.assert_close(out[:, 0], fused[:, t], rtol=1e-4, atol=1e-4)
 
 
 def test_compiled_blocks_agree_with_eager():

@@ -115,6 +115,10 @@ class Method(nn.Module, ABC):
         """The most slots (cache entries) one token can take: its own and one per extra step."""
         return 1 + self.max_extra_steps
 
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """The logits of the lm-head inputs a decoded token finished with (..., d)."""
+        return self.backbone.lm_head(states)
+
     @abstractmethod
     def decode_state(self, capacity: int) -> DecodeState:
         """This method's per-row decoding state for an engine of `capacity` rows."""

@@ -171,5 +171,7 @@ class SoftEmbeddingState(PassState):
     def absorb(self, hidden):
         rows, K = len(hidden), self.method.max_extra_steps
         states = self.backbone.norm(hidden)
-        self.previous[:rows] = self.method.refined_inputs(self.token_embeds[:rows], states)
+        going = (self.phase[:rows] < K).nonzero()[:, 0]  # the last pass feeds nothing on
+        if len(going):
+            self.previous[going] = self.method.refined_inputs(self.token_embeds[going], states[going])
         return self.phase[:rows] == K, states, torch.full_like(self.phase[:rows], K)

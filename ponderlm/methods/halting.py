@@ -89,10 +89,10 @@ class Halting(PonderLM3):
 
     def continue_logits_at(self, steps: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """g_k(h^(k-1)) for a different latent step k = steps[i] (1..K) per row i, from states (rows, d)."""
-        if self.step_embedding is None:
-            weight = torch.cat([gate.weight for gate in self.gates])  # (K, d): every step's gate at once
-            bias = torch.cat([gate.bias for gate in self.gates])
-            logits = F.linear(states, weight, bias).gather(1, (steps - 1)[:, None])[:, 0]
+        if self.step_embedding is None:  # each row's own gate: (rows, 1, d) @ (rows, d, 1)
+            weight = torch.cat([gate.weight for gate in self.gates])[steps - 1]
+            bias = torch.cat([gate.bias for gate in self.gates])[steps - 1]
+            logits = torch.bmm(states[:, None], weight[:, :, None].to(states.dtype))[:, 0, 0] + bias
         else:
             logits = self.gates[0](states + self.step_embedding[steps - 1].to(states.dtype))[:, 0]
         return logits.float()
@@ -133,9 +133,11 @@ class HaltingState(LatentState):
         self.previous[:rows] = states
         phase, log_w = self.phase[:rows], self.log_w[:rows]
         started = phase == 0
+        next_log_w = torch.full_like(log_w, float("-inf"))  # w_{K+1} = 0
+        gated = (phase < K).nonzero()[:, 0]  # gate k + 1 runs after slot k, k < K
+        if len(gated):
+            next_log_w[gated] = log_w[gated] + F.logsigmoid(method.continue_logits_at(phase[gated] + 1, states[gated]))
         last = phase == K
-        gate = F.logsigmoid(method.continue_logits_at((phase + 1).clamp(max=K), states))
-        next_log_w = torch.where(last, float("-inf"), log_w + gate)  # w_{K+1} = 0
         s = log_w.exp() - next_log_w.exp()
         mixture = torch.where(started[:, None], 0.0, self.mixture[:rows]) + s[:, None].to(states.dtype) * states
         kept_mass = torch.where(started, 0.0, self.kept_mass[:rows]) + s

@@ -269,14 +269,14 @@ class RoutedState(LatentState):
         states = self.backbone.norm(hidden)
         self.previous[:rows] = states
         phase = self.phase[:rows]
-        routed = phase == 0
-        s, log_w = method.route(states[:, None])
-        keep = method.kept_slots(log_w, self.log_tau[:rows])
-        weights = method.truncate(s, torch.arange(method.max_extra_steps + 1, device=s.device) <= keep[:, None])
-        self.log_w[:rows] = torch.where(routed[:, None], log_w, self.log_w[:rows])
-        self.weights[:rows] = torch.where(routed[:, None], weights, self.weights[:rows])
-        self.keep[:rows] = torch.where(routed, keep, self.keep[:rows])
+        routed = (phase == 0).nonzero()[:, 0]  # the router runs once per token, on h^(0)
+        if len(routed):
+            s, log_w = method.route(states[routed, None])
+            keep = method.kept_slots(log_w, self.log_tau[routed])
+            kept = torch.arange(method.max_extra_steps + 1, device=s.device) <= keep[:, None]
+            self.log_w[routed], self.weights[routed], self.keep[routed] = log_w, method.truncate(s, kept), keep
+            self.mixture[routed] = 0.0
         weight = self.weights[:rows].gather(1, phase[:, None]).to(states.dtype)
-        self.mixture[:rows] = torch.where(routed[:, None], 0.0, self.mixture[:rows]) + weight * states
+        self.mixture[:rows] += weight * states
         keep = self.keep[:rows]
-        return phase == keep, self.mixture[:rows], keep.clone()
+        return phase == keep, self.mixture[:rows].clone(), keep.clone()

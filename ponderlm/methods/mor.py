@@ -166,10 +166,10 @@ class RecursionState(DecodeState):
         rows, method = len(hidden), self.method
         self.previous[:rows] = hidden
         phase = self.phase[:rows]
-        routed = phase == 0
-        g, depth = method.route(hidden)
-        self.depth[:rows] = torch.where(routed, depth, self.depth[:rows])
-        self.gate[:rows] = torch.where(routed[:, None], method.gate(g, depth, hidden.dtype), self.gate[:rows])
+        routed = (phase == 0).nonzero()[:, 0]  # the router reads x_1, once per token
+        if len(routed):
+            g, depth = method.route(hidden[routed])
+            self.depth[routed], self.gate[routed] = depth, method.gate(g, depth, self.gate.dtype)
         x0, depth = self.token_embeds[:rows], self.depth[:rows]
         out = self.backbone.norm(x0 + self.gate[:rows].to(hidden.dtype) * (hidden - x0))
         return phase == depth - 1, out, depth - 1

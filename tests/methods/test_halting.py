@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ponderlm.config import load_config
+from ponderlm.engine import Engine, Request
 from ponderlm.errors import PonderError
 from ponderlm.methods import build_model
 
@@ -61,13 +62,12 @@ def test_a_shut_first_gate_stops_every_token_before_its_first_latent_step():
     model = make()
     with torch.no_grad():
         model.gates[0].bias.fill_(-30.0)  # c_1 ~ 1e-13
-    ids = torch.randint(0, VOCAB, (1, 6))
-    cache, used = model.new_cache(1, 6), []
-    model.decode(ids, cache, 1e-4, used)
-    assert (torch.stack(used) == 0).all() and cache.length == 6  # no latent slot entered the cache
-    cache, used = model.new_cache(1, 6), []
-    model.decode(ids, cache, 0.0, used)
-    assert (torch.stack(used) == 2).all() and cache.length == 18
+    ids = torch.randint(0, VOCAB, (1, 6)).tolist()[0]
+    for tau, extra_steps, slots in ((1e-4, 0, 6), (0.0, 2, 18)):
+        engine = Engine(model, max_batch=1)
+        sequence = engine.add(Request(ids, tau=tau))
+        list(engine.stream())
+        assert sequence.extra_steps == [extra_steps] * 6 and engine.slot_rows == slots  # no latent slot ran
 
 
 def test_warm_up_holds_every_gate_open_then_hands_over():

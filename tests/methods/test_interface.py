@@ -10,6 +10,7 @@ import yaml
 import ponderlm
 from ponderlm.cli import build_parser, main
 from ponderlm.config import load_config
+from ponderlm.engine import teacher_forced
 from ponderlm.errors import PonderError
 from ponderlm.methods import METHODS, Method, build_model
 from ponderlm.methods.vanilla import Vanilla
@@ -42,11 +43,10 @@ def test_every_method_decodes_what_its_parallel_inference_computes(name):
     with torch.no_grad():
         logits, extra = model.infer(ids, tau)
         seen = model.inspect(ids, tau)
-    cache = model.new_cache(2, TOKENS)
-    used: list[torch.Tensor] = []
-    decoded = torch.stack([model.decode(ids[:, t:t + 1], cache, tau, used) for t in range(TOKENS)], dim=1)
-    torch.testing.assert_close(decoded, logits, rtol=1e-4, atol=1e-4)
-    assert torch.equal(torch.stack(used, dim=1), extra)
+    for prefill in (False, True):  # slot by slot, and from a parallel prefill where the method has one
+        decoded, used = teacher_forced(model, ids, tau, prefill=prefill)
+        torch.testing.assert_close(decoded, logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(used, extra)
     assert torch.equal(seen.logits, logits) and torch.equal(seen.extra_steps, extra)
     assert int(extra.min()) >= 0 and int(extra.max()) <= model.max_extra_steps
     if model.adaptive:
@@ -96,9 +96,7 @@ def test_tau_is_an_argument_on_both_paths_and_never_read_from_a_mutated_config(n
         _, pruned = model.infer(ids, 0.99)
     assert (all_slots == model.max_extra_steps).all() and (pruned < model.max_extra_steps).any()
     for tau, expected in ((0.0, all_slots), (0.99, pruned)):
-        cache, used = model.new_cache(1, TOKENS), []
-        model.decode(ids, cache, tau, used)
-        assert torch.equal(torch.stack(used, dim=1), expected)
+        assert torch.equal(teacher_forced(model, ids, tau)[1], expected)
     assert model.config.ponder.tau == 1e-4  # no call changed the run's own tau
 
 
@@ -133,8 +131,8 @@ class Tempered(Vanilla):
         logits, extra_steps = super().infer(input_ids, tau)
         return logits / self.options.temperature, extra_steps
 
-    def decode(self, input_ids, cache, tau=None, extra_steps=None):
-        return super().decode(input_ids, cache, tau, extra_steps) / self.options.temperature
+    def logits(self, states):
+        return super().logits(states) / self.options.temperature
 
 
 @pytest.fixture

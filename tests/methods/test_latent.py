@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ponderlm.config import load_config
+from ponderlm.engine import teacher_forced
 from ponderlm.errors import PonderError
 from ponderlm.methods import build_model
 from ponderlm.methods.latent import log_tail_mass
@@ -25,10 +26,7 @@ def sharpen_router(model, scale):
 
 
 def sequential_logits(model, ids, tau=None):
-    cache = model.new_cache(ids.shape[0], ids.shape[1])
-    used = []
-    logits = torch.stack([model.decode(ids[:, t : t + 1], cache, tau, extra_steps=used) for t in range(ids.shape[1])], dim=1)
-    return logits, torch.stack(used, dim=1)
+    return teacher_forced(model, ids, tau)
 
 
 def test_log_tail_mass_matches_a_direct_computation_and_stays_finite():
@@ -197,7 +195,4 @@ def test_pruning_every_latent_slot_leaves_the_token_slots_alone(renormalize):
         expected = backbone.lm_head(h0 if renormalize else s0 * h0)  # unrenormalised: shrunk by s_0
     assert (used == 0).all()
     torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-5)
-    cache, decoded = model.new_cache(2, 9), []
-    for t in range(9):
-        decoded.append(model.decode(ids[:, t:t + 1], cache, 0.5))
-    torch.testing.assert_close(torch.stack(decoded, dim=1), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(teacher_forced(model, ids, 0.5)[0], expected, rtol=1e-5, atol=1e-5)
