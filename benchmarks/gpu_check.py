@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ponderlm.config import load_config
+from ponderlm.engine import Engine, Request
 from ponderlm.methods import build_model
 from ponderlm.train import build_optimizer
 
@@ -66,16 +67,16 @@ def train_row(method: str, args, backend: str = "sdpa") -> dict:
 
 @torch.no_grad()
 def decode_rate(model, config, args) -> float:
-    model.eval()
-    prompt = torch.randint(0, args.vocab, (1, 128), device="cuda")
-    cache = model.new_cache(1, 128 + args.decode_tokens, torch.bfloat16)
-    with config.autocast("cuda"):
-        logits = model.decode(prompt, cache)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.decode_tokens):
-            logits = model.decode(logits.argmax(-1, keepdim=True), cache)
-        torch.cuda.synchronize()
+    """Greedy new tokens/s of one sequence through the engine, after its 128-token prompt (not timed)."""
+    engine = Engine(model, max_batch=1, max_tokens=128 + args.decode_tokens + 1)
+    sequence = engine.add(Request(torch.randint(0, args.vocab, (128,)).tolist(), args.decode_tokens + 1))
+    while not sequence.tokens:
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    while engine.busy:
+        engine.step()
+    torch.cuda.synchronize()
     model.train()
     return args.decode_tokens / (time.perf_counter() - start)
 

@@ -23,4 +23,5 @@ def machine_info() -> tuple[str, int]:
 
 def describe_machine() -> str:
     cpu, cores = machine_info()
-    return f"{cpu}, {cores} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    capability = torch.backends.cpu.get_cpu_capability()  # the widest vector ISA torch uses here (AVX2, AVX512, ...)
+    return f"{cpu} ({capability}), {cores} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"

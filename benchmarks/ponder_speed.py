@@ -24,6 +24,7 @@ import torch
 import ponderlm
 from machine import describe_machine
 from ponderlm.config import load_config
+from ponderlm.engine import Engine, Request
 from ponderlm.methods import build_model
 from ponderlm.train import build_optimizer
 
@@ -74,24 +75,24 @@ def train_step_times(models, steps: int) -> list[list[float]]:
 
 @torch.no_grad()
 def decode_stats(model, new_tokens: int, repeats: int) -> tuple[float, float, float]:
-    """(seconds per token, inference FLOPs per token, mean extra steps) for KV-cached decoding of a fixed text.
+    """(seconds per token, inference FLOPs per token, mean extra steps) for decoding of a fixed text, one sequence.
 
-    The tokens are fed one at a time after a prompt (teacher forcing): exactly the per-token work of generation,
-    on the same tokens for both models, so the router's decisions are not steered by one model's own samples.
+    The text is fed after the prompt as part of it (teacher forcing): exactly the per-token work of generation, on the
+    same tokens for both models, so the router's decisions are not steered by one model's own samples.
     """
     model.eval()
-    text = torch.randint(0, model.config.model.vocab_size, (1, new_tokens), generator=torch.Generator().manual_seed(1))
+    text = torch.randint(0, model.config.model.vocab_size, (new_tokens,), generator=torch.Generator().manual_seed(1))
     best = float("inf")
     for _ in range(repeats):
-        cache = model.new_cache(1, len(PROMPT_IDS) + new_tokens)
-        used: list[torch.Tensor] = []
-        model.decode(torch.tensor([PROMPT_IDS]), cache, extra_steps=used)
+        engine = Engine(model, max_batch=1, max_tokens=len(PROMPT_IDS) + new_tokens)
+        sequence = engine.add(Request(PROMPT_IDS + text.tolist()))
+        while sequence.fed < len(PROMPT_IDS) or not engine.between_tokens[0]:
+            engine.step()
         start = time.perf_counter()
-        for t in range(new_tokens):
-            model.decode(text[:, t : t + 1], cache, extra_steps=used)
+        list(engine.stream())
         best = min(best, (time.perf_counter() - start) / new_tokens)
     # Only the timed tokens, which also attend to the prompt's slots.
-    slots = torch.stack(used, dim=1)
+    slots = torch.tensor([sequence.extra_steps])
     prompt = len(PROMPT_IDS)
     flops = model.inference_flops(slots) - model.inference_flops(slots[:, :prompt])
     return best, flops / new_tokens, slots[:, prompt:].float().mean().item()

@@ -185,15 +185,15 @@ class Engine:
             if rows == 0:
                 return events
             starting = self.between_tokens[:rows].clone()
-            starting_rows = starting.nonzero()[:, 0].tolist()
-            token_ids = torch.zeros(rows, dtype=torch.long)
-            for row in starting_rows:
-                sequence = self.rows[row]
-                token_ids[row] = sequence.next_token()
-                sequence.fed += 1
+            token_ids = [0] * rows  # rows that go on with a token in flight embed a placeholder
+            for row, starts in enumerate(starting.tolist()):
+                if starts:
+                    sequence = self.rows[row]
+                    token_ids[row] = sequence.next_token()
+                    sequence.fed += 1
             self.positions[:rows] += starting.long()
-            inputs, group, bias = self.state.next_slots(rows, starting,
-                                                         self.model.backbone.embed(token_ids.to(self.device)))
+            token_embeds = self.model.backbone.embed(torch.tensor(token_ids, device=self.device))
+            inputs, group, bias = self.state.next_slots(rows, starting, token_embeds)
             view = self.cache.step(rows, group, bias)
             hidden = self.model.backbone.hidden_states(inputs[:, None], self.positions[:rows, None], cache=view,
                                                        final_norm=False)[:, 0]

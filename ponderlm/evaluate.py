@@ -37,7 +37,7 @@ def evaluate_model(model: Method, shards: TokenShards, max_tokens: int | None = 
     if runner is not None:
         infer = lambda ids, t: runner("infer", ids, t)  # noqa: E731
     else:
-        infer = lambda ids, t: score(model, ids, t, scoring)  # noqa: E731
+        infer = lambda ids, t: score(model, ids, t, scoring, max_batch=len(ids))  # noqa: E731
     device = model.backbone.lm_head.weight.device
     was_training = model.training
     model.eval()
