@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from ponderlm.config import check_tau
 from ponderlm.errors import PonderError
 from ponderlm.kvcache import KVCache
 
@@ -62,7 +63,9 @@ class Request:
 
     stop_ids: generation ends after one of these is sampled (it is kept in `tokens`, finish_reason "stop").
     tau: the pruning threshold of this request (None: the run's); methods that do not prune ignore it.
-    keep_logits: keep the logits after every prompt token (teacher-forced scoring; float32 on the CPU).
+    keep_logits: keep the logits after every token fed (teacher-forced scoring; float32 on the CPU).
+    logprobs: record the log-probability of every next token (the prompt's from its second token on, then each
+        generated one) and, if > 0, the `logprobs` most likely tokens with theirs.
     """
 
     prompt: list[int]
@@ -71,6 +74,7 @@ class Request:
     stop_ids: tuple[int, ...] = ()
     tau: float | None = None
     keep_logits: bool = False
+    logprobs: int | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -81,14 +85,32 @@ class Sequence:
     request: Request
     tokens: list[int] = dataclasses.field(default_factory=list)  # generated tokens
     extra_steps: list[int] = dataclasses.field(default_factory=list)  # per token fed: prompt, then generated
-    logits: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per prompt token, if keep_logits
-    finish_reason: str | None = None  # "length" or "stop" once done
+    logits: list[torch.Tensor] = dataclasses.field(default_factory=list)  # after each token fed, if keep_logits
+    token_logprobs: list[float] = dataclasses.field(default_factory=list)  # of each next token, if logprobs
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # (id, logprob), best first
+    finish_reason: str | None = None  # "length", "stop" (a stop id, or cancelled) once done
     fed: int = 0  # tokens started so far
     generator: torch.Generator | None = None
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def observed(self) -> bool:
+        """Does this request read the logits after every token, not only where it samples?"""
+        return self.request.keep_logits or self.request.logprobs is not None
+
+    def observe(self, logits: torch.Tensor, next_token: int | None) -> None:
+        """The logits (V,) after a token fed, and the token that came next (None: the sequence ends here)."""
+        if self.request.keep_logits:
+            self.logits.append(logits.cpu())
+        if self.request.logprobs is not None and next_token is not None:
+            log_probs = logits.log_softmax(-1)
+            self.token_logprobs.append(log_probs[next_token].item())
+            if self.request.logprobs > 0:
+                values, ids = log_probs.topk(min(self.request.logprobs, len(log_probs)))
+                self.top_logprobs.append(list(zip(ids.tolist(), values.tolist())))
 
     def next_token(self) -> int:
         prompt = self.request.prompt
@@ -128,6 +150,16 @@ class Engine:
 
     def add(self, request: Request) -> Sequence:
         """Queue a request; it joins the batch at the next step with a free row."""
+        self.check(request)
+        sequence = Sequence(self._next_id, request)
+        if request.sampling.temperature > 0:
+            sequence.generator = torch.Generator().manual_seed(request.sampling.seed)
+        self._next_id += 1
+        self.waiting.append(sequence)
+        return sequence
+
+    def check(self, request: Request) -> None:
+        """Refuse a request this engine cannot run, with the reason (reads no state: any thread may call it)."""
         prompt = request.prompt
         if not prompt:
             raise PonderError("a request needs at least one prompt token (start a document with the EOS token)")
@@ -137,14 +169,11 @@ class Engine:
         vocab = self.config.model.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise PonderError(f"prompt token ids must lie in [0, {vocab}) for this model")
-        if request.tau is not None and not self.model.prunable:
+        if request.max_new_tokens < 0:
+            raise PonderError(f"max_new_tokens must be >= 0, not {request.max_new_tokens}")
+        if request.tau is not None:
             self.model.check_tau_applies(request.tau)
-        sequence = Sequence(self._next_id, request)
-        if request.sampling.temperature > 0:
-            sequence.generator = torch.Generator().manual_seed(request.sampling.seed)
-        self._next_id += 1
-        self.waiting.append(sequence)
-        return sequence
+            check_tau(request.tau, "tau")
 
     def cancel(self, sequence: Sequence, reason: str = "stop") -> None:
         """End a sequence now (a stop string the caller found, a client gone): its row is freed for others."""
@@ -234,9 +263,11 @@ class Engine:
         rows, outputs, extra_lists = [], [], []
         for index, sequence in enumerate(sequences):
             length = lengths[index]
+            prompt = sequence.request.prompt
             sequence.extra_steps.extend(extra_steps[index, : length - 1].tolist())
-            if sequence.request.keep_logits and length > 1:
-                sequence.logits.extend(self.model.logits(states[index, : length - 1]).float().cpu())
+            if sequence.observed and length > 1:
+                for position, logits in enumerate(self.model.logits(states[index, : length - 1]).float()):
+                    sequence.observe(logits, prompt[position + 1])
             rows.append(first + index)
             outputs.append(states[index, length - 1])
             extra_lists.append(int(extra_steps[index, length - 1]))
@@ -249,7 +280,7 @@ class Engine:
         for index, row in enumerate(rows):
             sequence = self.rows[row]
             sequence.extra_steps.append(extra_steps[index])
-            if sequence.request.keep_logits or sequence.fed >= len(sequence.request.prompt):
+            if sequence.observed or sequence.fed >= len(sequence.request.prompt):
                 need_logits.append(index)
         if not need_logits:
             return
@@ -260,10 +291,10 @@ class Engine:
             row = rows[index]
             sequence = self.rows[row]
             request = sequence.request
-            if request.keep_logits and sequence.fed <= len(request.prompt):
-                sequence.logits.append(logits[position].cpu())
-            if sequence.fed < len(request.prompt):
-                continue  # more prompt to feed
+            if sequence.fed < len(request.prompt):  # more prompt to feed
+                sequence.observe(logits[position], request.prompt[sequence.fed])
+                continue
+            token = None
             if len(sequence.tokens) >= request.max_new_tokens:
                 sequence.finish_reason = "length"
             else:
@@ -276,6 +307,7 @@ class Engine:
                     sequence.finish_reason = "stop"
                 elif len(sequence.tokens) >= request.max_new_tokens:
                     sequence.finish_reason = "length"
+            sequence.observe(logits[position], token)
             events.append(sequence)
             if sequence.done:
                 retired.append(row)

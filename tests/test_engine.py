@@ -162,3 +162,22 @@ def test_bad_requests_are_refused_with_a_reason():
         Engine(make("vanilla")).add(Request([1], tau=0.5))
     assert not engine.busy
 
+
+
+@pytest.mark.parametrize("name", ["vanilla", "ponderlm3"])
+def test_logprobs_of_prompt_and_generated_tokens_equal_the_scored_logits(name):
+    """What an echo request with logprobs reports: log p of every next token, prompt and generated, and the top ones."""
+    model = make(name)
+    tau = 0.3 if model.prunable else None
+    prompt = [5, 9, 2, 31, 7]
+    sequence = Engine(model, 2).run([Request(prompt, 4, tau=tau, logprobs=3)])[0]
+    text = torch.tensor([prompt + sequence.tokens[:-1]])
+    log_probs = F.log_softmax(score(model, text, tau, "exact")[0][0].float(), -1)
+    following = prompt[1:] + sequence.tokens
+    assert len(sequence.token_logprobs) == len(following) == len(sequence.top_logprobs)
+    expected = log_probs.gather(1, torch.tensor(following)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(sequence.token_logprobs), expected, rtol=1e-5, atol=1e-5)
+    for top, row in zip(sequence.top_logprobs, log_probs):
+        assert [i for i, _ in top] == row.topk(3).indices.tolist()
+    greedy = [top[0][0] for top in sequence.top_logprobs[len(prompt) - 1:]]
+    assert greedy == sequence.tokens  # greedy decoding samples the most likely token
