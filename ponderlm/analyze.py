@@ -3,8 +3,9 @@
 For every scored position t (input token x_t, predicting x_{t+1}) we record
 - kept steps K_hat_t: the extra steps the inference path runs (latent slots kept at tau, or the extra recursions a
   recursion router chose): what `eval` counts as FLOPs;
-- expected steps sum_{k>=1} w_{t,k}: the soft allocation (a router's or the gates' step distribution on the final
-  Jacobi pass's states; a recursion router's distribution over depths). Both are reported because with a small tau
+- expected steps sum_{k>=1} w_{t,k}: the soft allocation (a router's or the gates' step distribution; a recursion
+  router's distribution over depths; exact scoring reads it where decoding computes it: halting's gates only up to
+  the step after the last kept one, on the Jacobi path all K). Both are reported because with a small tau
   hard pruning can keep almost every slot while the soft allocation still varies;
 - the predictive entropy of the inference logits and the NLL of x_{t+1}.
 `summarize` turns these per-position arrays into the numbers (a pure function, so tests can check it directly);
@@ -24,6 +25,7 @@ from ponderlm.batching import eval_batches
 from ponderlm.checkpoint import require_run_tokenizer
 from ponderlm.config import check_tau
 from ponderlm.data import TokenShards, read_metadata
+from ponderlm.engine import inspect
 from ponderlm.errors import PonderError
 from ponderlm.files import atomic_path, atomic_write_text
 from ponderlm.runs import load
@@ -34,12 +36,13 @@ BATCH_TOKENS = 4096  # tokens per forward: keeps the (batch, seq, vocab) logits 
 
 
 @torch.no_grad()
-def measure(model, input_ids: torch.Tensor, targets: torch.Tensor, tau: float) -> dict[str, torch.Tensor]:
+def measure(model, input_ids: torch.Tensor, targets: torch.Tensor, tau: float, scoring: str = "exact"
+            ) -> dict[str, torch.Tensor]:
     """Per-position kept steps, expected steps, entropy and NLL for one batch (B, T); every tensor (B, T)."""
     device = model.backbone.lm_head.weight.device
     input_ids, targets = input_ids.to(device), targets.to(device)
     with model.config.autocast(device.type):
-        seen = model.inspect(input_ids, tau)
+        seen = inspect(model, input_ids, tau, scoring)
     log_probs = seen.logits.float().log_softmax(-1)
     return {"kept_steps": seen.extra_steps.cpu(),
             "expected_steps": seen.expected_extra_steps.float().cpu(),
@@ -99,7 +102,8 @@ def summarize(token_strings: list[str], kept_steps, expected_steps, entropy, nll
 
 
 def analyze_run(run_dir: str | Path, split: str = "test", max_tokens: int = 16384, tau: float | None = None,
-                data_path: str | Path | None = None, out_dir: str | Path | None = None) -> dict:
+                data_path: str | Path | None = None, out_dir: str | Path | None = None, scoring: str = "exact"
+                ) -> dict:
     """Measure an adaptive run on the first max_tokens of a split; write the three files; return the summary."""
     run_dir = Path(run_dir)
     check_tau(tau)
@@ -120,7 +124,7 @@ def analyze_run(run_dir: str | Path, split: str = "test", max_tokens: int = 1638
     batch_size = max(1, BATCH_TOKENS // config.data.seq_len)
     for batch_inputs, batch_targets in eval_batches(shards, config.data.seq_len, batch_size, max_tokens):
         inputs.append(batch_inputs.flatten())
-        measured.append({k: v.flatten() for k, v in measure(model, batch_inputs, batch_targets, tau).items()})
+        measured.append({k: v.flatten() for k, v in measure(model, batch_inputs, batch_targets, tau, scoring).items()})
     if not inputs:
         raise PonderError(f"the {split} split of {data_dir} has no tokens to analyse")
     token_ids = torch.cat(inputs).tolist()
@@ -128,7 +132,7 @@ def analyze_run(run_dir: str | Path, split: str = "test", max_tokens: int = 1638
     strings = {i: tokenizer.decode([i], skip_special_tokens=False) for i in set(token_ids)}
     token_strings = [strings[i] for i in token_ids]
 
-    summary = {"method": config.method, "run_dir": str(run_dir), "split": split, "tau": tau,
+    summary = {"method": config.method, "run_dir": str(run_dir), "split": split, "tau": tau, "scoring": scoring,
                **summarize(token_strings, max_steps=model.max_extra_steps, **arrays)}
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "analysis"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from ponderlm.errors import PonderError
 
+SCORINGS = ("exact", "jacobi")  # ponderlm.engine.SCORINGS, without importing torch for --help
+
 
 def _data_prepare(args) -> None:
     from ponderlm.data import prepare
@@ -76,8 +78,8 @@ def _analyze(args) -> None:
     from ponderlm.analyze import analyze_run
 
     summary = analyze_run(args.run_dir, split=args.split, max_tokens=args.max_tokens, tau=args.tau,
-                          data_path=args.data, out_dir=args.out)
-    headline = ("method", "split", "tau", "tokens", "mean_kept_steps", "mean_expected_steps", "fraction_pruned",
+                          data_path=args.data, out_dir=args.out, scoring=args.scoring)
+    headline = ("method", "split", "tau", "scoring", "tokens", "mean_kept_steps", "mean_expected_steps", "fraction_pruned",
                 "kept_steps_histogram", "correlations", "files")
     print_json({key: summary[key] for key in headline})
 
@@ -300,6 +302,8 @@ def _add_run_commands(commands) -> None:
     presets = ", ".join(sorted((p.stem for p in PRESET_DIR.glob("*.yaml")), key=lambda n: (n[0].isdigit(), n)))
     adaptive = ", ".join(name for name, method in METHODS.items() if method.adaptive)
     tau_help = _tau_help()
+    scoring_help = ("latent methods: exact teacher-forced decoding through the engine (default), or the parallel "
+                    "Jacobi forward of training (approximate, ponder.eval_refine_passes)")
     tr = commands.add_parser("train", help="train a model")
     tr.add_argument("config", nargs="?", help=f"YAML file or preset name ({presets})")
     tr.add_argument("--out", required=True, help="run directory")
@@ -318,9 +322,7 @@ def _add_run_commands(commands) -> None:
     ev.add_argument("--max-tokens", type=positive_int, help="score only the first N tokens of the split")
     ev.add_argument("--data", help="prepared data directory (default: the run's data.path)")
     ev.add_argument("--tau", type=float, help=f"{tau_help}; 0 runs all K extra steps for every token")
-    ev.add_argument("--scoring", choices=["exact", "jacobi"], default="exact",
-                    help="latent methods: exact teacher-forced decoding through the engine (default), or the "
-                    "parallel Jacobi forward of training (approximate, ponder.eval_refine_passes)")
+    ev.add_argument("--scoring", choices=SCORINGS, default="exact", help=scoring_help)
     ev.add_argument("--taus", help="comma-separated taus: print the trade-off table (perplexity, extra steps, "
                     "FLOPs per token at each tau) instead of the JSON")
     ev.set_defaults(handler=_eval)
@@ -333,6 +335,7 @@ def _add_run_commands(commands) -> None:
     an.add_argument("--tau", type=float, help=tau_help)
     an.add_argument("--data", help="prepared data directory (default: the run's data.path)")
     an.add_argument("--out", help="output directory (default: RUN_DIR/analysis)")
+    an.add_argument("--scoring", choices=SCORINGS, default="exact", help=scoring_help)
     an.set_defaults(handler=_analyze)
 
     gen = commands.add_parser("generate", help="continue a prompt, or many prompts batched, with a trained run")

@@ -26,6 +26,7 @@ import torch
 from ponderlm.config import check_tau
 from ponderlm.errors import PonderError
 from ponderlm.kvcache import KVCache
+from ponderlm.methods.base import Inspection
 
 
 @dataclasses.dataclass
@@ -86,6 +87,7 @@ class Sequence:
     tokens: list[int] = dataclasses.field(default_factory=list)  # generated tokens
     extra_steps: list[int] = dataclasses.field(default_factory=list)  # per token fed: prompt, then generated
     logits: list[torch.Tensor] = dataclasses.field(default_factory=list)  # after each token fed, if keep_logits
+    expected_extra_steps: list[float] = dataclasses.field(default_factory=list)  # per token fed, if keep_logits
     token_logprobs: list[float] = dataclasses.field(default_factory=list)  # of each next token, if logprobs
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # (id, logprob), best first
     finish_reason: str | None = None  # "length", "stop" (a stop id, or cancelled) once done
@@ -265,6 +267,8 @@ class Engine:
             length = lengths[index]
             prompt = sequence.request.prompt
             sequence.extra_steps.extend(extra_steps[index, : length - 1].tolist())
+            if sequence.request.keep_logits:  # the prefill methods' allocation is the steps they run
+                sequence.expected_extra_steps.extend(extra_steps[index, : length - 1].float().tolist())
             if sequence.observed and length > 1:
                 for position, logits in enumerate(self.model.logits(states[index, : length - 1]).float()):
                     sequence.observe(logits, prompt[position + 1])
@@ -277,9 +281,15 @@ class Engine:
                        events: list[Sequence]) -> None:
         """Rows whose token just finished: record it; after the last known token, sample the next or stop."""
         need_logits = []
+        expected = None
         for index, row in enumerate(rows):
             sequence = self.rows[row]
             sequence.extra_steps.append(extra_steps[index])
+            if sequence.request.keep_logits:  # scoring and analysis read the soft allocation too
+                if expected is None:
+                    soft = self.state.expected_extra_steps(rows)
+                    expected = (soft if soft is not None else torch.tensor(extra_steps, dtype=torch.float)).tolist()
+                sequence.expected_extra_steps.append(expected[index])
             if sequence.observed or sequence.fed >= len(sequence.request.prompt):
                 need_logits.append(index)
         if not need_logits:
@@ -347,12 +357,32 @@ def score(model, input_ids: torch.Tensor, tau: float | None = None, scoring: str
 
 
 @torch.no_grad()
+def inspect(model, input_ids: torch.Tensor, tau: float | None = None, scoring: str = "exact") -> Inspection:
+    """What `analyze` reads of windows (B, T): logits, extra steps run and the soft allocation, by `score`'s rules."""
+    if scoring not in SCORINGS:
+        raise PonderError(f"scoring must be one of {', '.join(SCORINGS)}, not {scoring!r}")
+    if scoring == "jacobi" or model.exact_parallel:
+        return model.inspect(input_ids, tau)
+    sequences = _teacher_forced_sequences(model, input_ids, tau, len(input_ids), True)
+    logits, extra_steps = _stack(sequences, input_ids.device)
+    expected = torch.tensor([s.expected_extra_steps for s in sequences], device=input_ids.device)
+    return Inspection(logits, extra_steps, expected)
+
+
+@torch.no_grad()
 def teacher_forced(model, input_ids: torch.Tensor, tau: float | None = None, max_batch: int = 32,
                    prefill: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (B, T, V) and extra steps (B, T) of windows (B, T) decoded through the engine, each window one
     sequence (prefill=False: slot by slot even where the method could prefill)."""
+    return _stack(_teacher_forced_sequences(model, input_ids, tau, max_batch, prefill), input_ids.device)
+
+
+def _teacher_forced_sequences(model, input_ids, tau, max_batch, prefill) -> list[Sequence]:
     engine = Engine(model, max_batch=min(max_batch, len(input_ids)), max_tokens=input_ids.shape[1], prefill=prefill)
-    sequences = engine.run([Request(row, tau=tau, keep_logits=True) for row in input_ids.tolist()])
+    return engine.run([Request(row, tau=tau, keep_logits=True) for row in input_ids.tolist()])
+
+
+def _stack(sequences: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor]:
     logits = torch.stack([torch.stack(s.logits) for s in sequences])
     extra_steps = torch.tensor([s.extra_steps for s in sequences])
-    return logits.to(input_ids.device), extra_steps.to(input_ids.device)
+    return logits.to(device), extra_steps.to(device)

@@ -72,9 +72,12 @@ def direct_count(p3_run, tiny_data_dir):
 def direct_measurements(run, data_dir, tau=None):
     """Per-position measurements computed here from the public model API (the full windows in one batch).
 
-    Expected steps come from the router on the Jacobi states for latent-slot methods; None for the others (mor)."""
+    Expected steps come from the router or gates on the converged Jacobi states for latent-slot methods (halting: the
+    gates decoding runs, up to the step after the last kept one); None for the others (mor)."""
     model, tokenizer = ponderlm.load(run)
     seq_len, tau = model.config.data.seq_len, model.resolve_tau(tau)
+    # (K + 1) T refinement passes: the parallel forward is the exact recurrence that analyze decodes.
+    model.config.ponder.eval_refine_passes = (model.max_extra_steps + 1) * seq_len
     tokens = torch.from_numpy(TokenShards(data_dir, "test").read(0, MAX_TOKENS + 1).astype(np.int64))
     full = MAX_TOKENS // seq_len * seq_len
     pieces = [(tokens[:full].view(-1, seq_len), tokens[1:full + 1].view(-1, seq_len)),
@@ -85,8 +88,11 @@ def direct_measurements(run, data_dir, tau=None):
             logits, used = model.infer(ids, tau)
             kept.append(used.flatten())
             if model.latent_slots:
-                s, _ = model.route(model.jacobi(ids, model.config.ponder.eval_refine_passes, tau))
-                expected.append((s * torch.arange(s.shape[-1])).sum(-1).flatten())  # E[k] = sum_{k>=1} w_k
+                _, log_w = model.route(model.jacobi(ids, model.config.ponder.eval_refine_passes, tau))
+                w = log_w[..., 1:].exp()
+                if model.name == "halting":  # decoding computes the gates up to the step after the last kept one
+                    w = w * (torch.arange(1, w.shape[-1] + 1) <= used[..., None] + 1)
+                expected.append(w.sum(-1).flatten())  # E[k] = sum_{k>=1} w_k
             entropy.append(torch.distributions.Categorical(logits=logits.float()).entropy().flatten())
             nll.append(F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").flatten())
     ids = tokens[:MAX_TOKENS].tolist()
@@ -194,11 +200,14 @@ def test_summarize_counts_ties_and_undefined_correlations(monkeypatch):
 
 def test_measure_matches_infer_and_the_router():
     torch.manual_seed(0)
-    model = build_model(load_config("tiny", ["method=ponderlm3", "model.vocab_size=53", "ponder.extra_steps=2"])).eval()
+    # With (K + 1) T = 48 refinement passes the parallel forward is the recurrence that exact scoring decodes.
+    model = build_model(load_config("tiny", ["method=ponderlm3", "model.vocab_size=53", "ponder.extra_steps=2",
+                                             "ponder.eval_refine_passes=48"])).eval()
     with torch.no_grad():
         model.router.weight.normal_(0, 2.0)
     ids, targets = torch.randint(0, 53, (2, 16)), torch.randint(0, 53, (2, 16))
     measured = measure(model, ids, targets, tau=1e-4)
+    assert torch.equal(measure(model, ids, targets, tau=1e-4, scoring="jacobi")["kept_steps"], measured["kept_steps"])
     with torch.no_grad():
         logits, used = model.infer(ids, 1e-4)
         s, _ = model.route(model.jacobi(ids, model.config.ponder.eval_refine_passes, 1e-4))

@@ -181,3 +181,9 @@ def test_logprobs_of_prompt_and_generated_tokens_equal_the_scored_logits(name):
         assert [i for i, _ in top] == row.topk(3).indices.tolist()
     greedy = [top[0][0] for top in sequence.top_logprobs[len(prompt) - 1:]]
     assert greedy == sequence.tokens  # greedy decoding samples the most likely token
+
+
+def test_the_command_line_offers_the_engines_scorings():
+    from ponderlm import cli, engine
+
+    assert cli.SCORINGS == engine.SCORINGS

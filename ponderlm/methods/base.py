@@ -180,6 +180,11 @@ class DecodeState:
         """Inputs (rows, d), cache groups (rows,) and key biases (rows,) of this step's slots; `starting` (rows,)
         marks rows that begin a new token, whose embedding is in `token_embeds` (rows, d)."""
 
+    def expected_extra_steps(self, rows: list[int]) -> torch.Tensor | None:
+        """The soft allocation sum_{k>=1} w_k of the tokens just finished in `rows`, for methods with a router or
+        gates (None: the extra steps run are all there is)."""
+        return None
+
     @abstractmethod
     def absorb(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """From the slots' outputs (rows, d): finished (rows,) bool, lm-head inputs (rows, d) (read where finished),

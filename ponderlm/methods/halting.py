@@ -120,6 +120,7 @@ class HaltingState(LatentState):
         super().__init__(method, capacity)
         self.log_w = torch.zeros(capacity, device=self.phase.device)  # log w of the slot that runs now
         self.kept_mass = torch.zeros(capacity, device=self.phase.device)
+        self.expected = torch.zeros(capacity, device=self.phase.device)  # sum of the w_k computed so far, k >= 1
         self.mixture = torch.zeros_like(self.previous)
 
     def next_slots(self, rows, starting, token_embeds):
@@ -141,8 +142,13 @@ class HaltingState(LatentState):
         s = log_w.exp() - next_log_w.exp()
         mixture = torch.where(started[:, None], 0.0, self.mixture[:rows]) + s[:, None].to(states.dtype) * states
         kept_mass = torch.where(started, 0.0, self.kept_mass[:rows]) + s
+        self.expected[:rows] = torch.where(started, 0.0, self.expected[:rows]) + next_log_w.exp()
         finished = last | (next_log_w < self.log_tau[:rows])
         self.mixture[:rows], self.kept_mass[:rows], self.log_w[:rows] = mixture, kept_mass, next_log_w
         if method.config.ponder.renormalize_pruned:
             mixture = mixture / kept_mass[:, None].to(mixture.dtype)
         return finished, mixture, phase.clone()
+
+    def expected_extra_steps(self, rows):
+        """sum_k w_k over the gates run: a stopped token's later w_k (each below tau) were never computed."""
+        return self.expected[rows]

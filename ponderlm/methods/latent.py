@@ -280,3 +280,6 @@ class RoutedState(LatentState):
         self.mixture[:rows] += weight * states
         keep = self.keep[:rows]
         return phase == keep, self.mixture[:rows].clone(), keep.clone()
+
+    def expected_extra_steps(self, rows):
+        return self.log_w[rows, 1:].exp().sum(-1)
