@@ -179,6 +179,18 @@ def _generate(args) -> None:
                     "mean_extra_steps": sum(steps) / max(1, len(steps))}, file=sys.stderr)
 
 
+def _serve(args) -> None:
+    from ponderlm.config import check_tau
+    from ponderlm.serve import serve
+
+    check_tau(args.tau)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"ponderlm: notice: serving on {args.host}, reachable from other machines; the server has no "
+              "authentication", file=sys.stderr)
+    serve(args.run_dir, host=args.host, port=args.port, tau=args.tau, max_batch=args.max_batch,
+          max_queue=args.max_queue)
+
+
 def _import(args) -> None:
     from ponderlm.hf import import_llama
 
@@ -337,6 +349,17 @@ def _add_run_commands(commands) -> None:
     an.add_argument("--out", help="output directory (default: RUN_DIR/analysis)")
     an.add_argument("--scoring", choices=SCORINGS, default="exact", help=scoring_help)
     an.set_defaults(handler=_analyze)
+
+    srv = commands.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API, with a page at /")
+    srv.add_argument("run_dir")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine "
+                     "only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--tau", type=float, help=tau_help + " (the default of requests that do not send a tau)")
+    srv.add_argument("--max-batch", type=positive_int, default=32, help="sequences decoded together (default 32)")
+    srv.add_argument("--max-queue", type=int, default=256,
+                     help="requests waiting for a row before new ones get 429 (default 256)")
+    srv.set_defaults(handler=_serve)
 
     gen = commands.add_parser("generate", help="continue a prompt, or many prompts batched, with a trained run")
     gen.add_argument("run_dir")

@@ -1,0 +1,580 @@
+"""`ponderlm serve`: an OpenAI-compatible HTTP server over the engine, with continuous batching.
+
+One thread owns the engine (`EngineWorker`): requests reach it through a queue and it steps the running batch,
+handing each sequence's progress back to the request's event loop; HTTP handlers never touch engine state. Every
+request is its own sequence, so requests join and leave the batch at every step and a greedy request's output does
+not depend on what it shares the batch with.
+
+Endpoints follow the OpenAI schema, and vLLM's behaviour where OpenAI is silent: `POST /v1/completions` (prompt as
+text, token ids, or a list of either; streaming; logprobs with echo, which lm-eval's `local-completions` reads),
+`POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, and the tokenizer endpoints of lm-eval's remote
+tokenizer (`GET /tokenizer_info`, `POST /tokenize`, `POST /detokenize`). Ponder extensions: `tau` per request, and
+in every response the extra steps each generated token ran (`extra_steps`) and the inference FLOPs spent (`usage`).
+`GET /` is a page that streams a completion with each token shaded by its extra steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import queue
+import random
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ponderlm.data import end_of_document_id
+from ponderlm.engine import Engine, Request, Sampling
+from ponderlm.errors import PonderError
+
+PAGE = Path(__file__).parent / "static" / "serve.html"
+MAX_LOGPROBS = 20
+CHAT_TEMPLATE = "{role}: {content}\n"  # each message, then "assistant:" (a model without a chat template of its own)
+
+
+class ServerBusy(Exception):
+    """The queue is full, or the server is shutting down: the client should retry later (429)."""
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+
+# ----- the engine's thread -----
+
+@dataclass
+class Update:
+    """A sequence's progress, copied out of the engine's thread."""
+
+    tokens: list[int]
+    extra_steps: list[int]
+    finish_reason: str | None
+    token_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+class Ticket:
+    def __init__(self, request: Request, deliver):
+        self.request, self.deliver = request, deliver
+        self.sequence = None
+
+
+class EngineWorker:
+    """Owns the engine on one thread: `submit` and `cancel` queue work for it; updates go out through callbacks."""
+
+    def __init__(self, engine: Engine, max_queue: int):
+        self.engine, self.max_queue = engine, max_queue
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.in_flight = 0  # submitted and not yet finished: running rows plus the queue
+        self.accepting = True
+        self.tickets: dict[int, Ticket] = {}
+        self.thread = threading.Thread(target=self._run, name="ponderlm-engine", daemon=True)
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, request: Request, deliver) -> Ticket:
+        """Queue a request (checked first: PonderError for a bad one, ServerBusy when full or shutting down)."""
+        self.engine.check(request)
+        with self.lock:
+            if not self.accepting:
+                raise ServerBusy("the server is shutting down")
+            if self.in_flight >= self.engine.max_batch + self.max_queue:
+                raise ServerBusy(f"{self.in_flight} requests are running or queued (--max-batch "
+                                 f"{self.engine.max_batch} + --max-queue {self.max_queue}); retry shortly")
+            self.in_flight += 1
+        ticket = Ticket(request, deliver)
+        self.inbox.put(("add", ticket))
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """The client is gone or has what it needs: free the row at the next step."""
+        self.inbox.put(("cancel", ticket))
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Accept nothing new, finish what is running, then end the thread."""
+        with self.lock:
+            self.accepting = False
+        self._stop.set()
+        self.inbox.put(("wake", None))
+        self.thread.join(timeout)
+
+    def _handle(self, kind: str, ticket: Ticket | None) -> None:
+        if kind == "add":
+            ticket.sequence = self.engine.add(ticket.request)
+            self.tickets[ticket.sequence.id] = ticket
+        elif kind == "cancel" and ticket.sequence is not None and not ticket.sequence.done:
+            self.engine.cancel(ticket.sequence)
+            self._release(ticket)
+
+    def _release(self, ticket: Ticket) -> None:
+        if self.tickets.pop(ticket.sequence.id, None) is not None:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self.inbox.get_nowait() if self.engine.busy else self.inbox.get(timeout=0.5)
+                while True:
+                    self._handle(*item)
+                    item = self.inbox.get_nowait()
+            except queue.Empty:
+                pass
+            if self.engine.busy:
+                try:
+                    events = self.engine.step()
+                except Exception as exc:  # noqa: BLE001 - a bug must not kill the server: fail what was running
+                    self._fail_all(exc)
+                    continue
+                for sequence in events:
+                    self._deliver(sequence)
+            elif self._stop.is_set():
+                return
+
+    def _deliver(self, sequence) -> None:
+        ticket = self.tickets.get(sequence.id)
+        if ticket is None:
+            return
+        try:
+            ticket.deliver(Update(list(sequence.tokens), list(sequence.extra_steps), sequence.finish_reason,
+                                  list(sequence.token_logprobs), list(sequence.top_logprobs)))
+        except RuntimeError:  # the request's event loop is gone (the server is closing): nobody is waiting
+            self.engine.cancel(sequence)
+        if sequence.done:
+            self._release(ticket)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for ticket in list(self.tickets.values()):
+            with contextlib.suppress(RuntimeError):
+                ticket.deliver(exc)
+            self._release(ticket)
+        self.engine = Engine(self.engine.model, self.engine.max_batch, self.engine.max_tokens)
+
+
+# ----- request bodies -----
+
+class CompletionBody(BaseModel):
+    model: str | None = None
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    tau: float | None = None
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatBody(BaseModel):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    logprobs: bool = False
+    tau: float | None = None
+
+
+class TokenizeBody(BaseModel):
+    prompt: str
+    add_special_tokens: bool = False
+
+
+class DetokenizeBody(BaseModel):
+    tokens: list[int]
+
+
+# ----- the service -----
+
+class TextStop:
+    """The generated text so far, cut at the first stop string; what is safe to stream (no partial stop string, no
+    partial UTF-8 character)."""
+
+    def __init__(self, tokenizer, stops: list[str], eos_id: int):
+        self.tokenizer, self.stops, self.eos_id = tokenizer, [s for s in stops if s], eos_id
+        self.text, self.stopped, self.sent = "", False, 0
+
+    def update(self, tokens: list[int], final: bool) -> str:
+        """New text to send after the tokens so far (final: the sequence ended)."""
+        ids = tokens[:-1] if tokens and tokens[-1] == self.eos_id else tokens
+        text = self.tokenizer.decode(ids)
+        cuts = [text.find(stop) for stop in self.stops if stop in text]
+        if cuts:
+            text, self.stopped, final = text[: min(cuts)], True, True
+        self.text = text
+        hold = 0 if final else max([len(s) - 1 for s in self.stops] + [0])
+        ready = len(text) - hold
+        if not final and text.endswith("\ufffd"):
+            ready = min(ready, len(text) - 1)
+        if ready <= self.sent:
+            return ""
+        piece, self.sent = text[self.sent: ready], ready
+        return piece
+
+
+class Service:
+    """What the endpoints share: the model, its tokenizer, the worker, and how requests become engine requests."""
+
+    def __init__(self, model, tokenizer, name: str, tau: float | None, max_batch: int, max_queue: int,
+                 chat_template: str | None = None):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.tau = tau
+        self.context = model.config.data.seq_len
+        self.eos_id = end_of_document_id(tokenizer)
+        self.chat_template = chat_template
+        self.worker = EngineWorker(Engine(model, max_batch=max_batch), max_queue)
+
+    # --- building requests ---
+
+    def prompts(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if prompt and all(isinstance(token, int) for token in prompt):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt is empty", param="prompt")
+        out = []
+        for item in prompt:
+            ids = self.tokenizer.encode(item).ids if isinstance(item, str) else list(item)
+            if not ids:
+                raise APIError(400, "a prompt must hold at least one token", param="prompt")
+            out.append(ids)
+        return out
+
+    def request(self, ids: list[int], body, max_tokens: int, keep_logprobs: int | None) -> Request:
+        if body.n != 1:
+            raise APIError(400, "only n = 1 is supported; send the request several times with different seeds",
+                           param="n")
+        if len(ids) + max_tokens > self.context:
+            raise APIError(400, f"this model's context is {self.context} tokens; the prompt has {len(ids)} and "
+                           f"max_tokens asks for {max_tokens} more", param="max_tokens",
+                           code="context_length_exceeded")
+        tau = body.tau if body.tau is not None else self.tau
+        seed = body.seed if body.seed is not None else random.randrange(2**31)
+        sampling = Sampling(body.temperature, max(body.top_k, 0), body.top_p, seed)
+        return Request(ids, max_tokens, sampling, stop_ids=(self.eos_id,), tau=tau, logprobs=keep_logprobs)
+
+    def chat_prompt(self, messages: list[ChatMessage]) -> str:
+        if self.chat_template:
+            import jinja2
+
+            template = jinja2.Environment().from_string(self.chat_template)
+            return template.render(messages=[m.model_dump() for m in messages], add_generation_prompt=True,
+                                   eos_token=self.tokenizer.decode([self.eos_id]))
+        return "".join(CHAT_TEMPLATE.format(role=m.role, content=m.content) for m in messages) + "assistant:"
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.name!r}",
+                           param="model", code="model_not_found")
+
+    # --- running them ---
+
+    async def run(self, request: Request) -> AsyncIterator[Update]:
+        """The updates of one request as the engine makes them; leaving early cancels it."""
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue = asyncio.Queue()
+        try:
+            ticket = self.worker.submit(request, lambda update: loop.call_soon_threadsafe(updates.put_nowait, update))
+        except PonderError as exc:
+            raise APIError(400, str(exc)) from None
+        except ServerBusy as exc:
+            raise APIError(429, str(exc), kind="rate_limit_error") from None
+        finished = False
+        try:
+            while True:
+                update = await updates.get()
+                if isinstance(update, Exception):
+                    raise APIError(500, f"the engine failed: {update}", kind="server_error")
+                finished = update.finish_reason is not None
+                yield update
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.worker.cancel(ticket)
+
+    def flops(self, extra_steps: list[int]) -> float:
+        return self.model.inference_flops(torch.tensor([extra_steps])) if extra_steps else 0.0
+
+    def usage(self, prompts: list[list[int]], updates: list[Update]) -> dict:
+        completion = sum(len(u.tokens) for u in updates)
+        prompt = sum(len(p) for p in prompts)
+        generated_steps = [s for p, u in zip(prompts, updates) for s in generated_extra_steps(len(p), u)]
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "inference_flops": sum(self.flops(u.extra_steps) for u in updates),
+                "mean_extra_steps": sum(generated_steps) / len(generated_steps) if generated_steps else None}
+
+    def logprobs(self, prompt: list[int], update: Update, echo: bool, top: int) -> dict:
+        """OpenAI's legacy completion logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+        generated = update.tokens
+        first = 0 if echo else len(prompt)
+        ids = (prompt + generated)[first:]
+        values = ([None] + update.token_logprobs)[first:][: len(ids)]
+        tops = ([None] + [{self.piece(i): v for i, v in t} for t in update.top_logprobs])[first:][: len(ids)] \
+            if top > 0 else None
+        pieces = [self.piece(i) for i in ids]
+        offsets, position = [], 0
+        for piece in pieces:
+            offsets.append(position)
+            position += len(piece)
+        return {"tokens": pieces, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def piece(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+
+def generated_extra_steps(prompt_length: int, update: Update) -> list[int]:
+    """The extra steps before each generated token: the token before it ran them (the first: the prompt's last)."""
+    return update.extra_steps[prompt_length - 1: prompt_length - 1 + len(update.tokens)]
+
+
+def error_body(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code if code else status}}
+
+
+def sse(record: dict | str) -> str:
+    return f"data: {record if isinstance(record, str) else json.dumps(record)}\n\n"
+
+
+def create_app(model, tokenizer, name: str, tau: float | None = None, max_batch: int = 32, max_queue: int = 256,
+               chat_template: str | None = None) -> FastAPI:
+    """The FastAPI application; its lifespan starts the engine's thread and, on shutdown, lets it finish."""
+    if tau is not None:
+        model.check_tau_applies(tau)
+    service = Service(model.eval(), tokenizer, name, tau, max_batch, max_queue, chat_template)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        service.worker.start()
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, service.worker.stop)
+
+    app = FastAPI(title="ponderlm", lifespan=lifespan)
+    app.state.service = service
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        headers = {"Retry-After": "1"} if exc.status == 429 else None
+        return JSONResponse(error_body(exc.status, exc.message, exc.kind, exc.param, exc.code), exc.status,
+                            headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        return JSONResponse(error_body(400, message, "invalid_request_error", where or None), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(exc.status_code, str(exc.detail), "invalid_request_error"), exc.status_code)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "ponderlm",
+                                            "max_model_len": service.context, "method": model.config.method}]}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return {"eos_token": service.piece(service.eos_id), "bos_token": None, "pad_token": None,
+                "chat_template": service.chat_template, "model_max_length": service.context,
+                "vocab_size": model.config.model.vocab_size}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody):
+        # A text that is exactly one special token is that token (lm-eval finds the EOS id this way); inside a
+        # longer text, special tokens encode as the bytes they are, as in the training data.
+        special = tokenizer.token_to_id(body.prompt)
+        added = tokenizer.get_added_tokens_decoder()
+        tokens = [special] if special in added else tokenizer.encode(body.prompt).ids
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": service.context}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody):
+        if any(not 0 <= t < model.config.model.vocab_size for t in body.tokens):
+            raise APIError(400, f"token ids must lie in [0, {model.config.model.vocab_size})", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    @app.get("/ponder_info")
+    async def ponder_info():
+        return {"model": name, "method": model.config.method, "prunable": model.prunable,
+                "max_extra_steps": model.max_extra_steps, "tau": model.resolve_tau(service.tau),
+                "context": service.context}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return PAGE.read_text()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody):
+        service.check_model(body.model)
+        prompts = service.prompts(body.prompt)
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        requests = [service.request(ids, body, max_tokens, body.logprobs) for ids in prompts]
+        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            if len(requests) != 1:
+                raise APIError(400, "stream one prompt per request", param="prompt")
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return await stream(completion_id, "text_completion", prompts[0], requests[0], stops, body,
+                                include_usage, chat=False)
+        results = await asyncio.gather(*(collect(r, stops) for r in requests))
+        choices = []
+        for index, (ids, (update, text, reason)) in enumerate(zip(prompts, results)):
+            choice = {"index": index, "text": (tokenizer.decode(ids) if body.echo else "") + text,
+                      "logprobs": None, "finish_reason": reason,
+                      "extra_steps": generated_extra_steps(len(ids), update)}
+            if body.logprobs is not None:
+                choice["logprobs"] = service.logprobs(ids, update, body.echo, body.logprobs)
+            choices.append(choice)
+        return {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": name,
+                "choices": choices, "usage": service.usage(prompts, [r[0] for r in results])}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody):
+        service.check_model(body.model)
+        if body.logprobs:
+            raise APIError(400, "logprobs are served by /v1/completions (with echo), not by chat", param="logprobs")
+        ids = service.prompts(service.chat_prompt(body.messages))[0]
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = limit if limit is not None else min(256, service.context - len(ids))
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        stops += ["\nuser:"] if not service.chat_template else []  # the plain template's next turn
+        request = service.request(ids, body, max(0, max_tokens), None)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return await stream(completion_id, "chat.completion.chunk", ids, request, stops, body, include_usage,
+                                chat=True)
+        update, text, reason = await collect(request, stops)
+        return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text.lstrip(" ")},
+                             "finish_reason": reason, "extra_steps": generated_extra_steps(len(ids), update)}],
+                "usage": service.usage([ids], [update])}
+
+    async def collect(request: Request, stops: list[str]) -> tuple[Update, str, str]:
+        """Run a request to its end (or its first stop string): the last update, the text, the finish reason."""
+        text = TextStop(tokenizer, stops, service.eos_id)
+        last = None
+        async with contextlib.aclosing(service.run(request)) as updates:  # leaving at a stop string cancels it
+            async for update in updates:
+                last = update
+                text.update(update.tokens, update.finish_reason is not None)
+                if text.stopped:
+                    break
+        reason = "stop" if text.stopped else last.finish_reason
+        return last, text.text, reason
+
+    async def stream(completion_id: str, kind: str, ids: list[int], request: Request, stops: list[str], body,
+                     include_usage: bool, chat: bool) -> StreamingResponse:
+        updates = service.run(request)
+        first = await anext(updates)  # errors (a full queue, a bad request) become an HTTP status, not a stream
+
+        def chunk(text: str | None, steps: list[int], reason: str | None, flops: float) -> dict:
+            if chat:
+                delta = {} if text is None else {"content": text}
+                choice = {"index": 0, "delta": delta, "finish_reason": reason}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            choice["extra_steps"] = steps
+            choice["inference_flops"] = flops
+            return {"id": completion_id, "object": kind, "created": int(time.time()), "model": name,
+                    "choices": [choice]}
+
+        async def events():
+            text = TextStop(tokenizer, stops, service.eos_id)
+            sent_tokens, last = 0, first
+            prompt_flops = service.flops(first.extra_steps[: len(ids)]) if len(first.extra_steps) >= len(ids) else 0.0
+            try:
+                if chat:
+                    yield sse(chunk(None, [], None, 0.0) | {"choices": [{"index": 0, "delta": {"role": "assistant"},
+                                                                           "finish_reason": None}]})
+                elif body.echo:
+                    yield sse(chunk(tokenizer.decode(ids), [], None, 0.0))
+                update = first
+                while True:
+                    last = update
+                    done = update.finish_reason is not None
+                    piece = text.update(update.tokens, done)
+                    steps = generated_extra_steps(len(ids), update)[sent_tokens:]
+                    sent_tokens += len(steps)
+                    flops = service.flops(update.extra_steps) - prompt_flops
+                    if piece or steps:
+                        yield sse(chunk(piece, steps, None, flops))
+                    if text.stopped or done:
+                        break
+                    update = await anext(updates)
+                reason = "stop" if text.stopped else last.finish_reason
+                yield sse(chunk(None if chat else "", [], reason, service.flops(last.extra_steps) - prompt_flops))
+                if include_usage:
+                    yield sse({"id": completion_id, "object": kind, "created": int(time.time()), "model": name,
+                               "choices": [], "usage": service.usage([ids], [last])})
+                yield sse("[DONE]")
+            finally:
+                await updates.aclose()  # a client gone mid-stream frees its row at once
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, tau: float | None = None,
+          max_batch: int = 32, max_queue: int = 256) -> None:
+    """`ponderlm serve`: load a run and serve it until SIGINT/SIGTERM (which finish running requests first)."""
+    import uvicorn
+
+    from ponderlm.runs import load
+
+    run_dir = Path(run_dir)
+    model, tokenizer = load(run_dir)
+    template_file = run_dir / "chat_template.jinja"
+    chat_template = template_file.read_text() if template_file.is_file() else None
+    app = create_app(model, tokenizer, run_dir.resolve().name, tau, max_batch, max_queue, chat_template)
+    print(f"ponderlm: serving {run_dir} ({model.config.method}) on http://{host}:{port}  (page: /, API: /v1)",
+          flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+
+
+__all__ = ["EngineWorker", "create_app", "serve"]
