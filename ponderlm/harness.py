@@ -93,12 +93,12 @@ class PonderLMHarness(LM):
         bar = tqdm(total=len(pairs), desc="score", unit="request", disable=not self.progress, dynamic_ncols=True)
         if self.decode_scoring:  # every request its own sequence, continuously batched
             engine = Engine(self.model, max_batch=self.batch_size, max_tokens=self.max_length)
-            sequences = [engine.add(Request(rows[i][0], tau=self.tau, keep_logits=True)) for i in order]
-            for sequence in engine.stream():
+            for i in order:
+                engine.add(Request(rows[i][0], tau=self.tau, keep_logits=True))
+            for sequence in engine.stream():  # a finished sequence's logits are read, then dropped
                 i = order[sequence.id]
                 record(i, F.log_softmax(torch.stack(sequence.logits), dim=-1), torch.tensor(sequence.extra_steps))
                 bar.update()
-            del sequences
         else:
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]

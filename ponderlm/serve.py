@@ -257,6 +257,7 @@ class Service:
         self.context = model.config.data.seq_len
         self.eos_id = end_of_document_id(tokenizer)
         self.chat_template = chat_template
+        self.created = int(time.time())
         self.worker = EngineWorker(Engine(model, max_batch=max_batch), max_queue)
 
     # --- building requests ---
@@ -359,6 +360,144 @@ class Service:
         return self.tokenizer.decode([token], skip_special_tokens=False)
 
 
+    # --- endpoints ---
+
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
+                                            "owned_by": "ponderlm", "max_model_len": self.context,
+                                            "method": self.model.config.method}]}
+
+    async def tokenizer_info(self) -> dict:
+        return {"eos_token": self.piece(self.eos_id), "bos_token": None, "pad_token": None,
+                "chat_template": self.chat_template, "model_max_length": self.context,
+                "vocab_size": self.model.config.model.vocab_size}
+
+    async def tokenize(self, body: TokenizeBody) -> dict:
+        # A text that is exactly one special token is that token (lm-eval finds the EOS id this way); inside a
+        # longer text, special tokens encode as the bytes they are, as in the training data.
+        special = self.tokenizer.token_to_id(body.prompt)
+        added = self.tokenizer.get_added_tokens_decoder()
+        tokens = [special] if special in added else self.tokenizer.encode(body.prompt).ids
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.context}
+
+    async def detokenize(self, body: DetokenizeBody) -> dict:
+        vocab = self.model.config.model.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"token ids must lie in [0, {vocab})", param="tokens")
+        return {"prompt": self.tokenizer.decode(body.tokens)}
+
+    async def ponder_info(self) -> dict:
+        return {"model": self.name, "method": self.model.config.method, "prunable": self.model.prunable,
+                "max_extra_steps": self.model.max_extra_steps, "tau": self.model.resolve_tau(self.tau),
+                "context": self.context}
+
+    async def page(self) -> str:
+        return PAGE.read_text()
+
+    async def completions(self, body: CompletionBody):
+        self.check_model(body.model)
+        prompts = self.prompts(body.prompt)
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        requests = [self.request(ids, body, max_tokens, body.logprobs) for ids in prompts]
+        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            if len(requests) != 1:
+                raise APIError(400, "stream one prompt per request", param="prompt")
+            return await self.stream(completion_id, prompts[0], requests[0], stops, body, chat=False)
+        results = await asyncio.gather(*(self.collect(r, stops) for r in requests))
+        choices = []
+        for index, (ids, (update, text, reason)) in enumerate(zip(prompts, results)):
+            choice = {"index": index, "text": (self.tokenizer.decode(ids) if body.echo else "") + text,
+                      "logprobs": None, "finish_reason": reason,
+                      "extra_steps": generated_extra_steps(len(ids), update)}
+            if body.logprobs is not None:
+                choice["logprobs"] = self.logprobs(ids, update, body.echo, body.logprobs)
+            choices.append(choice)
+        return {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": self.name,
+                "choices": choices, "usage": self.usage(prompts, [r[0] for r in results])}
+
+    async def chat(self, body: ChatBody):
+        self.check_model(body.model)
+        if body.logprobs:
+            raise APIError(400, "logprobs are served by /v1/completions (with echo), not by chat", param="logprobs")
+        ids = self.prompts(self.chat_prompt(body.messages))[0]
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = limit if limit is not None else max(0, min(256, self.context - len(ids)))
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        stops += ["\nuser:"] if not self.chat_template else []  # the plain template's next turn
+        request = self.request(ids, body, max_tokens, None)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            return await self.stream(completion_id, ids, request, stops, body, chat=True)
+        update, text, reason = await self.collect(request, stops)
+        return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": self.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text.lstrip(" ")},
+                             "finish_reason": reason, "extra_steps": generated_extra_steps(len(ids), update)}],
+                "usage": self.usage([ids], [update])}
+
+    async def collect(self, request: Request, stops: list[str]) -> tuple[Update, str, str]:
+        """Run a request to its end (or its first stop string): the last update, the text, the finish reason."""
+        text = TextStop(self.tokenizer, stops, self.eos_id)
+        last = None
+        async with contextlib.aclosing(self.run(request)) as updates:  # leaving at a stop string cancels it
+            async for update in updates:
+                last = update
+                text.update(update.tokens, update.finish_reason is not None)
+                if text.stopped:
+                    break
+        return last, text.text, "stop" if text.stopped else last.finish_reason
+
+    async def stream(self, completion_id: str, ids: list[int], request: Request, stops: list[str], body,
+                     chat: bool) -> StreamingResponse:
+        """Server-sent events: a chunk per new piece of text with its tokens' extra steps and the FLOPs so far."""
+        updates = self.run(request)
+        first = await anext(updates)  # errors (a full queue, a bad request) become an HTTP status, not a stream
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        prompt_flops = self.flops(first.extra_steps[: len(ids)])
+
+        def chunk(text: str | None, steps: list[int], reason: str | None, update: Update) -> str:
+            if chat:
+                choice = {"index": 0, "delta": {} if text is None else {"content": text}, "finish_reason": reason}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            choice.update(extra_steps=steps, inference_flops=self.flops(update.extra_steps) - prompt_flops)
+            return sse({"id": completion_id, "object": kind, "created": int(time.time()), "model": self.name,
+                        "choices": [choice]})
+
+        async def events():
+            text, sent_tokens, update = TextStop(self.tokenizer, stops, self.eos_id), 0, first
+            try:
+                if chat:
+                    yield sse({"id": completion_id, "object": kind, "created": int(time.time()), "model": self.name,
+                               "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
+                elif body.echo:
+                    yield chunk(self.tokenizer.decode(ids), [], None, update)
+                while True:
+                    done = update.finish_reason is not None
+                    piece = text.update(update.tokens, done)
+                    steps = generated_extra_steps(len(ids), update)[sent_tokens:]
+                    sent_tokens += len(steps)
+                    if piece or steps:
+                        yield chunk(piece, steps, None, update)
+                    if text.stopped or done:
+                        break
+                    update = await anext(updates)
+                yield chunk(None if chat else "", [], "stop" if text.stopped else update.finish_reason, update)
+                if include_usage:
+                    yield sse({"id": completion_id, "object": kind, "created": int(time.time()), "model": self.name,
+                               "choices": [], "usage": self.usage([ids], [update])})
+                yield sse("[DONE]")
+            finally:
+                await updates.aclose()  # a client gone mid-stream frees its row at once
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
 def generated_extra_steps(prompt_length: int, update: Update) -> list[int]:
     """The extra steps before each generated token: the token before it ran them (the first: the prompt's last)."""
     return update.extra_steps[prompt_length - 1: prompt_length - 1 + len(update.tokens)]
@@ -387,7 +526,6 @@ def create_app(model, tokenizer, name: str, tau: float | None = None, max_batch:
 
     app = FastAPI(title="ponderlm", lifespan=lifespan)
     app.state.service = service
-    created = int(time.time())
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
@@ -406,157 +544,15 @@ def create_app(model, tokenizer, name: str, tau: float | None = None, max_batch:
     async def http_error(request, exc: StarletteHTTPException):
         return JSONResponse(error_body(exc.status_code, str(exc.detail), "invalid_request_error"), exc.status_code)
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "ponderlm",
-                                            "max_model_len": service.context, "method": model.config.method}]}
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info():
-        return {"eos_token": service.piece(service.eos_id), "bos_token": None, "pad_token": None,
-                "chat_template": service.chat_template, "model_max_length": service.context,
-                "vocab_size": model.config.model.vocab_size}
-
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeBody):
-        # A text that is exactly one special token is that token (lm-eval finds the EOS id this way); inside a
-        # longer text, special tokens encode as the bytes they are, as in the training data.
-        special = tokenizer.token_to_id(body.prompt)
-        added = tokenizer.get_added_tokens_decoder()
-        tokens = [special] if special in added else tokenizer.encode(body.prompt).ids
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": service.context}
-
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeBody):
-        if any(not 0 <= t < model.config.model.vocab_size for t in body.tokens):
-            raise APIError(400, f"token ids must lie in [0, {model.config.model.vocab_size})", param="tokens")
-        return {"prompt": tokenizer.decode(body.tokens)}
-
-    @app.get("/ponder_info")
-    async def ponder_info():
-        return {"model": name, "method": model.config.method, "prunable": model.prunable,
-                "max_extra_steps": model.max_extra_steps, "tau": model.resolve_tau(service.tau),
-                "context": service.context}
-
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
-        return PAGE.read_text()
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
-        service.check_model(body.model)
-        prompts = service.prompts(body.prompt)
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        requests = [service.request(ids, body, max_tokens, body.logprobs) for ids in prompts]
-        completion_id = f"cmpl-{uuid.uuid4().hex}"
-        if body.stream:
-            if len(requests) != 1:
-                raise APIError(400, "stream one prompt per request", param="prompt")
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return await stream(completion_id, "text_completion", prompts[0], requests[0], stops, body,
-                                include_usage, chat=False)
-        results = await asyncio.gather(*(collect(r, stops) for r in requests))
-        choices = []
-        for index, (ids, (update, text, reason)) in enumerate(zip(prompts, results)):
-            choice = {"index": index, "text": (tokenizer.decode(ids) if body.echo else "") + text,
-                      "logprobs": None, "finish_reason": reason,
-                      "extra_steps": generated_extra_steps(len(ids), update)}
-            if body.logprobs is not None:
-                choice["logprobs"] = service.logprobs(ids, update, body.echo, body.logprobs)
-            choices.append(choice)
-        return {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": name,
-                "choices": choices, "usage": service.usage(prompts, [r[0] for r in results])}
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody):
-        service.check_model(body.model)
-        if body.logprobs:
-            raise APIError(400, "logprobs are served by /v1/completions (with echo), not by chat", param="logprobs")
-        ids = service.prompts(service.chat_prompt(body.messages))[0]
-        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = limit if limit is not None else min(256, service.context - len(ids))
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        stops += ["\nuser:"] if not service.chat_template else []  # the plain template's next turn
-        request = service.request(ids, body, max(0, max_tokens), None)
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return await stream(completion_id, "chat.completion.chunk", ids, request, stops, body, include_usage,
-                                chat=True)
-        update, text, reason = await collect(request, stops)
-        return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text.lstrip(" ")},
-                             "finish_reason": reason, "extra_steps": generated_extra_steps(len(ids), update)}],
-                "usage": service.usage([ids], [update])}
-
-    async def collect(request: Request, stops: list[str]) -> tuple[Update, str, str]:
-        """Run a request to its end (or its first stop string): the last update, the text, the finish reason."""
-        text = TextStop(tokenizer, stops, service.eos_id)
-        last = None
-        async with contextlib.aclosing(service.run(request)) as updates:  # leaving at a stop string cancels it
-            async for update in updates:
-                last = update
-                text.update(update.tokens, update.finish_reason is not None)
-                if text.stopped:
-                    break
-        reason = "stop" if text.stopped else last.finish_reason
-        return last, text.text, reason
-
-    async def stream(completion_id: str, kind: str, ids: list[int], request: Request, stops: list[str], body,
-                     include_usage: bool, chat: bool) -> StreamingResponse:
-        updates = service.run(request)
-        first = await anext(updates)  # errors (a full queue, a bad request) become an HTTP status, not a stream
-
-        def chunk(text: str | None, steps: list[int], reason: str | None, flops: float) -> dict:
-            if chat:
-                delta = {} if text is None else {"content": text}
-                choice = {"index": 0, "delta": delta, "finish_reason": reason}
-            else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
-            choice["extra_steps"] = steps
-            choice["inference_flops"] = flops
-            return {"id": completion_id, "object": kind, "created": int(time.time()), "model": name,
-                    "choices": [choice]}
-
-        async def events():
-            text = TextStop(tokenizer, stops, service.eos_id)
-            sent_tokens, last = 0, first
-            prompt_flops = service.flops(first.extra_steps[: len(ids)]) if len(first.extra_steps) >= len(ids) else 0.0
-            try:
-                if chat:
-                    yield sse(chunk(None, [], None, 0.0) | {"choices": [{"index": 0, "delta": {"role": "assistant"},
-                                                                           "finish_reason": None}]})
-                elif body.echo:
-                    yield sse(chunk(tokenizer.decode(ids), [], None, 0.0))
-                update = first
-                while True:
-                    last = update
-                    done = update.finish_reason is not None
-                    piece = text.update(update.tokens, done)
-                    steps = generated_extra_steps(len(ids), update)[sent_tokens:]
-                    sent_tokens += len(steps)
-                    flops = service.flops(update.extra_steps) - prompt_flops
-                    if piece or steps:
-                        yield sse(chunk(piece, steps, None, flops))
-                    if text.stopped or done:
-                        break
-                    update = await anext(updates)
-                reason = "stop" if text.stopped else last.finish_reason
-                yield sse(chunk(None if chat else "", [], reason, service.flops(last.extra_steps) - prompt_flops))
-                if include_usage:
-                    yield sse({"id": completion_id, "object": kind, "created": int(time.time()), "model": name,
-                               "choices": [], "usage": service.usage([ids], [last])})
-                yield sse("[DONE]")
-            finally:
-                await updates.aclose()  # a client gone mid-stream frees its row at once
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
+    app.get("/health")(service.health)
+    app.get("/v1/models")(service.models)
+    app.get("/tokenizer_info")(service.tokenizer_info)
+    app.post("/tokenize")(service.tokenize)
+    app.post("/detokenize")(service.detokenize)
+    app.get("/ponder_info")(service.ponder_info)
+    app.get("/", response_class=HTMLResponse)(service.page)
+    app.post("/v1/completions")(service.completions)
+    app.post("/v1/chat/completions")(service.chat)
     return app
 
 
