@@ -5,8 +5,9 @@
 For vanilla, PonderLM-2 and PonderLM-3 (at the tau that keeps about half of K slots, and at 1e-4) at the `small`
 shape, untrained (as benchmarks/engine_speed.py builds them), fp32. Each server runs in a subprocess on 127.0.0.1
 with --max-batch 32; that process first measures the engine's own throughput on the same requests (B = 32, no HTTP)
-so the two are read side by side. Clients stream greedy completions of 64-token prompts (token ids, 64 new tokens,
-EOS ends a request early), each sending --requests requests one after another.
+so the two are read side by side. Clients (bare asyncio connections, to leave the CPU to the server) stream greedy completions of 64-token prompts (token ids, 64 new tokens,
+generated to the end: `ignore_eos`), each sending --requests requests one after another; the engine alone runs
+the same requests with as many rows as there are clients.
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ def serve_main(args) -> None:
     torch.set_num_threads(2)
     model = build(args.method, args)
     engine_rates = {}
-    for clients in args.client_counts:
+    for clients in args.client_counts:  # each client has one request in flight: the engine runs `clients` rows
         prompts = workload(clients, args.requests, args)
-        engine = Engine(model, max_batch=32, max_tokens=args.prompt + args.new)
+        engine = Engine(model, max_batch=clients, max_tokens=args.prompt + args.new)
         start = time.perf_counter()
-        sequences = engine.run([Request(p, args.new, stop_ids=(0,), tau=args.tau) for p in prompts])
+        sequences = engine.run([Request(p, args.new, tau=args.tau) for p in prompts])
         engine_rates[clients] = sum(len(s.tokens) for s in sequences) / (time.perf_counter() - start)
     app = create_app(model, plain_tokenizer(args.vocab), args.method, tau=args.tau, max_batch=32)
     config = uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning")
@@ -66,32 +67,53 @@ def serve_main(args) -> None:
     uvicorn.Server(config).run()
 
 
-async def client_load(url: str, clients: int, args) -> dict:
+async def streamed_tokens(port: int, body: dict) -> list[tuple[float, int]]:
+    """POST a streaming completion over a bare asyncio connection (an HTTP client light enough to leave the CPU
+    to the server) and return (arrival time, tokens) for every chunk that carried tokens."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    payload = json.dumps(body).encode()
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload) + payload)
+    status = await reader.readline()
+    assert b" 200 " in status, status
+    while await reader.readline() not in (b"\r\n", b""):
+        pass
+    arrivals, buffer = [], b""
+    while True:  # chunked transfer encoding, server-sent events inside
+        size = int((await reader.readline()).strip() or b"0", 16)
+        if size == 0:
+            break
+        buffer += await reader.readexactly(size)
+        await reader.readexactly(2)
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            start = event.find(b'"extra_steps": [')
+            if start >= 0:
+                steps = event[start + 16: event.index(b"]", start)]
+                if steps.strip():
+                    arrivals.append((time.perf_counter(), steps.count(b",") + 1))
+    writer.close()
+    return arrivals
+
+
+async def client_load(port: int, clients: int, args) -> dict:
     prompts = workload(clients, args.requests, args)
     first_token, per_token, tokens = [], [], 0
 
-    async def one_client(index: int, http: httpx.AsyncClient) -> None:
+    async def one_client(index: int) -> None:
         nonlocal tokens
         for r in range(args.requests):
             body = {"prompt": prompts[index * args.requests + r], "max_tokens": args.new, "temperature": 0,
-                    "stream": True}
+                    "stream": True, "ignore_eos": True}
             sent = time.perf_counter()
-            times = []
-            async with http.stream("POST", url + "/v1/completions", json=body) as response:
-                assert response.status_code == 200, await response.aread()
-                async for line in response.aiter_lines():
-                    if line.startswith("data: {"):
-                        chunk = json.loads(line[6:])
-                        if chunk["choices"] and chunk["choices"][0]["extra_steps"]:
-                            times.append(time.perf_counter())
-                            tokens += len(chunk["choices"][0]["extra_steps"])
-            first_token.append(times[0] - sent)
-            if len(times) > 1:
-                per_token.append((times[-1] - times[0]) / (len(times) - 1))
+            arrivals = await streamed_tokens(port, body)
+            tokens += sum(n for _, n in arrivals)
+            first_token.append(arrivals[0][0] - sent)
+            if len(arrivals) > 1:
+                per_token.append((arrivals[-1][0] - arrivals[0][0]) / (len(arrivals) - 1))
 
     start = time.perf_counter()
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients)) as http:
-        await asyncio.gather(*(one_client(i, http) for i in range(clients)))
+    await asyncio.gather(*(one_client(i) for i in range(clients)))
     seconds = time.perf_counter() - start
 
     def quantile(values, q):
@@ -120,7 +142,7 @@ def run_server(method: str, tau: float | None, args) -> tuple[dict, dict]:
             except httpx.TransportError:
                 assert time.monotonic() < deadline and process.poll() is None, "the server did not start"
                 time.sleep(0.2)
-        served = {clients: asyncio.run(client_load(url, clients, args)) for clients in args.client_counts}
+        served = {clients: asyncio.run(client_load(args.port, clients, args)) for clients in args.client_counts}
         return {int(k): v for k, v in engine.items()}, served
     finally:
         process.terminate()
@@ -160,7 +182,7 @@ def main() -> None:
              f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {describe_machine()}; "
              f"{minutes:.1f} min; clients and server on the same 2 cores",
              f"- `small` shape, K = {args.k}, untrained, fp32; ponderlm3 router ~ N(0, {args.router_std}), tau {tau:g} "
-             f"keeps {kept:.2f} of {args.k} slots on random text; {args.prompt}-token prompts, up to {args.new} greedy "
+             f"keeps {kept:.2f} of {args.k} slots on random text; {args.prompt}-token prompts, {args.new} greedy "
              f"new tokens, {args.requests} requests per client in a row, --max-batch 32", "",
              "| method | tau | clients | served tokens/s | engine alone tokens/s | served / engine | TTFT p50 / p95 (s) "
              "| per-token p50 / p95 (ms) |", "|---|---|---|---|---|---|---|---|"]

@@ -41,6 +41,7 @@ from ponderlm.errors import PonderError
 
 PAGE = Path(__file__).parent / "static" / "serve.html"
 MAX_LOGPROBS = 20
+FLOPS_EVERY = 0.25  # seconds between the running FLOPs a stream reports (and in its last chunk)
 CHAT_TEMPLATE = "{role}: {content}\n"  # each message, then "assistant:" (a model without a chat template of its own)
 
 
@@ -69,9 +70,16 @@ class Update:
 
 
 class Ticket:
-    def __init__(self, request: Request, deliver):
-        self.request, self.deliver = request, deliver
+    """A request on its way through the worker, and where its updates go (an asyncio queue of a loop)."""
+
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop, updates: asyncio.Queue):
+        self.request, self.loop, self.queue = request, loop, updates
         self.sequence = None
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Update]]) -> None:
+    for updates, update in items:
+        updates.put_nowait(update)
 
 
 class EngineWorker:
@@ -90,8 +98,9 @@ class EngineWorker:
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, request: Request, deliver) -> Ticket:
-        """Queue a request (checked first: PonderError for a bad one, ServerBusy when full or shutting down)."""
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop, updates: asyncio.Queue) -> Ticket:
+        """Queue a request (checked first: PonderError for a bad one, ServerBusy when full or shutting down); its
+        updates will be put on `updates` in `loop`."""
         self.engine.check(request)
         with self.lock:
             if not self.accepting:
@@ -100,7 +109,7 @@ class EngineWorker:
                 raise ServerBusy(f"{self.in_flight} requests are running or queued (--max-batch "
                                  f"{self.engine.max_batch} + --max-queue {self.max_queue}); retry shortly")
             self.in_flight += 1
-        ticket = Ticket(request, deliver)
+        ticket = Ticket(request, loop, updates)
         self.inbox.put(("add", ticket))
         return ticket
 
@@ -144,27 +153,34 @@ class EngineWorker:
                 except Exception as exc:  # noqa: BLE001 - a bug must not kill the server: fail what was running
                     self._fail_all(exc)
                     continue
-                for sequence in events:
-                    self._deliver(sequence)
+                self._deliver(events)
             elif self._stop.is_set():
                 return
 
-    def _deliver(self, sequence) -> None:
-        ticket = self.tickets.get(sequence.id)
-        if ticket is None:
-            return
-        try:
-            ticket.deliver(Update(list(sequence.tokens), list(sequence.extra_steps), sequence.finish_reason,
-                                  list(sequence.token_logprobs), list(sequence.top_logprobs)))
-        except RuntimeError:  # the request's event loop is gone (the server is closing): nobody is waiting
-            self.engine.cancel(sequence)
-        if sequence.done:
-            self._release(ticket)
+    def _deliver(self, sequences) -> None:
+        """Hand each sequence's progress to its request: one wake-up of each event loop per step."""
+        by_loop: dict = {}
+        for sequence in sequences:
+            ticket = self.tickets.get(sequence.id)
+            if ticket is None:
+                continue
+            update = Update(list(sequence.tokens), list(sequence.extra_steps), sequence.finish_reason,
+                            list(sequence.token_logprobs), list(sequence.top_logprobs))
+            by_loop.setdefault(ticket.loop, []).append((ticket, update))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, [(ticket.queue, update) for ticket, update in items])
+            except RuntimeError:  # that event loop is gone (the server is closing): nobody is waiting
+                for ticket, _ in items:
+                    self.engine.cancel(ticket.sequence)
+            for ticket, _ in items:
+                if ticket.sequence.done:
+                    self._release(ticket)
 
     def _fail_all(self, exc: Exception) -> None:
         for ticket in list(self.tickets.values()):
             with contextlib.suppress(RuntimeError):
-                ticket.deliver(exc)
+                ticket.loop.call_soon_threadsafe(ticket.queue.put_nowait, exc)
             self._release(ticket)
         self.engine = Engine(self.engine.model, self.engine.max_batch, self.engine.max_tokens)
 
@@ -185,6 +201,7 @@ class CompletionBody(BaseModel):
     stream_options: dict[str, Any] | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    ignore_eos: bool = False  # vLLM's: generate max_tokens even past the end-of-document token
     tau: float | None = None
 
 
@@ -288,7 +305,8 @@ class Service:
         tau = body.tau if body.tau is not None else self.tau
         seed = body.seed if body.seed is not None else random.randrange(2**31)
         sampling = Sampling(body.temperature, max(body.top_k, 0), body.top_p, seed)
-        return Request(ids, max_tokens, sampling, stop_ids=(self.eos_id,), tau=tau, logprobs=keep_logprobs)
+        stop_ids = () if getattr(body, "ignore_eos", False) else (self.eos_id,)
+        return Request(ids, max_tokens, sampling, stop_ids=stop_ids, tau=tau, logprobs=keep_logprobs)
 
     def chat_prompt(self, messages: list[ChatMessage]) -> str:
         if self.chat_template:
@@ -311,7 +329,7 @@ class Service:
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
         try:
-            ticket = self.worker.submit(request, lambda update: loop.call_soon_threadsafe(updates.put_nowait, update))
+            ticket = self.worker.submit(request, loop, updates)
         except PonderError as exc:
             raise APIError(400, str(exc)) from None
         except ServerBusy as exc:
@@ -460,12 +478,17 @@ class Service:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         prompt_flops = self.flops(first.extra_steps[: len(ids)])
 
+        flops_sent = [0.0]  # when the FLOPs so far were last computed (about 0.1 ms each: not for every token)
+
         def chunk(text: str | None, steps: list[int], reason: str | None, update: Update) -> str:
             if chat:
                 choice = {"index": 0, "delta": {} if text is None else {"content": text}, "finish_reason": reason}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
-            choice.update(extra_steps=steps, inference_flops=self.flops(update.extra_steps) - prompt_flops)
+            choice["extra_steps"] = steps
+            if reason is not None or time.monotonic() - flops_sent[0] > FLOPS_EVERY:
+                choice["inference_flops"] = self.flops(update.extra_steps) - prompt_flops
+                flops_sent[0] = time.monotonic()
             return sse({"id": completion_id, "object": kind, "created": int(time.time()), "model": self.name,
                         "choices": [choice]})
 
