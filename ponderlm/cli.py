@@ -264,7 +264,37 @@ def build_parser(data_only: bool = False) -> argparse.ArgumentParser:
         _add_run_commands(commands)
         _add_benchmark_commands(commands)
         _add_interop_commands(commands)
+    _describe(commands, "")
     return parser
+
+
+EXAMPLES = {  # one line a new user can run as it stands, after `make demo`
+    "data prepare": "ponderlm data prepare --out data/default",
+    "data merge": "ponderlm data merge data/part-a data/part-b --out data/all",
+    "train": "ponderlm train demo --out runs/mine --set train.steps=60",
+    "eval": "ponderlm eval runs/demo --split test --taus 0,0.01,0.3",
+    "analyze": "ponderlm analyze runs/demo --max-tokens 4096",
+    "serve": "ponderlm serve runs/demo --port 8000",
+    "generate": "ponderlm generate runs/demo --prompt 'The King' --show-steps",
+    "import": "ponderlm import ~/models/SmolLM2-135M --out runs/smollm",
+    "export": "ponderlm export runs/demo --out hf/demo",
+    "benchmarks fetch": "ponderlm benchmarks fetch",
+    "lm-eval": "ponderlm lm-eval runs/demo --tasks piqa,arc_easy --limit 200",
+    "sweep": "ponderlm sweep recipes/pareto-cpu-v2.yaml --out sweeps/v2",
+}
+
+
+def _describe(commands, prefix: str) -> None:
+    """Every command's --help opens with its one-line summary and ends with an example."""
+    summaries = {action.dest: action.help for action in commands._choices_actions}
+    for name, command in commands.choices.items():
+        full = f"{prefix}{name}"
+        command.description = summaries.get(name)
+        if full in EXAMPLES:
+            command.epilog = f"example: {EXAMPLES[full]}"
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _describe(action, f"{full} ")
 
 
 def _tau_help() -> str:

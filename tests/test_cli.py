@@ -296,3 +296,19 @@ def test_a_same_size_corrupt_shard_fails_its_sha256_and_is_named(tiny_data_dir, 
     shard.write_bytes(bytes(raw))
     code, _, err = run_cli(capsys, "train", "tiny", "--out", str(tmp_path / "r"), "--set", f"data.path={data}")
     assert_one_line_error(code, err, str(shard), "sha256")
+
+
+def test_every_command_says_what_it_does_and_shows_an_example(capsys):
+    from ponderlm.cli import EXAMPLES, build_parser
+
+    names = []
+    for name, parser in build_parser()._subparsers._group_actions[0].choices.items():
+        subcommands = parser._subparsers._group_actions[0].choices if parser._subparsers else {}
+        names += [f"{name} {sub}" for sub in subcommands] or [name]
+    assert sorted(names) == sorted(EXAMPLES)  # every command has an example, and every example a command
+    for name in names:
+        with pytest.raises(SystemExit):
+            main([*name.split(), "--help"])
+        shown = capsys.readouterr().out
+        assert shown.split("\n\n")[1].strip()  # the one-line summary, after the usage
+        assert f"example: {EXAMPLES[name]}" in shown and EXAMPLES[name].startswith(f"ponderlm {name}")
