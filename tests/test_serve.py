@@ -369,10 +369,17 @@ class Browser:
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (`.ci/run` installs it)")
 def test_the_page_streams_a_completion_shaded_by_extra_steps(servers, tmp_path):
     """Headless Chromium loads the page, types a prompt, clicks Generate and waits for the streamed text; the DOM
-    holds the tokens with their extra steps, shaded, and a screenshot is taken."""
+    holds the tokens with their extra steps, shaded, and a screenshot is taken (the README's picture comes from
+    `PONDERLM_SCREENSHOT_RUN=runs/demo pytest tests/test_serve.py -k page`)."""
     import base64
 
     server, _ = servers["ponderlm3"]
+    picture_of = os.environ.get("PONDERLM_SCREENSHOT_RUN")  # e.g. runs/demo: the README's picture, from that run
+    if picture_of:
+        import ponderlm
+
+        model, tokenizer = ponderlm.load(picture_of)
+        server = Server(create_app(model, tokenizer, Path(picture_of).name, max_batch=4))
     browser = Browser(tmp_path / "profile")
     try:
         browser.call("Page.enable")
@@ -381,9 +388,10 @@ def test_the_page_streams_a_completion_shaded_by_extra_steps(servers, tmp_path):
         while browser.evaluate("document.getElementById('legend').children.length") != 3:  # K + 1 legend entries
             assert time.monotonic() < deadline, "the page did not load its model's info"
             time.sleep(0.05)
-        browser.evaluate("document.getElementById('prompt').value = 'Four score and seven';"
-                         "document.getElementById('max_tokens').value = '24';"
-                         "document.getElementById('tau').value = '7';"  # tau 0.3
+        browser.evaluate(f"document.getElementById('prompt').value = '{'The King' if picture_of else 'Four score'}';"
+                         "document.getElementById('max_tokens').value = '40';"
+                         f"document.getElementById('temperature').value = '{0.8 if picture_of else 0}';"
+                         f"document.getElementById('tau').value = '{2 if picture_of else 7}';"  # 1e-3 or 0.3
                          "document.getElementById('tau').dispatchEvent(new Event('input'));"
                          "document.getElementById('go').click()")
         while browser.evaluate("document.getElementById('status').textContent") != "done":
@@ -394,11 +402,13 @@ def test_the_page_streams_a_completion_shaded_by_extra_steps(servers, tmp_path):
         shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
     finally:
         browser.close()
+        if picture_of:
+            server.stop()
     assert len(tokens) >= 5 and "".join(t[0] for t in tokens)
     steps = [int(s) for _, joined, _ in tokens for s in joined.split(",")]
     assert set(steps) <= {0, 1, 2} and len(set(steps)) > 1  # K = 2: tokens ran different numbers of steps
     assert len({colour for _, _, colour in tokens}) > 1  # tokens with different steps are shaded differently
     assert len(shot) > 10_000
     (tmp_path / "page.png").write_bytes(shot)
-    if os.environ.get("PONDERLM_UPDATE_SCREENSHOT"):  # refresh the README's picture
+    if picture_of:
         (Path(__file__).parents[1] / "docs" / "images" / "serve_page.png").write_bytes(shot)
