@@ -214,5 +214,6 @@ def require_run_tokenizer(run_dir: Path, data_dir: Path, data_metadata: dict) ->
 def read_run_config(run_dir: Path) -> Config:
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise PonderError(f"{run_dir} is not a run directory (no config.yaml)")
+        raise PonderError(f"{run_dir} is not a run directory (no config.yaml); make one with `ponderlm train demo "
+                          f"--out {run_dir}` or `ponderlm import HF_DIR --out {run_dir}`")
     return config_from_dict(yaml.safe_load(path.read_text()))

@@ -83,7 +83,8 @@ def _put_all(items: list[tuple[asyncio.Queue, Update]]) -> None:
 
 
 class EngineWorker:
-    """Owns the engine on one thread: `submit` and `cancel` queue work for it; updates go out through callbacks."""
+    """Owns the engine on one thread: `submit` and `cancel` queue work for it; each request's updates go to its own
+    asyncio queue, on its event loop."""
 
     def __init__(self, engine: Engine, max_queue: int):
         self.engine, self.max_queue = engine, max_queue
@@ -127,7 +128,14 @@ class EngineWorker:
 
     def _handle(self, kind: str, ticket: Ticket | None) -> None:
         if kind == "add":
-            ticket.sequence = self.engine.add(ticket.request)
+            try:
+                ticket.sequence = self.engine.add(ticket.request)
+            except Exception as exc:  # noqa: BLE001 - checked at submit; should it still fail, say so, live on
+                with self.lock:
+                    self.in_flight -= 1
+                with contextlib.suppress(RuntimeError):
+                    ticket.loop.call_soon_threadsafe(ticket.queue.put_nowait, exc)
+                return
             self.tickets[ticket.sequence.id] = ticket
         elif kind == "cancel" and ticket.sequence is not None and not ticket.sequence.done:
             self.engine.cancel(ticket.sequence)
