@@ -79,8 +79,8 @@ def _analyze(args) -> None:
 
     summary = analyze_run(args.run_dir, split=args.split, max_tokens=args.max_tokens, tau=args.tau,
                           data_path=args.data, out_dir=args.out, scoring=args.scoring)
-    headline = ("method", "split", "tau", "scoring", "tokens", "mean_kept_steps", "mean_expected_steps", "fraction_pruned",
-                "kept_steps_histogram", "correlations", "files")
+    headline = ("method", "split", "tau", "scoring", "tokens", "mean_kept_steps", "mean_expected_steps",
+                "fraction_pruned", "kept_steps_histogram", "correlations", "files")
     print_json({key: summary[key] for key in headline})
 
 

@@ -111,8 +111,8 @@ def tau_table(run_dir: str | Path, taus: list[float], split: str = "val", max_to
     soft = evaluate_model(model, shards, max_tokens, tau=0.0, scoring=scoring)
     lines = [f"{model.config.method}, {split} split, {soft['tokens']:,} tokens, {scoring} scoring; soft "
              f"(training-mask) perplexity {math.exp(soft['loss']):.2f}",
-             "tokens/s: tokens scored per second of wall-clock time on this machine, at each tau", "", "| tau | ppl | mean extra steps | inference FLOPs/token | tokens/s |",
-             "|---|---|---|---|---|"]
+             "tokens/s: tokens scored per second of wall-clock time on this machine, at each tau", "",
+             "| tau | ppl | mean extra steps | inference FLOPs/token | tokens/s |", "|---|---|---|---|---|"]
     for tau in taus:
         start = time.perf_counter()
         measured = evaluate_model(model, shards, max_tokens, tau, scoring=scoring)

@@ -99,8 +99,8 @@ def generate(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100
 
 def generate_many(model, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int = 100,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                  tau: float | None = None, max_batch: int = 32, on_result: Callable[[int, Generated], None] | None = None
-                  ) -> list[Generated]:
+                  tau: float | None = None, max_batch: int = 32,
+                  on_result: Callable[[int, Generated], None] | None = None) -> list[Generated]:
     """Continue every prompt, `max_batch` at a time with continuous batching; results in prompt order.
     on_result(index, result) is called as each prompt finishes."""
     requests = _requests(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, tau)

@@ -1,11 +1,13 @@
 """An lm-eval `LM` for every ponderlm method, on the inference path (prunable methods: hard pruning at tau).
 
-Scoring is exact (`ponderlm/engine.py`): methods whose parallel forward equals sequential decoding run it, batched
-and right-padded (causal, so the padding never changes a real position); the latent methods, whose parallel forward
-is a Jacobi approximation, are scored by teacher-forced decoding through the engine, every request its own
-sequence (`scoring="jacobi"` keeps the parallel forward for them). Generation runs through the engine, batched. Beside lm-eval's metrics the adapter
-counts, per task, the tokens it ran, the latent steps they used and their inference FLOPs (the same analytic
-count as `ponderlm eval`), because a latent-thought model's accuracy means little without its compute.
+Scoring is exact (`ponderlm/engine.py`): methods whose parallel forward equals sequential decoding run it, batched and
+right-padded (causal, so the padding never changes a real position); the latent methods, whose parallel forward is a
+Jacobi approximation, are scored by teacher-forced decoding through the engine, every request its own sequence
+(`scoring="jacobi"` keeps the parallel forward for them). Generation runs through the engine, batched.
+
+Beside lm-eval's metrics the adapter counts, per task, the tokens it ran, the latent steps they used and their inference
+FLOPs (the same analytic count as `ponderlm eval`), because a latent-thought model's accuracy means little without its
+compute.
 """
 
 from __future__ import annotations

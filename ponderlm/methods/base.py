@@ -1,12 +1,12 @@
 """The one interface every method implements; the rest of the package uses methods only through it.
 
-A method is a module on top of the shared backbone (`self.backbone`) that owns everything about itself: its
-training objective, its parallel inference forward, its per-row decoding state for the engine (`ponderlm/engine.py`),
-its analytic FLOPs, and an inspection call for analysis tools. Callers never branch on a method's name; where methods differ in kind, they
-read the capability flags below.
+A method is a module on top of the shared backbone (`self.backbone`) that owns everything about itself: its training
+objective, its parallel inference forward, its per-row decoding state for the engine (`ponderlm/engine.py`), its
+analytic FLOPs, and an inspection call for analysis tools. Callers never branch on a method's name; where methods
+differ in kind, they read the capability flags below.
 
-tau, the pruning threshold of adaptive methods, is an argument of every inference call (None: the run's
-`ponder.tau`); methods that are not `prunable` ignore it.
+tau, the pruning threshold of adaptive methods, is an argument of every inference call (None: the run's `ponder.tau`);
+methods that are not `prunable` ignore it.
 """
 
 from __future__ import annotations
