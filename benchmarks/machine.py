@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import platform
-from pathlib import Path
-
-import torch
+from ponderlm.machine import cpu_model, describe, machine
 
 
 def machine_info() -> tuple[str, int]:
-    cpu = platform.processor() or platform.machine() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return cpu, os.cpu_count() or 1
+    info = machine()
+    return info["cpu"], info["cpu_cores"]
 
 
 def describe_machine() -> str:
-    cpu, cores = machine_info()
-    capability = torch.backends.cpu.get_cpu_capability()  # the widest vector ISA torch uses here (AVX2, AVX512, ...)
-    return f"{cpu} ({capability}), {cores} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return describe()
+
+
+__all__ = ["cpu_model", "describe_machine", "machine_info"]

@@ -22,6 +22,7 @@ from ponderlm.config import check_tau
 from ponderlm.data import TokenShards, read_metadata
 from ponderlm.engine import score
 from ponderlm.errors import PonderError
+from ponderlm.machine import machine, precision
 from ponderlm.methods import Method
 from ponderlm.runs import load
 
@@ -79,8 +80,9 @@ def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None
     model.check_tau_applies(tau)
     config = model.config
     measured = evaluate_model(model, shards, max_tokens, tau, scoring=scoring)
-    result = {"method": config.method, "split": split, "scoring": scoring, "loss": measured["loss"],
-              "ppl": math.exp(measured["loss"]),
+    device = model.backbone.lm_head.weight.device
+    result = {"method": config.method, "split": split, "scoring": scoring, "precision": precision(config, device.type),
+              "loss": measured["loss"], "ppl": math.exp(measured["loss"]),
               "tokens": measured["tokens"], "mean_extra_steps": measured["mean_extra_steps"],
               "inference_flops_per_token": measured["inference_flops_per_token"]}
     if model.max_extra_steps:
@@ -91,6 +93,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None
     if model.prunable and with_soft:
         soft = evaluate_model(model, shards, max_tokens, tau=0.0, scoring=scoring)["loss"]
         result.update(soft_loss=soft, soft_ppl=math.exp(soft), pruned_minus_soft=measured["loss"] - soft)
+    result["machine"] = machine(device)
     words = metadata["splits"][split].get("words")
     if words and measured["tokens"] == len(shards) - 1:
         # Every token of the split (EOS included, standing in for PTB's <eos>) was scored once.

@@ -55,11 +55,15 @@ from ponderlm.config import load_config
 from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_run
 from ponderlm.files import atomic_path, atomic_write_bytes, atomic_write_text
+from ponderlm.machine import session_summary
 from ponderlm.methods import METHODS, build_model
 from ponderlm.train import config_changes, train
 
 COLUMNS = ["method", "run", "seed", "lr", "tau", "ppl", "loss", "inference_flops_per_token", "mean_extra_steps",
-           "train_flops", "train_tokens", "soft_ppl", "split", "eval_tokens"]
+           "train_flops", "train_tokens", "soft_ppl", "split", "eval_tokens", "scoring", "precision", "cpu",
+           "cpu_capability", "torch", "threads", "train_seconds"]
+# What each run ran with (ponderlm/machine.py): empty for the published runs of sweeps from before it was recorded.
+RECORDED = ("precision", "cpu", "cpu_capability", "torch", "threads", "train_seconds")
 MARKERS = "osD^v*PXhp<>"  # one per method, in registry order
 
 
@@ -276,6 +280,7 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
     train_flops = model.training_flops_per_token() * train_tokens
     split, max_tokens = recipe.eval.get("split", "val"), recipe.eval.get("max_tokens")
     rows, soft_ppl = [], ""
+    ran = session_summary(run_dir)
     taus = (recipe.taus[:1] if first_tau_only else recipe.taus) if model.prunable else [None]
     for index, tau in enumerate(taus):
         # The soft loss does not depend on tau: compute it with the first tau only.
@@ -287,7 +292,8 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
                      "inference_flops_per_token": result["inference_flops_per_token"],
                      "mean_extra_steps": result["mean_extra_steps"], "train_flops": train_flops,
                      "train_tokens": train_tokens, "soft_ppl": soft_ppl, "split": split,
-                     "eval_tokens": result["tokens"]})
+                     "eval_tokens": result["tokens"], "scoring": result.get("scoring", "jacobi"),
+                     **{key: ran.get(key, "") for key in RECORDED}})
     _log(f"{run_dir.name}: ppl {rows[0]['ppl']:.2f}" + (f" at tau {taus[0]:g}" if taus[0] is not None else "")
          + f" ({(time.monotonic() - started) / 60:.1f} min{'' if trained_now else ', trained earlier'})")
     return rows

@@ -31,6 +31,7 @@ from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_model
 from ponderlm.files import atomic_write_text, read_jsonl, sha256_file
 from ponderlm.hf import load_initial_weights
+from ponderlm.machine import SESSIONS, machine, precision
 from ponderlm.methods import build_model
 
 # Keys a resumed run may change: they do not alter what is computed at a given step.
@@ -301,6 +302,11 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True,
                    disable=True if not main else None if progress is None else not progress)
         window_start, window_tokens = time.perf_counter(), 0
+        session_start = time.perf_counter()
+        if main:
+            self._record_session({"event": "start", "step": self.start_step, "time": time.time(),
+                                  "precision": precision(self.config, self.topology.device.type),
+                                  "world_size": self.topology.world_size, **machine(self.topology.device)})
         lowest = self.metrics.lowest_loss() if main else math.inf
         for step in range(self.start_step + 1, t.steps + 1):
             measured = self.train_step(step)
@@ -329,4 +335,11 @@ class Trainer:
             if step % t.save_every == 0 or step == t.steps:
                 self.save(step)
         bar.close()
+        if main:
+            self._record_session({"event": "end", "step": t.steps, "seconds": time.perf_counter() - session_start})
         return record
+
+    def _record_session(self, record: dict) -> None:
+        """sessions.jsonl: what each training session ran with (precision, machine) and how long it took."""
+        with open(self.run_dir / SESSIONS, "a") as file:
+            file.write(json.dumps(record) + "\n")

@@ -49,6 +49,8 @@ def test_sweep_writes_one_row_per_run_and_tau(tiny_data_dir, tmp_path, capsys):
     assert float(by_tau["0.3"]["inference_flops_per_token"]) <= float(by_tau["0.0"]["inference_flops_per_token"])
     assert float(rows[0]["train_flops"]) < float(by_tau["0.0"]["train_flops"])
     assert by_tau["0.0"]["soft_ppl"] == by_tau["0.3"]["soft_ppl"] != "" and rows[0]["soft_ppl"] == ""
+    for row in rows:  # what each run ran with, from its sessions.jsonl
+        assert (row["scoring"], row["precision"]) == ("exact", "fp32") and row["cpu"] and float(row["train_seconds"]) > 0
     assert len(json.loads((out / "results.json").read_text())) == 3
     assert (out / "results.md").read_text().count("\n") == 5
     assert (out / "pareto.png").stat().st_size > 10_000

@@ -1,0 +1,71 @@
+"""What a run or a measurement actually ran on: precision, torch, CPU model and the flags that change numerics and
+speed (AVX512-BF16, AMX), threads, device. Runs record it per training session (`sessions.jsonl`), `eval` beside
+its numbers, and benchmarks in their results files, so a comparison can say which machine and precision it rests on.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine(device: torch.device | str = "cpu") -> dict:
+    """The machine as it affects results: torch, CPU, vector ISA torch uses, bf16/AMX support, threads, device."""
+    device = torch.device(device)
+    probes = {}
+    for name, probe in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx", "_is_amx_tile_supported")):
+        try:
+            probes[name] = bool(getattr(torch.cpu, probe)())
+        except AttributeError:  # a torch without the probe
+            probes[name] = None
+    return {"torch": torch.__version__, "cpu": cpu_model(), "cpu_cores": os.cpu_count() or 1,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), **probes,
+            "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
+
+
+def precision(config, device_type: str = "cpu") -> str:
+    """The precision forward passes of `config` run in on this device: train.dtype resolved ("auto" decided)."""
+    return "bf16" if isinstance(config.autocast(device_type), torch.autocast) else "fp32"
+
+
+def describe(info: dict | None = None) -> str:
+    """One line for a results file."""
+    info = info or machine()
+    return (f"{info['cpu']} ({info['cpu_capability']}), {info['cpu_cores']} cores, {info['threads']} torch threads, "
+            f"torch {info['torch']}")
+
+
+SESSIONS = "sessions.jsonl"  # in a run directory: a "start" and an "end" line per training session
+
+
+def session_summary(run_dir: Path) -> dict:
+    """What a run's training sessions ran with: precision, CPU, torch, threads (joined with "; " where sessions
+    differ) and the wall time of the sessions that ended. Empty for a run trained before runs recorded it."""
+    import json
+
+    path = Path(run_dir) / SESSIONS
+    if not path.is_file():
+        return {}
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    starts = [line for line in lines if line["event"] == "start"]
+
+    def joined(key: str) -> str:
+        return "; ".join(dict.fromkeys(str(line[key]) for line in starts))
+
+    return {"precision": joined("precision"), "cpu": joined("cpu"), "cpu_capability": joined("cpu_capability"),
+            "torch": joined("torch"), "threads": joined("threads"),
+            "train_seconds": round(sum(line["seconds"] for line in lines if line["event"] == "end"), 1)}
