@@ -191,12 +191,11 @@ class Engine:
     def busy(self) -> bool:
         return bool(self.rows or self.waiting)
 
-    def run(self, requests: Iterable[Request], progress=None) -> list[Sequence]:
-        """Every request to completion; results in request order. progress: called with each finished sequence."""
+    def run(self, requests: Iterable[Request]) -> list[Sequence]:
+        """Every request to completion; results in request order."""
         sequences = [self.add(request) for request in requests]
-        for finished in self.stream():
-            if progress is not None:
-                progress(finished)
+        for _ in self.stream():
+            pass
         return sequences
 
     def stream(self) -> Iterator[Sequence]:
@@ -288,7 +287,7 @@ class Engine:
             if sequence.request.keep_logits:  # scoring and analysis read the soft allocation too
                 if expected is None:
                     soft = self.state.expected_extra_steps(rows)
-                    expected = (soft if soft is not None else torch.tensor(extra_steps, dtype=torch.float)).tolist()
+                    expected = soft.tolist() if soft is not None else [float(e) for e in extra_steps]
                 sequence.expected_extra_steps.append(expected[index])
             if sequence.observed or sequence.fed >= len(sequence.request.prompt):
                 need_logits.append(index)
@@ -340,6 +339,14 @@ class Engine:
 SCORINGS = ("exact", "jacobi")
 
 
+def scores_in_parallel(model, scoring: str) -> bool:
+    """Does `scoring` read the model's parallel forward (Jacobi, or a method whose parallel forward is exact), rather
+    than decode through the engine?"""
+    if scoring not in SCORINGS:
+        raise PonderError(f"scoring must be one of {', '.join(SCORINGS)}, not {scoring!r}")
+    return scoring == "jacobi" or model.exact_parallel
+
+
 @torch.no_grad()
 def score(model, input_ids: torch.Tensor, tau: float | None = None, scoring: str = "exact", max_batch: int = 32
           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,9 +356,7 @@ def score(model, input_ids: torch.Tensor, tau: float | None = None, scoring: str
     (`exact_parallel`) that forward runs; otherwise teacher-forced decoding through the engine. "jacobi": the
     parallel Jacobi forward of the latent methods (`ponder.eval_refine_passes` refinement passes), approximate.
     """
-    if scoring not in SCORINGS:
-        raise PonderError(f"scoring must be one of {', '.join(SCORINGS)}, not {scoring!r}")
-    if scoring == "jacobi" or model.exact_parallel:
+    if scores_in_parallel(model, scoring):
         return model.infer(input_ids, tau)
     return teacher_forced(model, input_ids, tau, max_batch)
 
@@ -359,9 +364,7 @@ def score(model, input_ids: torch.Tensor, tau: float | None = None, scoring: str
 @torch.no_grad()
 def inspect(model, input_ids: torch.Tensor, tau: float | None = None, scoring: str = "exact") -> Inspection:
     """What `analyze` reads of windows (B, T): logits, extra steps run and the soft allocation, by `score`'s rules."""
-    if scoring not in SCORINGS:
-        raise PonderError(f"scoring must be one of {', '.join(SCORINGS)}, not {scoring!r}")
-    if scoring == "jacobi" or model.exact_parallel:
+    if scores_in_parallel(model, scoring):
         return model.inspect(input_ids, tau)
     sequences = _teacher_forced_sequences(model, input_ids, tau, len(input_ids), True)
     logits, extra_steps = _stack(sequences, input_ids.device)

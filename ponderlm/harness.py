@@ -22,19 +22,16 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from ponderlm.data import end_of_document_id
-from ponderlm.engine import SCORINGS, Engine, Request, Sampling, score
-from ponderlm.errors import PonderError
+from ponderlm.engine import Engine, Request, Sampling, score, scores_in_parallel
 
 
 class PonderLMHarness(LM):
     def __init__(self, model, tokenizer: Tokenizer, tau: float | None = None, batch_size: int = 16,
                  progress: bool = True, scoring: str = "exact"):
         super().__init__()
-        if scoring not in SCORINGS:
-            raise PonderError(f"scoring must be one of {', '.join(SCORINGS)}, not {scoring!r}")
+        self.decode_scoring = not scores_in_parallel(model, scoring)
         self.model, self.tokenizer, self.tau, self.batch_size = model.eval(), tokenizer, tau, batch_size
         self.scoring = scoring
-        self.decode_scoring = scoring == "exact" and not model.exact_parallel
         self.config = model.config
         self.max_length = self.config.data.seq_len  # the context the model was trained on
         self.eos_id = end_of_document_id(tokenizer)

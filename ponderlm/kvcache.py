@@ -40,10 +40,6 @@ class KVCache:
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
 
     @property
-    def rows(self) -> int:
-        return self.keys.shape[1]
-
-    @property
     def max_slots(self) -> int:
         return self.keys.shape[3]
 

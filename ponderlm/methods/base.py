@@ -153,6 +153,9 @@ class DecodeState:
     `phase` is the slot of the current token that runs now: 0 is the token's own slot, k its k-th extra step.
     """
 
+    # Extra step k is a pass (or recursion) with keys of its own: its slot goes in cache group k, not 0.
+    passes: ClassVar[bool] = False
+
     def __init__(self, method: Method, capacity: int):
         weight = method.backbone.lm_head.weight
         self.method, self.backbone = method, method.backbone
@@ -174,11 +177,15 @@ class DecodeState:
         self.phase[:rows] = phase
         return phase
 
-    @abstractmethod
     def next_slots(self, rows: int, starting: torch.Tensor, token_embeds: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inputs (rows, d), cache groups (rows,) and key biases (rows,) of this step's slots; `starting` (rows,)
-        marks rows that begin a new token, whose embedding is in `token_embeds` (rows, d)."""
+        marks rows that begin a new token, whose embedding is in `token_embeds` (rows, d). By default a token's
+        slot takes its embedding and every extra step the state `absorb` left in `previous`, with no bias."""
+        phase = self.advance(rows, starting)
+        inputs = torch.where(starting[:, None], token_embeds, self.previous[:rows])
+        group = phase if self.passes else torch.zeros_like(phase)
+        return inputs, group, torch.zeros(rows, device=phase.device)
 
     def expected_extra_steps(self, rows: list[int]) -> torch.Tensor | None:
         """The soft allocation sum_{k>=1} w_k of the tokens just finished in `rows`, for methods with a router or

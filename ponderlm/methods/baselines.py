@@ -44,10 +44,7 @@ class FixedSteps(Method):
 class PassState(DecodeState):
     """`loop`, `vanilla`, `ponderlm1`: pass p of a token is slot p, in cache group p (each pass has its own keys)."""
 
-    def next_slots(self, rows, starting, token_embeds):
-        phase = self.advance(rows, starting)
-        inputs = torch.where(starting[:, None], token_embeds, self.previous[:rows])
-        return inputs, phase, torch.zeros(rows, device=phase.device)
+    passes = True
 
     def absorb(self, hidden):
         rows, K = len(hidden), self.method.max_extra_steps

@@ -235,11 +235,6 @@ class PonderLM3(PonderLM2):
 class LatentState(DecodeState):
     """PonderLM-2: the token's slot, then K latent slots, each fed the previous slot's final-norm state; group 0."""
 
-    def next_slots(self, rows, starting, token_embeds):
-        phase = self.advance(rows, starting)
-        inputs = torch.where(starting[:, None], token_embeds, self.previous[:rows])
-        return inputs, torch.zeros_like(phase), torch.zeros(rows, device=phase.device)
-
     def absorb(self, hidden):
         rows, K = len(hidden), self.method.max_extra_steps
         states = self.backbone.norm(hidden)

@@ -150,6 +150,8 @@ class RecursionState(DecodeState):
     as slot r - 1 in group r - 1, fed the residual stream. Rows whose token is done need no slot for it: a token
     that stops early costs nothing in later recursions."""
 
+    passes = True
+
     def __init__(self, method: MoR, capacity: int):
         super().__init__(method, capacity)
         self.token_embeds = torch.zeros_like(self.previous)
@@ -157,10 +159,8 @@ class RecursionState(DecodeState):
         self.gate = torch.zeros(capacity, 1, dtype=self.previous.dtype, device=self.phase.device)
 
     def next_slots(self, rows, starting, token_embeds):
-        phase = self.advance(rows, starting)
         self.token_embeds[:rows] = torch.where(starting[:, None], token_embeds, self.token_embeds[:rows])
-        inputs = torch.where(starting[:, None], token_embeds, self.previous[:rows])
-        return inputs, phase, torch.zeros(rows, device=phase.device)
+        return super().next_slots(rows, starting, token_embeds)
 
     def absorb(self, hidden):
         rows, method = len(hidden), self.method
