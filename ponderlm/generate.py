@@ -16,7 +16,7 @@ from ponderlm.data import end_of_document_id
 from ponderlm.engine import Engine, Request, Sampling, sample_next
 from ponderlm.errors import PonderError
 
-__all__ = ["Generated", "generate", "generate_many", "prompt_ids", "sample_next"]
+__all__ = ["Generated", "TextStream", "generate", "generate_many", "prompt_ids", "sample_next"]
 
 
 @dataclasses.dataclass
@@ -42,17 +42,27 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, max_new_tokens: int, context: 
 
 
 class TextStream:
-    """Turns a growing list of token ids into new text pieces, holding back a piece that ends inside a UTF-8
-    character (a byte-level BPE token may split one)."""
+    """The text of a growing list of generated tokens, cut at the first stop string, and the new piece of it that
+    is safe to stream: never the start of a stop string, nor a character whose UTF-8 bytes are not all there yet
+    (a byte-level BPE token may split one). A trailing stop token (EOS) is not text."""
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.emitted = tokenizer, ""
+    def __init__(self, tokenizer: Tokenizer, stops: list[str] = (), stop_ids: tuple[int, ...] = ()):
+        self.tokenizer, self.stops, self.stop_ids = tokenizer, [s for s in stops if s], stop_ids
+        self.text, self.stopped, self.sent = "", False, 0
 
-    def push(self, ids: list[int], final: bool = False) -> str:
+    def update(self, tokens: list[int], final: bool) -> str:
+        """The new text to send, given the tokens so far (final: the sequence ended)."""
+        ids = tokens[:-1] if tokens and tokens[-1] in self.stop_ids else tokens
         text = self.tokenizer.decode(ids)
-        if text.endswith("\ufffd") and not final or len(text) <= len(self.emitted):
+        cuts = [text.find(stop) for stop in self.stops if stop in text]
+        if cuts:
+            text, self.stopped, final = text[: min(cuts)], True, True
+        self.text = text
+        ready = len(text) if final else min(len(text) - max([len(s) - 1 for s in self.stops] + [0]),
+                                            len(text.rstrip("\ufffd")))
+        if ready <= self.sent:
             return ""
-        piece, self.emitted = text[len(self.emitted):], text
+        piece, self.sent = text[self.sent: ready], ready
         return piece
 
 
@@ -83,12 +93,11 @@ def generate(model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100
     request, = _requests(model, tokenizer, [prompt], max_new_tokens, temperature, top_k, top_p, seed, tau)
     engine = Engine(model, max_batch=1)
     sequence = engine.add(request)
-    stream = TextStream(tokenizer)
-    eos = request.stop_ids
+    stream = TextStream(tokenizer, stop_ids=request.stop_ids)
     while engine.busy:
         engine.step()
         if on_text is not None:
-            piece = stream.push([t for t in sequence.tokens if t not in eos], final=sequence.done)
+            piece = stream.update(sequence.tokens, final=sequence.done)
             if piece:
                 on_text(piece)
     result = _result(tokenizer, prompt, sequence)

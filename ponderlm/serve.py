@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ponderlm.data import end_of_document_id
 from ponderlm.engine import Engine, Request, Sampling
+from ponderlm.generate import TextStream
 from ponderlm.errors import PonderError
 
 PAGE = Path(__file__).parent / "static" / "serve.html"
@@ -246,32 +247,6 @@ class DetokenizeBody(BaseModel):
 
 # ----- the service -----
 
-class TextStop:
-    """The generated text so far, cut at the first stop string; what is safe to stream (no partial stop string, no
-    partial UTF-8 character)."""
-
-    def __init__(self, tokenizer, stops: list[str], eos_id: int):
-        self.tokenizer, self.stops, self.eos_id = tokenizer, [s for s in stops if s], eos_id
-        self.text, self.stopped, self.sent = "", False, 0
-
-    def update(self, tokens: list[int], final: bool) -> str:
-        """New text to send after the tokens so far (final: the sequence ended)."""
-        ids = tokens[:-1] if tokens and tokens[-1] == self.eos_id else tokens
-        text = self.tokenizer.decode(ids)
-        cuts = [text.find(stop) for stop in self.stops if stop in text]
-        if cuts:
-            text, self.stopped, final = text[: min(cuts)], True, True
-        self.text = text
-        hold = 0 if final else max([len(s) - 1 for s in self.stops] + [0])
-        ready = len(text) - hold
-        if not final and text.endswith("\ufffd"):
-            ready = min(ready, len(text) - 1)
-        if ready <= self.sent:
-            return ""
-        piece, self.sent = text[self.sent: ready], ready
-        return piece
-
-
 class Service:
     """What the endpoints share: the model, its tokenizer, the worker, and how requests become engine requests."""
 
@@ -467,7 +442,7 @@ class Service:
 
     async def collect(self, request: Request, stops: list[str]) -> tuple[Update, str, str]:
         """Run a request to its end (or its first stop string): the last update, the text, the finish reason."""
-        text = TextStop(self.tokenizer, stops, self.eos_id)
+        text = TextStream(self.tokenizer, stops, (self.eos_id,))
         last = None
         async with contextlib.aclosing(self.run(request)) as updates:  # leaving at a stop string cancels it
             async for update in updates:
@@ -501,7 +476,7 @@ class Service:
                         "choices": [choice]})
 
         async def events():
-            text, sent_tokens, update = TextStop(self.tokenizer, stops, self.eos_id), 0, first
+            text, sent_tokens, update = TextStream(self.tokenizer, stops, (self.eos_id,)), 0, first
             try:
                 if chat:
                     yield sse({"id": completion_id, "object": kind, "created": int(time.time()), "model": self.name,
