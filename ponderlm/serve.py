@@ -18,13 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import queue
 import random
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +34,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ponderlm.data import end_of_document_id
 from ponderlm.engine import Engine, Request, Sampling
-from ponderlm.generate import TextStream
+from ponderlm.engine_worker import EngineWorker, ServerBusy, Update
 from ponderlm.errors import PonderError
+from ponderlm.generate import TextStream
 
 PAGE = Path(__file__).parent / "static" / "serve.html"
 MAX_LOGPROBS = 20
 FLOPS_EVERY = 0.25  # seconds between the running FLOPs a stream reports (and in its last chunk)
 CHAT_TEMPLATE = "{role}: {content}\n"  # each message, then "assistant:" (a model without a chat template of its own)
-
-
-class ServerBusy(Exception):
-    """The queue is full, or the server is shutting down: the client should retry later (429)."""
 
 
 class APIError(Exception):
@@ -57,149 +51,12 @@ class APIError(Exception):
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
 
-# ----- the engine's thread -----
-
-@dataclass
-class Update:
-    """A sequence's progress, copied out of the engine's thread."""
-
-    tokens: list[int]
-    extra_steps: list[int]
-    finish_reason: str | None
-    token_logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-
-
-class Ticket:
-    """A request on its way through the worker, and where its updates go (an asyncio queue of a loop)."""
-
-    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop, updates: asyncio.Queue):
-        self.request, self.loop, self.queue = request, loop, updates
-        self.sequence = None
-
-
-def _put_all(items: list[tuple[asyncio.Queue, Update]]) -> None:
-    for updates, update in items:
-        updates.put_nowait(update)
-
-
-class EngineWorker:
-    """Owns the engine on one thread: `submit` and `cancel` queue work for it; each request's updates go to its own
-    asyncio queue, on its event loop."""
-
-    def __init__(self, engine: Engine, max_queue: int):
-        self.engine, self.max_queue = engine, max_queue
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.lock = threading.Lock()
-        self.in_flight = 0  # submitted and not yet finished: running rows plus the queue
-        self.accepting = True
-        self.tickets: dict[int, Ticket] = {}
-        self.thread = threading.Thread(target=self._run, name="ponderlm-engine", daemon=True)
-        self._stop = threading.Event()
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def submit(self, request: Request, loop: asyncio.AbstractEventLoop, updates: asyncio.Queue) -> Ticket:
-        """Queue a request (checked first: PonderError for a bad one, ServerBusy when full or shutting down); its
-        updates will be put on `updates` in `loop`."""
-        self.engine.check(request)
-        with self.lock:
-            if not self.accepting:
-                raise ServerBusy("the server is shutting down")
-            if self.in_flight >= self.engine.max_batch + self.max_queue:
-                raise ServerBusy(f"{self.in_flight} requests are running or queued (--max-batch "
-                                 f"{self.engine.max_batch} + --max-queue {self.max_queue}); retry shortly")
-            self.in_flight += 1
-        ticket = Ticket(request, loop, updates)
-        self.inbox.put(("add", ticket))
-        return ticket
-
-    def cancel(self, ticket: Ticket) -> None:
-        """The client is gone or has what it needs: free the row at the next step."""
-        self.inbox.put(("cancel", ticket))
-
-    def stop(self, timeout: float = 60.0) -> None:
-        """Accept nothing new, finish what is running, then end the thread."""
-        with self.lock:
-            self.accepting = False
-        self._stop.set()
-        self.inbox.put(("wake", None))
-        self.thread.join(timeout)
-
-    def _handle(self, kind: str, ticket: Ticket | None) -> None:
-        if kind == "add":
-            try:
-                ticket.sequence = self.engine.add(ticket.request)
-            except Exception as exc:  # noqa: BLE001 - checked at submit; should it still fail, say so, live on
-                with self.lock:
-                    self.in_flight -= 1
-                with contextlib.suppress(RuntimeError):
-                    ticket.loop.call_soon_threadsafe(ticket.queue.put_nowait, exc)
-                return
-            self.tickets[ticket.sequence.id] = ticket
-        elif kind == "cancel" and ticket.sequence is not None and not ticket.sequence.done:
-            self.engine.cancel(ticket.sequence)
-            self._release(ticket)
-
-    def _release(self, ticket: Ticket) -> None:
-        if self.tickets.pop(ticket.sequence.id, None) is not None:
-            with self.lock:
-                self.in_flight -= 1
-
-    def _run(self) -> None:
-        while True:
-            try:
-                item = self.inbox.get_nowait() if self.engine.busy else self.inbox.get(timeout=0.5)
-                while True:
-                    self._handle(*item)
-                    item = self.inbox.get_nowait()
-            except queue.Empty:
-                pass
-            if self.engine.busy:
-                try:
-                    events = self.engine.step()
-                except Exception as exc:  # noqa: BLE001 - a bug must not kill the server: fail what was running
-                    self._fail_all(exc)
-                    continue
-                self._deliver(events)
-            elif self._stop.is_set():
-                return
-
-    def _deliver(self, sequences) -> None:
-        """Hand each sequence's progress to its request: one wake-up of each event loop per step."""
-        by_loop: dict = {}
-        for sequence in sequences:
-            ticket = self.tickets.get(sequence.id)
-            if ticket is None:
-                continue
-            update = Update(list(sequence.tokens), list(sequence.extra_steps), sequence.finish_reason,
-                            list(sequence.token_logprobs), list(sequence.top_logprobs))
-            by_loop.setdefault(ticket.loop, []).append((ticket, update))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, [(ticket.queue, update) for ticket, update in items])
-            except RuntimeError:  # that event loop is gone (the server is closing): nobody is waiting
-                for ticket, _ in items:
-                    self.engine.cancel(ticket.sequence)
-            for ticket, _ in items:
-                if ticket.sequence.done:
-                    self._release(ticket)
-
-    def _fail_all(self, exc: Exception) -> None:
-        for ticket in list(self.tickets.values()):
-            with contextlib.suppress(RuntimeError):
-                ticket.loop.call_soon_threadsafe(ticket.queue.put_nowait, exc)
-            self._release(ticket)
-        self.engine = Engine(self.engine.model, self.engine.max_batch, self.engine.max_tokens)
-
-
 # ----- request bodies -----
 
-class CompletionBody(BaseModel):
+class GenerationBody(BaseModel):
+    """What completions and chat share: the model, sampling, stop strings, streaming, and the ponder extension tau."""
+
     model: str | None = None
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1)
@@ -208,10 +65,19 @@ class CompletionBody(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    tau: float | None = None
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionBody(GenerationBody):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     ignore_eos: bool = False  # vLLM's: generate max_tokens even past the end-of-document token
-    tau: float | None = None
 
 
 class ChatMessage(BaseModel):
@@ -219,21 +85,11 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatBody(BaseModel):
-    model: str | None = None
+class ChatBody(GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
     logprobs: bool = False
-    tau: float | None = None
 
 
 class TokenizeBody(BaseModel):
@@ -277,7 +133,8 @@ class Service:
             out.append(ids)
         return out
 
-    def request(self, ids: list[int], body, max_tokens: int, keep_logprobs: int | None) -> Request:
+    def request(self, ids: list[int], body: GenerationBody, max_tokens: int, keep_logprobs: int | None,
+                ignore_eos: bool = False) -> Request:
         if body.n != 1:
             raise APIError(400, "only n = 1 is supported; send the request several times with different seeds",
                            param="n")
@@ -288,7 +145,7 @@ class Service:
         tau = body.tau if body.tau is not None else self.tau
         seed = body.seed if body.seed is not None else random.randrange(2**31)
         sampling = Sampling(body.temperature, max(body.top_k, 0), body.top_p, seed)
-        stop_ids = () if getattr(body, "ignore_eos", False) else (self.eos_id,)
+        stop_ids = () if ignore_eos else (self.eos_id,)
         return Request(ids, max_tokens, sampling, stop_ids=stop_ids, tau=tau, logprobs=keep_logprobs)
 
     def chat_prompt(self, messages: list[ChatMessage]) -> str:
@@ -402,8 +259,8 @@ class Service:
         self.check_model(body.model)
         prompts = self.prompts(body.prompt)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        requests = [self.request(ids, body, max_tokens, body.logprobs) for ids in prompts]
+        stops = body.stops
+        requests = [self.request(ids, body, max_tokens, body.logprobs, body.ignore_eos) for ids in prompts]
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             if len(requests) != 1:
@@ -428,7 +285,7 @@ class Service:
         ids = self.prompts(self.chat_prompt(body.messages))[0]
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = limit if limit is not None else max(0, min(256, self.context - len(ids)))
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        stops = body.stops
         stops += ["\nuser:"] if not self.chat_template else []  # the plain template's next turn
         request = self.request(ids, body, max_tokens, None)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -579,4 +436,4 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, tau: f
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
 
 
-__all__ = ["EngineWorker", "create_app", "serve"]
+__all__ = ["create_app", "serve"]
