@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ponderlm.data import end_of_document_id
 from ponderlm.engine import Engine, Request, Sampling, score, scores_in_parallel
+from ponderlm.generate import TextStream
 
 
 class PonderLMHarness(LM):
@@ -155,24 +156,17 @@ class PonderLMHarness(LM):
             ids = (self._encode(context) or [self.eos_id])[-(self.max_length - max_new):]
             sequences.append(engine.add(Request(ids, max_new, Sampling(temperature), stop_ids=(self.eos_id,),
                                                 tau=self.tau)))
+        texts = [TextStream(self.tokenizer, until, (self.eos_id,)) for until in stops]
         bar = tqdm(total=len(sequences), desc="generate", unit="request", disable=not self.progress)
         while engine.busy:
             for sequence in engine.step():
-                until = stops[sequence.id]
-                if not sequence.done and any(stop in self.tokenizer.decode(sequence.tokens) for stop in until):
+                texts[sequence.id].update(sequence.tokens, sequence.done)
+                if texts[sequence.id].stopped and not sequence.done:
                     engine.cancel(sequence)  # a stop string is complete: nothing after it is read
                 if sequence.done:
                     bar.update()
         bar.close()
-        outputs = []
-        for request, sequence, until in zip(requests, sequences, stops):
-            ended = sequence.tokens and sequence.tokens[-1] == self.eos_id
-            new_ids = sequence.tokens[:-1] if ended else sequence.tokens
-            text = self.tokenizer.decode(new_ids)
-            for stop in until:
-                text = text.split(stop)[0]
-            fed = sequence.extra_steps
-            self._record(request.task_name, torch.tensor(fed))
-            self.cache_hook.add_partial("generate_until", request.args, text)
-            outputs.append(text)
-        return outputs
+        for request, sequence, text in zip(requests, sequences, texts):
+            self._record(request.task_name, torch.tensor(sequence.extra_steps))
+            self.cache_hook.add_partial("generate_until", request.args, text.text)
+        return [text.text for text in texts]

@@ -5,6 +5,7 @@ its numbers, and benchmarks in their results files, so a comparison can say whic
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -55,8 +56,6 @@ SESSIONS = "sessions.jsonl"  # in a run directory: a "start" and an "end" line p
 def session_summary(run_dir: Path) -> dict:
     """What a run's training sessions ran with: precision, CPU, torch, threads (joined with "; " where sessions
     differ) and the wall time of the sessions that ended. Empty for a run trained before runs recorded it."""
-    import json
-
     path = Path(run_dir) / SESSIONS
     if not path.is_file():
         return {}

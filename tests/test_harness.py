@@ -116,3 +116,11 @@ def test_generate_until_runs_at_the_harness_tau(tokenizer):
         steps[tau] = harness.compute_summary()["demo"]["mean_extra_steps"]
         assert outputs[tau] == generate(model, tokenizer, prompt, max_new_tokens=8, tau=tau)
     assert steps[0.0] == 2 and steps[0.99] < 2
+
+
+def test_generate_until_without_stop_strings_runs_to_eos_or_its_length(tokenizer):
+    """The default stop is the EOS token's text, which decodes to nothing: it must not stop (or split) anything."""
+    model = make("vanilla", tokenizer)
+    harness = PonderLMHarness(model, tokenizer, progress=False)
+    (out,) = harness.generate_until([request("generate_until", ("Four score and", {"max_gen_toks": 10}))])
+    assert out == generate(model, tokenizer, "Four score and", max_new_tokens=10) and out
