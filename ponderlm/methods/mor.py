@@ -9,9 +9,10 @@ learns through the routed output): out_t = x_0 + g_{t,d_t} (x_{d_t} - x_0), then
 The loss adds MoR's balancing term N_r sum_i f_i P_i (f_i: share of tokens at depth i, P_i: mean router weight),
 weighted by `options.mor.balance_weight`, and (ours, the dial shared with the latent methods) `ponder.penalty`
 times the expected extra recursions sum_i g_{t,i} (i - 1). Routing is causal, so training and decoding agree;
-tau plays no role. Two ablation options take the routing apart: `fixed_depth` sends every token to one depth
-(1 is vanilla, K + 1 is `loop`, through this code), `scale_output: false` keeps the gate's gradient to the router
-but not its scaling of the output.
+tau plays no role. Two ablation options take the routing apart: `fixed_depth` sends every token to one depth and
+bypasses the router (it neither scales the output nor enters the loss, so depth 1 trains as vanilla and K + 1 as
+`loop`, through this code, gradients included), `scale_output: false` keeps the gate's gradient to the router but
+not its scaling of the output.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ponderlm.methods.base import DecodeState, Inspection, Method
 @dataclass
 class MoROptions:
     balance_weight: float = 0.01  # weight of MoR's balancing loss (ours: MoR tunes it per setting)
-    fixed_depth: int = 0  # ablation: every token takes this depth (1..K + 1) instead of the router's; 0 routes
+    fixed_depth: int = 0  # ablation: every token takes this depth (1..K + 1), the router bypassed; 0 routes
     scale_output: bool = True  # ablation: false gives the gate the value 1 and keeps its gradient to the router
 
 
@@ -52,15 +53,20 @@ class MoR(Method):
                               f"{self.max_extra_steps + 1} recursions (0: the router chooses)")
 
     def route(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router weights g (..., N_r) over depths 1..N_r and the chosen depth d (...), from x_1."""
-        g = self.router(x1).float().softmax(-1)
+        """Router weights g (..., N_r) over depths 1..N_r and the chosen depth d (...), from x_1. With a fixed depth
+        g is only reported: computed without gradient, so no loss reaches the router or, through it, the backbone."""
         if self.options.fixed_depth:
+            with torch.no_grad():
+                g = self.router(x1).float().softmax(-1)
             return g, torch.full(g.shape[:-1], self.options.fixed_depth, dtype=torch.long, device=g.device)
+        g = self.router(x1).float().softmax(-1)
         return g, g.argmax(-1) + 1
 
     def gate(self, g: torch.Tensor, depth: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The weight (..., 1) that scales what a token's recursions added: the router weight of its depth."""
         weight = g.gather(-1, (depth - 1)[..., None])
+        if self.options.fixed_depth:
+            return torch.ones_like(weight, dtype=dtype)
         if not self.options.scale_output:
             weight = weight - weight.detach() + 1
         return weight.to(dtype)
@@ -105,7 +111,9 @@ class MoR(Method):
         share = F.one_hot(depth - 1, depths).float().flatten(0, -2).mean(0)  # f_i: not differentiable
         balance = depths * (share * g.flatten(0, -2).mean(0)).sum()
         expected_extra = (g * torch.arange(depths, device=g.device)).sum(-1).mean()
-        total = loss + self.options.balance_weight * balance + self.config.ponder.penalty * expected_extra
+        total = loss
+        if not self.options.fixed_depth:  # else both terms are constants of an untrained router
+            total = total + self.options.balance_weight * balance + self.config.ponder.penalty * expected_extra
         stats = {"expected_extra_steps": expected_extra.item(), "balance_loss": balance.item(),
                  **{f"depth_share_{i + 1}": share[i].item() for i in range(depths)}}
         return total, stats

@@ -81,9 +81,13 @@ def test_tau_plays_no_role():
         assert torch.equal(model.infer(ids, 0.0)[0], model.infer(ids, 0.99)[0])
 
 
+@pytest.mark.parametrize("scale_output", ["true", "false"])
 @pytest.mark.parametrize("depth,peer", [(1, "vanilla"), (3, "loop")])
-def test_a_fixed_depth_with_an_unscaled_output_is_vanilla_or_loop(depth, peer):
-    model = make(f"options.mor.fixed_depth={depth}", "options.mor.scale_output=false")
+def test_a_fixed_depth_is_vanilla_or_loop_in_the_forward_pass_and_in_training(depth, peer, scale_output):
+    """The router is bypassed: the same logits, loss and backbone gradients as the peer, and none for the router
+    (the penalty and the balancing loss included, which would otherwise reach the backbone through it)."""
+    model = make(f"options.mor.fixed_depth={depth}", f"options.mor.scale_output={scale_output}",
+                 "ponder.penalty=0.5", "options.mor.balance_weight=0.5")
     other = build_model(load_config("tiny", [f"method={peer}", f"model.vocab_size={VOCAB}", "ponder.extra_steps=2"]))
     other.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith("backbone.")})
     ids = torch.randint(0, VOCAB, (2, 9))
@@ -91,6 +95,13 @@ def test_a_fixed_depth_with_an_unscaled_output_is_vanilla_or_loop(depth, peer):
         logits, extra = model.infer(ids)
         torch.testing.assert_close(logits, other.eval()(ids), rtol=1e-5, atol=1e-5)
     assert extra.eq(depth - 1).all()
+    losses = [m.train().loss(ids, ids.roll(-1, 1))[0] for m in (model, other)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    for loss in losses:
+        loss.backward()
+    assert model.router.weight.grad is None
+    for (name, mine), (_, theirs) in zip(model.backbone.named_parameters(), other.backbone.named_parameters()):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-6, msg=name)
     router_flops = 3 * 2 * model.config.model.hidden_size * 3
     assert model.training_flops_per_token() == pytest.approx(other.training_flops_per_token() + router_flops)
 
