@@ -205,9 +205,12 @@ def _export(args) -> None:
 
 
 def _sweep(args) -> None:
-    from ponderlm.sweep import run_sweep
+    from ponderlm.sweep import rewrite_report, run_sweep
 
-    rows = run_sweep(Path(args.recipe), Path(args.out), reuse=Path(args.reuse) if args.reuse else None)
+    if args.report_only:
+        rows = rewrite_report(Path(args.recipe), Path(args.out))
+    else:
+        rows = run_sweep(Path(args.recipe), Path(args.out), reuse=Path(args.reuse) if args.reuse else None)
     print_json({"out": args.out, "rows": len(rows), "results": str(Path(args.out) / "results.csv"),
                 "plot": str(Path(args.out) / "pareto.png")})
 
@@ -459,6 +462,8 @@ def _add_benchmark_commands(commands) -> None:
     sw.add_argument("--out", required=True, help="sweep directory (runs/, results.csv/json/md, pareto.png)")
     sw.add_argument("--reuse", metavar="DIR", help="a published sweep directory (its results.json and "
                     "lr_search.json): its runs are taken instead of trained, unless --out has their directory")
+    sw.add_argument("--report-only", action="store_true", help="train nothing: rewrite results.md/csv and "
+                    "pareto.png from the results.json in --out (a running sweep's, or an older version's)")
     sw.set_defaults(handler=_sweep)
 
 

@@ -2,15 +2,18 @@
 
 import csv
 import json
+import math
 import shutil
 import statistics
 
 import pytest
 
-import ponderlm.sweep as sweep_module
+import ponderlm.sweep.report as report
+import ponderlm.sweep.runner as sweep_module
 from ponderlm.cli import main
 from ponderlm.errors import PonderError
-from ponderlm.sweep import frontier, run_sweep
+from ponderlm.sweep import run_sweep
+from ponderlm.sweep.report import frontier
 
 
 def write_recipe(path, data_dir, runs):
@@ -52,7 +55,11 @@ def test_sweep_writes_one_row_per_run_and_tau(tiny_data_dir, tmp_path, capsys):
     for row in rows:  # what each run ran with, from its sessions.jsonl
         assert (row["scoring"], row["precision"]) == ("exact", "fp32") and row["cpu"] and float(row["train_seconds"]) > 0
     assert len(json.loads((out / "results.json").read_text())) == 3
-    assert (out / "results.md").read_text().count("\n") == 5
+    report = (out / "results.md").read_text()
+    assert report.count("\n") == 7 and report.startswith(
+        "Perplexity on the val split (256 tokens, exact scoring); no learning-rate search. Trained in fp32 on ")
+    assert sorted(path.name for path in (out / "logs").iterdir()) == ["p3.jsonl", "vanilla.jsonl"]
+    assert (out / "logs" / "p3.jsonl").read_bytes() == (out / "runs" / "p3" / "metrics.jsonl").read_bytes()
     assert (out / "pareto.png").stat().st_size > 10_000
     log = [line.split(": ", 1)[1] for line in capsys.readouterr().err.splitlines() if line.startswith("sweep ")]
     assert [line.split(" (")[0] for line in log] == [
@@ -88,6 +95,10 @@ def test_bad_recipes_are_explained(tmp_path, tiny_data_dir):
     with pytest.raises(PonderError, match="unknown config key"):
         run_sweep(write_recipe(tmp_path / "r.yaml", tiny_data_dir, [{"name": "a", "set": ["train.stpes=1"]}]),
                   tmp_path / "o")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_data_dir, RUNS)
+    recipe.write_text(recipe.read_text().replace('"split": "val"', '"split": "train"'))
+    with pytest.raises(PonderError, match="eval splits are val or test, not 'train'"):
+        run_sweep(recipe, tmp_path / "o")
     recipe = write_recipe(tmp_path / "r.yaml", tiny_data_dir, RUNS)
     recipe.write_text(recipe.read_text()[:-1] + ', "lr_search": "random"}')
     with pytest.raises(PonderError, match="lr_search is 'random'; use grid or local"):
@@ -134,7 +145,7 @@ def test_the_learning_rate_is_chosen_on_evaluation_loss_and_seeds_are_aggregated
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps({
         "base": "tiny", "set": [f"data.path={tiny_data_dir}", "train.steps=4", "train.save_every=4"],
-        "eval": {"split": "val", "max_tokens": 256}, "lrs": [1e-5, 3e-3], "seeds": [0, 1],
+        "eval": {"split": "test", "search_split": "val", "max_tokens": 256}, "lrs": [1e-5, 3e-3], "seeds": [0, 1],
         "runs": [{"name": "vanilla", "set": ["method=vanilla"]},
                  {"name": "longer", "set": ["method=vanilla", "train.steps=6"], "lr_from": "vanilla", "seeds": [0]}]}))
     out = tmp_path / "sweep"
@@ -150,12 +161,24 @@ def test_the_learning_rate_is_chosen_on_evaluation_loss_and_seeds_are_aggregated
         assert [(r["run"], r["seed"]) for r in csv.DictReader(handle)] == [("vanilla", "0"), ("vanilla", "1"),
                                                                            ("longer", "0")]
     vanilla = [r for r in rows if r["run"] == "vanilla"]
-    merged, _ = sweep_module.aggregate(rows)
+    merged, _ = report.aggregate(rows)
     assert merged["ppl"] == pytest.approx(statistics.mean(r["ppl"] for r in vanilla))
     assert merged["ppl_std"] == pytest.approx(statistics.stdev(r["ppl"] for r in vanilla)) and merged["ppl_std"] > 0
     table = (out / "results.md").read_text()
     assert f"{merged['ppl']:.2f} +- {merged['ppl_std']:.2f}" in table and "| vanilla | 0 | 1e-05 |" in table
     assert "vanilla chose lr 0.003, the edge of its grid [1e-05, 0.003]" in capsys.readouterr().err
+    # Held out: the search compared validation losses, every reported number is on the test split.
+    search = json.loads((out / "lr_search.json").read_text())
+    assert [(r["lr"], r["split"]) for r in search] == [(1e-5, "val"), (3e-3, "val")]
+    assert {(r["split"], r["lr_search_split"]) for r in rows} == {("test", "val")}
+    stored = json.loads((out / "runs" / "vanilla-lr0.003-s0" / "sweep_eval.json").read_text())
+    assert sorted(key.split("|")[1] for key in stored) == ["test", "val"]
+    assert stored[next(k for k in stored if "|val|" in k)]["loss"] == search[1]["loss"] != rows[0]["loss"]
+    assert "learning rates chosen on other tokens (val split)" in table and "| vanilla | 0 | 0.003 | val |" in table
+    # --report-only rewrites the report from results.json alone, training nothing
+    (out / "results.md").unlink()
+    assert main(["sweep", str(recipe), "--out", str(out), "--report-only"]) == 0
+    assert (out / "results.md").read_text() == table and len(trained) == 4
 
 
 def test_a_sweep_reuses_published_runs_instead_of_training_them_again(tiny_data_dir, tmp_path, monkeypatch, capsys):
@@ -202,43 +225,55 @@ def test_lr_from_must_name_an_earlier_run(tmp_path, tiny_data_dir):
         run_sweep(recipe, tmp_path / "sweep")
 
 
-def point(method, ppl, std, seeds, flops, tokens=1000, tau="", train_flops=1.0, run=None):
-    return {"method": method, "run": run or method, "tau": tau, "ppl": ppl, "ppl_std": std, "seeds": seeds,
-            "inference_flops_per_token": flops, "train_tokens": tokens, "train_flops": train_flops}
+def point(method, ppls, flops, tokens=1000, tau="", train_flops=1.0, run=None, seeds=None):
+    """An aggregated point, as `report.aggregate` makes it from one row per seed."""
+    seeds = seeds or list(range(len(ppls)))
+    rows = [{"method": method, "run": run or method, "tau": tau, "seed": seed, "ppl": ppl,
+             "inference_flops_per_token": flops, "train_tokens": tokens, "train_flops": train_flops, "split": "val",
+             "mean_extra_steps": 0.0}
+            for seed, ppl in zip(seeds, ppls)]
+    [merged] = report.aggregate(rows)
+    return merged
 
 
-def test_the_comparison_takes_the_best_reference_point_no_more_costly_and_its_seed_error():
-    merged = [point("ponderlm3", 100.0, 3.0, 3, 10.0, tau=0.5), point("ponderlm3", 90.0, 4.0, 3, 30.0, tau=0.0),
-              point("vanilla", 110.0, 5.0, 3, 9.95), point("ponderlm2", 93.0, 0.0, 1, 30.0),
-              point("pause", 102.0, 2.0, 3, 5.0), point("loop", 80.0, 1.0, 3, 30.0, tokens=4000)]
-    found = {c["point"]["method"]: c for c in sweep_module.compare(merged, "ponderlm3")}
-    # vanilla: only the tau-0.5 point is as cheap (within 1 %); error sqrt(9/3 + 25/3)
+def test_the_comparison_takes_the_best_reference_point_no_more_costly_and_tests_it_over_seeds():
+    merged = [point("ponderlm3", [97.0, 100.0, 103.0], 10.0, tau=0.5), point("ponderlm3", [86.0, 90.0, 94.0], 30.0),
+              point("vanilla", [131.0, 135.0, 139.0], 9.95), point("ponderlm2", [93.0], 30.0),
+              point("pause", [100.0, 102.0, 104.0], 5.0), point("loop", [79.0, 80.0, 81.0], 30.0, tokens=4000),
+              point("halting", [99.0, 104.0, 103.0], 10.0, seeds=[0, 1, 7])]
+    found = {c["point"]["method"]: c for c in report.compare(merged, "ponderlm3")}
+    # vanilla: only the tau-0.5 point is as cheap (within 1 %)
     assert found["vanilla"]["reference"]["tau"] == 0.5
-    assert found["vanilla"]["difference"] == pytest.approx(10.0)
-    assert found["vanilla"]["error"] == pytest.approx((9 / 3 + 25 / 3) ** 0.5)
-    assert found["vanilla"]["verdict"] == "better"
-    # one seed borrows the reference's variance: sqrt(16/3 + 16/1)
-    assert found["ponderlm2"]["error"] == pytest.approx((16 / 3 + 16) ** 0.5)
-    assert found["ponderlm2"]["verdict"] == "within noise"
+    assert found["vanilla"]["difference"] == pytest.approx(35.0)
+    welch, pairs = found["vanilla"]["welch"], found["vanilla"]["paired"]
+    assert (welch.t, welch.df) == pytest.approx((35 / math.sqrt(9 / 3 + 16 / 3), (25 / 3) ** 2 / (
+        (9 / 3) ** 2 / 2 + (16 / 3) ** 2 / 2)))
+    assert pairs.n == 3 and found["halting"]["paired"].n == 2  # seeds 0 and 1 only
+    # two tested comparisons (vanilla, halting) form the Holm family: the smaller p doubled
+    assert found["vanilla"]["p_holm"] == pytest.approx(min(1, 2 * min(welch.p, found["halting"]["welch"].p)))
+    assert found["vanilla"]["verdict"] == "better" and found["halting"]["verdict"] == "not significant"
+    assert found["ponderlm2"]["welch"] is None and found["ponderlm2"]["verdict"] == "1 seed: not tested"
     assert found["pause"]["reference"] is None  # nothing of ponderlm3's is as cheap
     assert found["loop"]["reference"] is None  # another budget
-    table = "\n".join(sweep_module.comparison_table(merged, "ponderlm3"))
-    assert "| 0.00 | vanilla | 110.00 | 3 | ponderlm3 tau 0.5 | 100.00 | 3 | +10.00 +- 3.37 | better |" in table
+    table = "\n".join(report.comparison_table(merged, "ponderlm3"))
+    assert (f"| 0.00 | vanilla | 135.00 +- 4.00 | 3 | ponderlm3 tau 0.5 | 100.00 +- 3.00 | 3 | +35.00 | "
+            f"[{welch.low:+.2f}, {welch.high:+.2f}] | {welch.t:.2f} ({welch.df:.1f}) | {welch.p:.3f} | "
+            f"{found['vanilla']['p_holm']:.3f} | {pairs.p:.3f} (3) | better |") in table
+    assert "| ponderlm2 | 93.00 | 1 | ponderlm3 | 90.00 +- 4.00 | 3 | +3.00 |  |  |  |  |  | 1 seed: not tested |" \
+        in table  # positive: ponderlm3 lower
 
 
 def test_at_equal_compute_the_rival_costs_no_more_to_train_and_to_run():
-    merged = [point("ponderlm3", 100.0, 2.0, 3, 10.0, train_flops=7.0),
-              point("vanilla", 90.0, 6.0, 3, 10.05, tokens=4000, train_flops=4.0, run="vanilla-4x"),
-              point("vanilla", 80.0, 6.0, 3, 10.0, tokens=8000, train_flops=8.0, run="vanilla-8x"),
-              point("vanilla", 120.0, 6.0, 3, 10.0, train_flops=1.0),
-              point("pause", 70.0, 0.0, 1, 30.0, train_flops=3.0)]
-    [found] = sweep_module.compare_at_training_cost(merged, "ponderlm3")
+    merged = [point("ponderlm3", [98.0, 100.0, 102.0], 10.0, train_flops=7.0),
+              point("vanilla", [84.0, 90.0, 96.0], 10.05, tokens=4000, train_flops=4.0, run="vanilla-4x"),
+              point("vanilla", [74.0, 80.0, 86.0], 10.0, tokens=8000, train_flops=8.0, run="vanilla-8x"),
+              point("vanilla", [114.0, 120.0, 126.0], 10.0, train_flops=1.0),
+              point("pause", [70.0], 30.0, train_flops=3.0)]
+    [found] = report.compare_at_training_cost(merged, "ponderlm3")
     # vanilla-8x costs more to train, pause more to run: the best rival is vanilla-4x
     assert found["reference"]["run"] == "vanilla-4x"
-    assert found["difference"] == pytest.approx(-10.0) and found["error"] == pytest.approx((4 / 3 + 36 / 3) ** 0.5)
-    assert found["verdict"] == "worse"
-    table = "\n".join(sweep_module.comparison_table(merged, "ponderlm3"))
-    assert "| 0.00 | ponderlm3 | 100.00 | 3 | vanilla-4x | 90.00 | 3 | -10.00 +- 3.65 | worse |" in table
+    assert found["difference"] == pytest.approx(-10.0) and found["welch"].p < 0.1
+    assert found["verdict"] == ("worse" if found["welch"].p < 0.05 else "not significant")
 
 
 def test_the_learning_rate_search_evaluates_losing_rates_at_the_first_tau_only(tiny_data_dir, tmp_path):
@@ -278,11 +313,11 @@ def test_the_plot_draws_a_frontier_per_method_and_budget(tmp_path, monkeypatch):
 
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
-    rows = [point("vanilla", 220.0, 8.0, 3, 4.4e6, tokens=491520),
-            point("vanilla", 150.0, 5.0, 3, 4.4e6, tokens=1966080),
-            point("ponderlm3", 200.0, 1.0, 3, 4.5e6, tau=0.99, tokens=491520),
-            point("ponderlm3", 199.0, 1.0, 3, 9.8e6, tau=1e-4, tokens=491520)]
-    sweep_module.plot(rows, tmp_path / "pareto.png")
+    rows = [point("vanilla", [212.0, 220.0, 228.0], 4.4e6, tokens=491520),
+            point("vanilla", [145.0, 150.0, 155.0], 4.4e6, tokens=1966080),
+            point("ponderlm3", [199.0, 200.0, 201.0], 4.5e6, tau=0.99, tokens=491520),
+            point("ponderlm3", [198.0, 199.0, 200.0], 9.8e6, tau=1e-4, tokens=491520)]
+    report.plot(rows, tmp_path / "pareto.png")
     axes = figures[0].axes[0]
     assert [text.get_text() for text in axes.get_legend().get_texts()] == [
         "vanilla, 0.49M tokens", "vanilla, 1.97M tokens", "ponderlm3, 0.49M tokens"]
