@@ -23,8 +23,10 @@ class Recipe:
     taus: list[float] = field(default_factory=lambda: [1e-4])
     lrs: list[float] = field(default_factory=list)  # empty: every run at its config's train.lr
     seeds: list[int] = field(default_factory=list)  # empty: every run once, at its config's train.seed
-    compare_to: str = ""  # a method: results.md then says where it is better beyond seed noise
+    compare_to: str = ""  # a method: results.md then tests where it is better or worse
+    primary: list[str] = field(default_factory=list)  # runs compared with it before the sweep ran: their own family
     lr_search: str = "grid"  # grid: train at every lr; local: walk from the middle of the grid toward lower loss
+    order: str = "first_seeds_first"  # or run_by_run: every seed of a run before the next run starts
 
     @classmethod
     def load(cls, path: Path) -> Recipe:
@@ -51,9 +53,14 @@ class Recipe:
                               "(known: name, set, lrs, seeds, lr_from)")
         if recipe.lr_search not in ("grid", "local"):
             raise PonderError(f"recipe {path}: lr_search is {recipe.lr_search!r}; use grid or local")
+        if recipe.order not in ("first_seeds_first", "run_by_run"):
+            raise PonderError(f"recipe {path}: order is {recipe.order!r}; use first_seeds_first or run_by_run")
         if recipe.compare_to and recipe.compare_to not in METHODS:
             raise PonderError(f"recipe {path}: compare_to {recipe.compare_to!r} is not a method "
                               f"(known: {', '.join(METHODS)})")
+        if set(recipe.primary) - set(names) or (recipe.primary and not recipe.compare_to):
+            raise PonderError(f"recipe {path}: primary names runs compared with compare_to's method; "
+                              f"{sorted(set(recipe.primary) - set(names)) or 'compare_to is not set'}")
         for index, run in enumerate(recipe.runs):
             if "lr_from" in run and run["lr_from"] not in names[:index]:
                 raise PonderError(f"recipe {path}: run {run['name']} takes lr_from {run['lr_from']!r}, which is not "

@@ -70,14 +70,15 @@ def _against_best(point: dict, candidates: list[dict], point_is_method: bool) ->
     return {"point": point, "reference": best, **(_gap(point, best) if point_is_method else _gap(best, point))}
 
 
-def judge(comparisons: list[dict], level: float = 0.05) -> list[dict]:
-    """Each comparison's verdict from its Welch p-value, Holm-adjusted over the comparisons of the list (one table is
-    one family): better or worse when the adjusted p is below `level`, else not significant; a side of one seed is
-    not tested."""
-    tested = [c for c in comparisons if c.get("welch")]
-    for c, adjusted in zip(tested, holm([c["welch"].p for c in tested])):
-        c["p_holm"] = adjusted
-        c["verdict"] = "not significant" if adjusted >= level else "better" if c["difference"] > 0 else "worse"
+def judge(comparisons: list[dict], primary: tuple[str, ...] = (), level: float = 0.05) -> list[dict]:
+    """Each comparison's verdict from its Welch p-value, Holm-adjusted within its family: the comparisons whose point
+    is a `primary` run (named in the recipe before the sweep ran), and the exploratory rest. Better or worse when
+    the adjusted p is below `level`, else not significant; a side of one seed is not tested."""
+    for family in (True, False):
+        tested = [c for c in comparisons if c.get("welch") and (c["point"]["run"] in primary) == family]
+        for c, adjusted in zip(tested, holm([c["welch"].p for c in tested])):
+            c["p_holm"], c["primary"] = adjusted, family
+            c["verdict"] = "not significant" if adjusted >= level else "better" if c["difference"] > 0 else "worse"
     for c in comparisons:
         if c["reference"] is not None and not c.get("welch"):
             c["verdict"] = "1 seed: not tested" if min(c["point"]["seeds"], c["reference"]["seeds"]) < 2 \
@@ -85,13 +86,13 @@ def judge(comparisons: list[dict], level: float = 0.05) -> list[dict]:
     return comparisons
 
 
-def compare(merged: list[dict], method: str) -> list[dict]:
+def compare(merged: list[dict], method: str, primary: tuple[str, ...] = ()) -> list[dict]:
     """At equal data: every other point (aggregated) against the best point of `method` trained on as many tokens
     with no more inference FLOPs (None if it has none)."""
     return judge([_against_best(point, [r for r in merged if r["method"] == method
                                         and r["train_tokens"] == point["train_tokens"]
                                         and _no_costlier(r, point, "inference_flops_per_token")],
-                                point_is_method=False) for point in merged if point["method"] != method])
+                                point_is_method=False) for point in merged if point["method"] != method], primary)
 
 
 def compare_at_training_cost(merged: list[dict], method: str) -> list[dict]:
@@ -103,7 +104,7 @@ def compare_at_training_cost(merged: list[dict], method: str) -> list[dict]:
                   for point in merged if point["method"] == method])
 
 
-def comparison_table(merged: list[dict], method: str) -> list[str]:
+def comparison_table(merged: list[dict], method: str, primary: tuple[str, ...] = ()) -> list[str]:
     def name(r):
         return r["run"] + (f" tau {r['tau']:g}" if r["tau"] != "" else "")
 
@@ -113,6 +114,8 @@ def comparison_table(merged: list[dict], method: str) -> list[str]:
 
     def row(c, missing):
         cells = [f"{c['point']['train_tokens'] / 1e6:.2f}", *side(c["point"])]
+        if c.get("primary"):
+            cells[1] = f"**{cells[1]}**"
         if c["reference"] is None:
             cells += ["none", *[""] * 8, missing]
         else:
@@ -127,14 +130,16 @@ def comparison_table(merged: list[dict], method: str) -> list[str]:
               "| t (df) | p | p, Holm | paired p (seeds) | verdict |", "|---" * 14 + "|"]
     tests = (f"Difference: the mean perplexity {method} saves (positive: {method} lower), with its 95 % confidence "
              "interval, t and Welch-Satterthwaite degrees of freedom from Welch's unequal-variance t-test over seeds "
-             "(two-sided p). The verdict is Holm's step-down adjustment of the Welch p over the rows of this table "
-             "(one family), at 0.05. A side of one seed has no variance of its own and is not tested. Paired p: the "
+             "(two-sided p). The verdict is Holm's step-down adjustment of the Welch p at 0.05 within a family: "
+             + (f"the recipe's primary comparisons (in bold: {', '.join(primary)}, named before the runs), and the "
+                "exploratory rest of the table" if primary else "the rows of this table") +
+             ". A side of one seed has no variance of its own and is not tested. Paired p: the "
              "paired t-test over the seeds both sides ran (a seed fixes the initialisation and the data order), "
              "reported, not used for the verdict.")
     lines = [f"**At equal data**: every other point against {method}'s best point trained on as many tokens with "
              f"no more inference FLOPs (+{FLOPS_TOLERANCE:.0%}). {tests}", "", *header]
     lines += [row(c, f"{method} has no point this cheap at this budget")
-              for c in sorted(compare(merged, method), key=lambda c: (c["point"]["train_tokens"], c["point"]["run"]))]
+              for c in sorted(compare(merged, method, primary), key=lambda c: (c["point"]["train_tokens"], c["point"]["run"]))]
     lines += ["", f"**At equal compute**: every point of {method} against the best other point, of any budget, that "
               "cost no more training FLOPs and no more inference FLOPs (same columns, the same sign: positive means "
               f"{method} lower; its own Holm family). Where another method is better here, {method}'s gain does not "
@@ -143,7 +148,8 @@ def comparison_table(merged: list[dict], method: str) -> list[str]:
     return lines
 
 
-def write_results(rows: list[dict], out: Path, lr_search: list[dict] | None = None, compare_to: str = "") -> None:
+def write_results(rows: list[dict], out: Path, lr_search: list[dict] | None = None, compare_to: str = "",
+                  primary: list[str] | tuple[str, ...] = ()) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=COLUMNS)
@@ -166,7 +172,7 @@ def write_results(rows: list[dict], out: Path, lr_search: list[dict] | None = No
         lines += [f"| {r['run']} | {r['seed']} | {r['lr']:g} | {r.get('split', 'val')} | {r['loss']:.4f} |"
                   for r in lr_search]
     if compare_to:
-        lines += ["", *comparison_table(merged, compare_to)]
+        lines += ["", *comparison_table(merged, compare_to, tuple(primary))]
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     plot(merged, out / "pareto.png")
 

@@ -82,7 +82,7 @@ def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None, reuse:
 
     def add(key, run, lr, seed):
         done[key] = [{**row, "lr_search_split": searched_on[run["name"]]} for row in train_and_evaluate(run, lr, seed)]
-        write_results(rows(), out, search, recipe.compare_to)  # after every run, so a long sweep can publish its part
+        write_results(rows(), out, search, recipe.compare_to, recipe.primary)  # after every run, so a long sweep can publish its part
 
     for index, run in enumerate(recipe.runs):
         lrs, seeds = recipe.grid(run, chosen)
@@ -101,8 +101,9 @@ def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None, reuse:
                      "outside it; extend lrs")
         chosen[run["name"]] = lr
         for position, seed in enumerate(seeds):
-            # A seed that still has to train waits until every run has its first seed in: the table has every run early.
-            if position == 0 or _trained(recipe, run, lr, seed, out, published):
+            # A seed that still has to train waits until every run has its first seed in: the table has every run
+            # early (unless the recipe asks to finish each run first, when its comparisons come in order of priority).
+            if position == 0 or recipe.order == "run_by_run" or _trained(recipe, run, lr, seed, out, published):
                 add((index, position), run, lr, seed)
             else:
                 waiting.append(((index, position), run, lr, seed))
@@ -123,7 +124,7 @@ def rewrite_report(recipe_path: Path, out: Path) -> list[dict]:
         raise PonderError(f"--report-only: cannot read the results in {out} ({exc})") from None
     if not rows:
         raise PonderError(f"--report-only: {out}/results.json holds no runs yet")
-    write_results(rows, out, search, recipe.compare_to)
+    write_results(rows, out, search, recipe.compare_to, recipe.primary)
     return rows
 
 

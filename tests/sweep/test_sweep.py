@@ -218,6 +218,16 @@ def test_a_sweep_reuses_published_runs_instead_of_training_them_again(tiny_data_
         run_sweep(recipe, tmp_path / "again", progress=False, reuse=published)
 
 
+def test_run_by_run_finishes_every_seed_of_a_run_before_the_next(tiny_data_dir, tmp_path, monkeypatch):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_data_dir, RUNS)
+    recipe.write_text(recipe.read_text()[:-1] + ', "seeds": [0, 1], "order": "run_by_run"}')
+    trained = record_training(monkeypatch)
+    rows = run_sweep(recipe, tmp_path / "sweep", progress=False)
+    assert [name for name, _ in trained] == ["vanilla-s0", "vanilla-s1", "p3-s0", "p3-s1"]
+    assert [(r["run"], r["seed"]) for r in rows if r["tau"] in ("", 0.0)] == [
+        ("vanilla", 0), ("vanilla", 1), ("p3", 0), ("p3", 1)]
+
+
 def test_lr_from_must_name_an_earlier_run(tmp_path, tiny_data_dir):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_data_dir, [{"name": "a", "set": [], "lr_from": "b"},
                                                                     {"name": "b", "set": []}])
@@ -261,6 +271,12 @@ def test_the_comparison_takes_the_best_reference_point_no_more_costly_and_tests_
             f"{found['vanilla']['p_holm']:.3f} | {pairs.p:.3f} (3) | better |") in table
     assert "| ponderlm2 | 93.00 | 1 | ponderlm3 | 90.00 +- 4.00 | 3 | +3.00 |  |  |  |  |  | 1 seed: not tested |" \
         in table  # positive: ponderlm3 lower
+    # vanilla named primary before the runs: a family of its own, so its p is not adjusted for halting's
+    found = {c["point"]["method"]: c for c in report.compare(merged, "ponderlm3", primary=("vanilla",))}
+    assert found["vanilla"]["p_holm"] == pytest.approx(welch.p) and found["vanilla"]["primary"]
+    assert found["halting"]["p_holm"] == pytest.approx(found["halting"]["welch"].p)
+    assert "| 0.00 | **vanilla** | 135.00 +- 4.00 |" in "\n".join(report.comparison_table(merged, "ponderlm3",
+                                                                                            ("vanilla",)))
 
 
 def test_at_equal_compute_the_rival_costs_no_more_to_train_and_to_run():
