@@ -8,7 +8,6 @@ renamed into place, so a kill at any moment leaves either the whole checkpoint o
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -23,33 +22,15 @@ from safetensors.torch import load_file, save_file
 
 from ponderlm.config import Config, config_from_dict
 from ponderlm.errors import PonderError
-from ponderlm.files import sha256_file
+from ponderlm.files import LOCK_FILE, lock_directory, sha256_file
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7})$")
 CHECKSUMS_FILE = "checksums.json"  # sha256 of each file of a checkpoint, written at save time
-LOCK_FILE = ".lock"  # holds the pid of the process training into the directory
 RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl", "checkpoints")
 
 
 def lock_run_dir(run_dir: Path) -> IO:
-    """An exclusive OS lock on the run directory, held while the returned file stays open.
-
-    The kernel drops the lock when its process ends, however it ends, so the lock of a killed run never blocks.
-    """
-    handle = open(run_dir / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise PonderError(f"run directory {run_dir} is in use by another ponderlm process (pid {holder}); wait "
-                          "for it to finish or stop it first") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
+    return lock_directory(run_dir, "run directory")
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> IO:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
+
+from ponderlm.errors import PonderError
+
+LOCK_FILE = ".lock"  # holds the pid of the process writing into the directory
 
 
 def sha256_file(path: Path) -> str:
@@ -49,3 +55,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def read_jsonl(path: str | Path) -> list[dict]:
     """One object per non-empty line (metrics.jsonl and the like)."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def lock_directory(directory: Path, what: str) -> IO:
+    """An exclusive OS lock on a directory that a command writes (a run, a data directory), held while the returned
+    file stays open. The kernel drops it when its process ends, however it ends, so a killed writer never blocks."""
+    handle = open(Path(directory) / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise PonderError(f"{what} {directory} is in use by another ponderlm process (pid {holder}); wait for it to "
+                          "finish or stop it first") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle

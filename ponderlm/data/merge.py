@@ -14,7 +14,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from ponderlm.data.prepare import SPLITS, TOKENIZER_FILE, check_out_dir, clear_outputs
+from ponderlm.data.outdir import TOKENIZER_FILE, building
+from ponderlm.data.prepare import SPLITS
 from ponderlm.data.shards import METADATA_FILE, read_metadata, write_json_atomic
 from ponderlm.errors import PonderError
 from ponderlm.files import atomic_path, sha256_file
@@ -23,8 +24,20 @@ from ponderlm.files import atomic_path, sha256_file
 def _check_parts(parts: list[Path]) -> list[dict]:
     if len(parts) < 2:
         raise PonderError("give at least two prepared data directories to merge")
+    resolved = [part.resolve() for part in parts]
+    if len(set(resolved)) < len(resolved):
+        twice = next(part for part, path in zip(parts, resolved) if resolved.count(path) > 1)
+        raise PonderError(f"{twice} is given twice; each part is merged once (its documents would be duplicated)")
     metas = [read_metadata(part) for part in parts]
     first = metas[0]["tokenizer"]
+    for part, meta in zip(parts, metas):
+        missing = [split for split in SPLITS if split not in meta["splits"]]
+        if missing:
+            raise PonderError(f"{part}/metadata.json has no {', '.join(missing)} split; prepare that part again")
+        gone = [shard["file"] for split in SPLITS for shard in meta["splits"][split]["shards"]
+                if not (part / shard["file"]).is_file()]
+        if gone:
+            raise PonderError(f"{part} lacks the shard {gone[0]} its metadata lists; prepare that part again")
     for part, meta in zip(parts[1:], metas[1:]):
         if meta["tokenizer"].get("sha256") != first.get("sha256"):
             raise PonderError(f"{part} was prepared with another tokenizer than {parts[0]}; prepare every part with "
@@ -65,24 +78,18 @@ def _merge_split(split: str, parts: list[Path], metas: list[dict], out: Path) ->
 def merge(parts: list[Path], out: Path, overwrite: bool = False) -> dict:
     """Merge prepared data directories (same tokenizer, same split rule) into `out`; returns its metadata."""
     metas = _check_parts(parts)
-    check_out_dir(out, overwrite)
     if any(out.resolve() == part.resolve() for part in parts):
         raise PonderError(f"--out {out} is one of the parts; merge into a new directory")
-    out.mkdir(parents=True, exist_ok=True)
-    clear_outputs(out)
-    try:
-        splits = {split: _merge_split(split, parts, metas, out) for split in SPLITS}
-    except BaseException:
-        clear_outputs(out)
-        raise
-    with atomic_path(out / TOKENIZER_FILE) as tmp:
-        shutil.copyfile(parts[0] / TOKENIZER_FILE, tmp)
-    metadata = {**{key: metas[0][key] for key in ("format", "tokenizer", "seed") if key in metas[0]},
-                "source": "merge", "split_rule": metas[0].get("split_rule"),
-                "parts": [{"path": str(part), "source": meta.get("source"), "sources": meta.get("sources", [])}
-                          for part, meta in zip(parts, metas)],
-                "sources": [record for meta in metas for record in meta.get("sources", [])], "splits": splits}
-    write_json_atomic(out / METADATA_FILE, metadata)
+    with building(out, overwrite) as staging:
+        splits = {split: _merge_split(split, parts, metas, staging) for split in SPLITS}
+        with atomic_path(staging / TOKENIZER_FILE) as tmp:
+            shutil.copyfile(parts[0] / TOKENIZER_FILE, tmp)
+        metadata = {**{key: metas[0][key] for key in ("format", "tokenizer", "seed") if key in metas[0]},
+                    "source": "merge", "split_rule": metas[0].get("split_rule"),
+                    "parts": [{"path": str(part), "source": meta.get("source"), "sources": meta.get("sources", [])}
+                              for part, meta in zip(parts, metas)],
+                    "sources": [record for meta in metas for record in meta.get("sources", [])], "splits": splits}
+        write_json_atomic(staging / METADATA_FILE, metadata)
     print(f"merged {len(parts)} parts into {out}: " + ", ".join(f"{s} {splits[s]['tokens']:,} tokens"
                                                                   for s in SPLITS), file=sys.stderr)
     return metadata

@@ -18,7 +18,6 @@ import heapq
 import itertools
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 import time
@@ -31,6 +30,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from ponderlm.data.corpus import Document, fetch_default_corpus, fetch_package, load_ptb, source_record, split_documents
+from ponderlm.data.outdir import TOKENIZER_FILE, building, check_out_dir
 from ponderlm.data.inputs import PIECE_BYTES, Piece, expand_inputs, iter_texts, piece_texts, read_pieces
 from ponderlm.data.shards import METADATA_FILE, SplitWriter, write_json_atomic
 from ponderlm.data.tokenizer import (EOS_TOKEN, finish_tokenizer, given_tokenizer, gpt2_tokenizer, save_tokenizer,
@@ -41,7 +41,6 @@ from ponderlm.files import atomic_path, sha256_file
 SOURCES = ("default", "ptb", "files")
 TOKENIZERS = ("bpe", "gpt2")
 SPLITS = ("train", "val", "test")
-TOKENIZER_FILE = "tokenizer.json"
 SAMPLE_BYTES = 256 << 20  # BPE training text: enough for a stable vocabulary, bounded memory
 ENCODE_BATCH = 256  # documents per encode_batch call in a worker
 
@@ -308,26 +307,12 @@ def _tokenizer(kind: str, cache: Path, source: Source, rule: SplitRule, vocab_si
 
 
 def clear_outputs(out_dir: Path) -> None:
-    # Metadata goes first so that an interrupted run never looks prepared.
+    """Remove a build's files from a staging directory (before encoding again with moved documents)."""
     for path in [out_dir / METADATA_FILE, out_dir / TOKENIZER_FILE]:
         path.unlink(missing_ok=True)
     for split in SPLITS:
         for path in out_dir.glob(f"{split}_*.bin"):
             path.unlink()
-
-
-def check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Write only into a new or empty directory, or over an earlier (possibly interrupted) prepare of ours."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PonderError(f"--out {out_dir} is a file; give a directory for the prepared data")
-    if (out_dir / METADATA_FILE).exists() and not overwrite:
-        raise PonderError(f"{out_dir} is already prepared; pass --overwrite to rebuild it, or choose another dir")
-    names = "|".join(map(re.escape, (METADATA_FILE, TOKENIZER_FILE)))
-    ours = re.compile(rf"^({names}|({'|'.join(SPLITS)})_\d{{4}}\.bin|\..*\.tmp(\..*)?)$")  # .tmp: atomic writes
-    foreign = sorted(p.name for p in out_dir.iterdir() if not ours.match(p.name)) if out_dir.is_dir() else []
-    if foreign and not overwrite:
-        raise PonderError(f"{out_dir} holds files that `data prepare` did not write ({', '.join(foreign[:3])}); "
-                          "choose an empty or new directory, or pass --overwrite to replace the data files in it")
 
 
 def _check_arguments(source: str, files: list | None, tokenizer: str, workers: int, fractions: tuple[float, float],
@@ -362,28 +347,20 @@ def prepare(out_dir: Path, source: str = "default", files: list[Path] | None = N
     if data.texts is not None and data.total_bytes <= tokenizer_sample_bytes:
         rule = _settle_small_corpus(rule, data.texts())
     tok, given, eos_id, tokenizer_meta = _tokenizer(tokenizer, cache, data, rule, vocab_size, tokenizer_sample_bytes)
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clear_outputs(out_dir)
     encoding_started = time.time()
-    try:
-        result = _encode_pass(data.pieces(), data.total_bytes, out_dir, tok, eos_id, text_field, rule, workers,
+    with building(out_dir, overwrite) as staging:
+        result = _encode_pass(data.pieces(), data.total_bytes, staging, tok, eos_id, text_field, rule, workers,
                               shard_tokens)
         counts = {split: info["documents"] for split, info in result.splits.items()}
         if data.texts is not None and (moved := _fill_empty_splits(rule, counts, result.nearest)) is not None:
             rule = moved
-            clear_outputs(out_dir)
-            result = _encode_pass(data.pieces(), data.total_bytes, out_dir, tok, eos_id, text_field, rule, workers,
+            clear_outputs(staging)
+            result = _encode_pass(data.pieces(), data.total_bytes, staging, tok, eos_id, text_field, rule, workers,
                                   shard_tokens)
-    except BaseException:
-        clear_outputs(out_dir)  # nothing half-made stays behind; only our own files go
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
-    metadata = _metadata(out_dir, source, data, result, rule, tok, given, eos_id, tokenizer_meta)
-    metadata["timings"] = {"encoding_seconds": round(time.time() - encoding_started, 2),
-                           "total_seconds": round(time.time() - started, 2), "workers": workers}
-    write_json_atomic(out_dir / METADATA_FILE, metadata)
+        metadata = _metadata(staging, source, data, result, rule, tok, given, eos_id, tokenizer_meta)
+        metadata["timings"] = {"encoding_seconds": round(time.time() - encoding_started, 2),
+                               "total_seconds": round(time.time() - started, 2), "workers": workers}
+        write_json_atomic(staging / METADATA_FILE, metadata)
     counts = ", ".join(f"{s} {m['tokens']:,} tokens / {m['documents']:,} docs" for s, m in result.splits.items())
     print(f"prepared {out_dir} ({source}, {tokenizer_meta['kind']} vocab {tok.get_vocab_size()}): {counts} in "
           f"{time.time() - started:.1f}s", file=sys.stderr)

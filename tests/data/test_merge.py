@@ -67,4 +67,4 @@ def test_merge_refuses_other_tokenizers_and_corrupt_shards(parts, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(PonderError, match=f"shard {shard} fails its sha256 check"):
         merge(list(parts), tmp_path / "m")
-    assert not list((tmp_path / "m").iterdir())  # what was linked before the bad shard is gone again
+    assert not (tmp_path / "m").exists()  # what was linked before the bad shard is gone again, and the stub

@@ -89,18 +89,21 @@ def test_never_writes_into_a_directory_holding_files_it_did_not_write(tmp_path):
     run.mkdir()
     (run / "tokenizer.json").write_text("the run's own")
     (run / "config.yaml").write_text("method: vanilla\n")
-    with pytest.raises(PonderError, match="holds files that `data prepare` did not write \\(config.yaml\\)"):
+    with pytest.raises(PonderError, match="holds files that ponderlm did not write \\(config.yaml, tokenizer.json\\)"):
         prepare(run, source="files", files=FIXTURE_TEXTS, vocab_size=300, cache_dir=tmp_path)
     assert (run / "tokenizer.json").read_text() == "the run's own" and sorted(p.name for p in run.iterdir()) == \
         ["config.yaml", "tokenizer.json"]
     (tmp_path / "afile").write_text("x")
     with pytest.raises(PonderError, match="is a file; give a directory"):
         prepare(tmp_path / "afile", source="files", files=FIXTURE_TEXTS, vocab_size=300, cache_dir=tmp_path)
-    # Leftovers of an interrupted prepare are its own: a rerun goes ahead without --overwrite.
+    # Leftovers of an interrupted prepare are its own (a build in .staging, or an install cut short after our
+    # marker): a rerun goes ahead without --overwrite.
     partial = tmp_path / "partial"
-    partial.mkdir()
+    (partial / ".staging").mkdir(parents=True)
+    (partial / ".staging" / "train_0000.bin").write_bytes(b"\0\0")
+    (partial / ".ponderlm-data").touch()
     (partial / "train_0000.bin").write_bytes(b"\0\0")
-    (partial / ".metadata.tmp.json").write_text("{")
+    (partial / "tokenizer.json").write_text("{")
     prepare(partial, source="files", files=FIXTURE_TEXTS, vocab_size=300, cache_dir=tmp_path)
     assert read_metadata(partial)["tokenizer"]["vocab_size"] == 300
 
