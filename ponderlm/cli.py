@@ -52,6 +52,10 @@ def _train(args) -> None:
         if args.resume:
             raise PonderError("--init-from starts a new run; --resume continues one: pass one of them")
         overrides = init_from_overrides(Path(args.init_from), args.set)
+    if args.config is None and overrides:  # --resume with changes: the run's own config, changed
+        args.config = str(Path(args.out) / "config.yaml")
+        if not Path(args.config).is_file():
+            raise PonderError(f"cannot resume: {args.out} holds no run (no config.yaml); drop --resume to start one")
     config = load_config(args.config, overrides) if args.config is not None else None
     record = train(config, Path(args.out), resume=args.resume, overwrite=args.overwrite)
     print_json({"run_dir": args.out, **record})

@@ -178,8 +178,8 @@ class Trainer:
         self.tokens_per_step = self.sequences_per_step * config.data.seq_len
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.model = build_model(config).to(topology.device)
-        if t.init_from and not resume:
-            self._init_from(Path(t.init_from))
+        if t.init_from and not (resume and latest_checkpoint(run_dir)):  # a run killed before its first checkpoint
+            self._init_from(Path(t.init_from))                               # starts from the source again
         self._write_run_dir(resume, overwrite, held)
         self.wrapped = distributed.parallelize(self.model, config.distributed.strategy, topology, t.compile)
         self.optimizer = build_optimizer(self.model, config)

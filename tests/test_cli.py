@@ -312,3 +312,17 @@ def test_every_command_says_what_it_does_and_shows_an_example(capsys):
         shown = capsys.readouterr().out
         assert shown.split("\n\n")[1].strip()  # the one-line summary, after the usage
         assert f"example: {EXAMPLES[name]}" in shown and EXAMPLES[name].startswith(f"ponderlm {name}")
+
+
+def test_resume_with_set_and_no_config_changes_the_runs_own_config(tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "tiny", "--out", str(run), "--set", f"data.path={tiny_data_dir}", "--set",
+                 "train.steps=2", "--set", "train.save_every=1"]) == 0
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "train", "--out", str(run), "--resume", "--set", "train.steps=6")
+    assert_one_line_error(code, err, "--resume with a different config (train.steps: 2 -> 6)")
+    shutil.rmtree(run / "checkpoints" / "step_0000002")
+    code, _, err = run_cli(capsys, "train", "--out", str(run), "--resume", "--set", "train.keep_last=1")
+    assert code == 0 and sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002"]
+    code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "none"), "--resume", "--set", "train.steps=1")
+    assert_one_line_error(code, err, "holds no run (no config.yaml)")

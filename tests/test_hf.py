@@ -192,3 +192,20 @@ def test_a_ponderlm3_run_exports_with_its_modeling_code_and_generates(tiny_data_
     generated = hf.generate(prompt, max_new_tokens=6, do_sample=False)
     ours = generate(model, tokenizer, "The king", max_new_tokens=6, tau=0.3)
     assert tokenizer.decode(generated[0, prompt.shape[1]:].tolist()).startswith(ours)
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_its_init_from_source(tiny_data_dir, tmp_path,
+                                                                                     capsys):
+    source = tmp_path / "vanilla"
+    train(load_config("tiny", [f"data.path={tiny_data_dir}", "train.steps=2"]), source, progress=False)
+    run = tmp_path / "continued"
+    args = ["train", "tiny", "--init-from", str(source), "--out", str(run), "--set", f"data.path={tiny_data_dir}",
+            "--set", "train.steps=1", "--set", "train.lr=1e-9", "--set", "train.warmup_steps=0"]
+    assert main(args) == 0
+    shutil.rmtree(run / "checkpoints")  # as if killed after writing config.yaml, before the first checkpoint
+    (run / "metrics.jsonl").unlink()
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    capsys.readouterr()
+    before, _ = ponderlm.load(source)
+    after, _ = ponderlm.load(run)
+    torch.testing.assert_close(after.backbone.lm_head.weight, before.backbone.lm_head.weight, rtol=0, atol=1e-6)
