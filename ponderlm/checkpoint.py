@@ -18,14 +18,15 @@ from typing import IO
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ponderlm.config import Config, config_from_dict
-from ponderlm.errors import PonderError
-from ponderlm.files import LOCK_FILE, lock_directory, sha256_file
+from ponderlm.errors import PonderError, explain_os_error
+from ponderlm.files import LOCK_FILE, lock_directory, save_safetensors, sha256_file
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7})$")
 CHECKSUMS_FILE = "checksums.json"  # sha256 of each file of a checkpoint, written at save time
+TORCH_WRITE_ERRORS = ("PytorchStreamWriter", "inline_container", "iostream")  # how torch.save reports a failed write
 RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl", "checkpoints")
 
 
@@ -94,19 +95,33 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
             state[name] = tensor
             stored.add(tensor.data_ptr())
     _require_finite(state, f"step {step}'s weights (not saved; the earlier checkpoints are kept)")
-    save_file(state, tmp / "model.safetensors", metadata={**metadata, "step": str(step)})
-    torch.save(trainer_state, tmp / "trainer_state.pt")
-    checksums = {name: sha256_file(tmp / name) for name in ("model.safetensors", "trainer_state.pt")}
-    (tmp / CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=1) + "\n")
-    for name in (*checksums, CHECKSUMS_FILE):
-        with open(tmp / name, "rb") as handle:
-            os.fsync(handle.fileno())
+    try:
+        save_safetensors(state, tmp / "model.safetensors", metadata={**metadata, "step": str(step)})
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        checksums = {name: sha256_file(tmp / name) for name in ("model.safetensors", "trainer_state.pt")}
+        (tmp / CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=1) + "\n")
+        for name in (*checksums, CHECKSUMS_FILE):
+            with open(tmp / name, "rb") as handle:
+                os.fsync(handle.fileno())
+    except (OSError, RuntimeError) as exc:  # torch's writer reports a full disk as a RuntimeError of its own
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, RuntimeError) and not any(mark in str(exc) for mark in TORCH_WRITE_ERRORS):
+            raise
+        reason = explain_os_error(exc) if isinstance(exc, OSError) else \
+            f"{tmp}: writing failed ({_disk_state(folder)})"
+        raise PonderError(f"cannot save the checkpoint of step {step} ({reason}); the earlier checkpoints are "
+                          "kept: fix that and rerun with --resume") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old)
     return final
+
+
+def _disk_state(folder: Path) -> str:
+    free = shutil.disk_usage(folder).free
+    return f"{free / 2**20:.1f} MiB free on its disk" + ("; the disk is full" if free < 2**20 else "")
 
 
 def _require_finite(state: dict[str, torch.Tensor], what: str) -> None:

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from ponderlm.errors import PonderError
+from ponderlm.errors import PonderError, explain_os_error
 
 SCORINGS = ("exact", "jacobi")  # ponderlm.engine.SCORINGS, without importing torch for --help
 
@@ -478,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(args)
     except PonderError as exc:
         print(f"ponderlm: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a read-only or unreadable path: not a bug, so no traceback
+        print(f"ponderlm: error: {explain_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ponderlm: interrupted", file=sys.stderr)

@@ -7,6 +7,8 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -74,3 +76,36 @@ def lock_directory(directory: Path, what: str) -> IO:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
+
+
+@contextlib.contextmanager
+def directory_built_aside(target: Path) -> Iterator[Path]:
+    """A fresh directory beside `target` to build into; once the block succeeds it replaces `target` (a directory
+    already there is removed after the swap). A failed block leaves `target` as it was and nothing beside it."""
+    target = Path(target)
+    building, old = target.with_name(f".{target.name}.building"), target.with_name(f".{target.name}.old")
+    shutil.rmtree(building, ignore_errors=True)  # a killed build's
+    building.mkdir(parents=True)
+    try:
+        yield building
+        if target.exists():
+            os.replace(target, old)
+        os.replace(building, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with the operating system's errors raised as the OSError they are (the library
+    reports a full disk as a SafetensorError holding "os error 28")."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        found = re.search(r"(.*)\(os error (\d+)\)", str(exc))
+        if found is None:
+            raise
+        raise OSError(int(found.group(2)), found.group(1).strip(), str(path)) from None

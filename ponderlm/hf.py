@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ponderlm.checkpoint import (latest_checkpoint, prepare_run_dir, read_model_weights, read_run_config,
                                  save_checkpoint, with_tied_weights)
 from ponderlm.config import Config, load_config
 from ponderlm.errors import PonderError
-from ponderlm.files import atomic_write_text, sha256_file
+from ponderlm.files import atomic_write_text, directory_built_aside, save_safetensors, sha256_file
 from ponderlm.methods import METHODS, build_model
 from ponderlm.methods.vanilla import Vanilla
 
@@ -189,12 +189,20 @@ def export_run(run_dir: Path, out_dir: Path, tau: float | None = None, overwrite
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise PonderError(f"{run_dir} has no checkpoint yet; train it first")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PonderError(f"--out {out_dir} is a file; give a folder to export into")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise PonderError(f"{out_dir} is not empty; choose a new folder or pass --overwrite")
+    if not (run_dir / "tokenizer.json").is_file():
+        raise PonderError(f"{run_dir} has no tokenizer.json, which every run directory holds; copy the tokenizer.json "
+                          "of the data it trained on (its data.path) into it")
     METHODS[config.method].check_tau_applies(tau)
-    if config.method == Vanilla.name:
-        return _export_llama(run_dir, out_dir, config, checkpoint)
-    return _export_remote_code(run_dir, out_dir, config, checkpoint, tau)
+    with directory_built_aside(out_dir) as building:  # a failed export leaves no partial folder
+        if config.method == Vanilla.name:
+            _export_llama(run_dir, building, config, checkpoint)
+        else:
+            _export_remote_code(run_dir, building, config, checkpoint, tau)
+    return out_dir
 
 
 def _export_remote_code(run_dir: Path, out_dir: Path, config: Config, checkpoint: Path, tau: float | None) -> Path:
@@ -206,7 +214,7 @@ def _export_remote_code(run_dir: Path, out_dir: Path, config: Config, checkpoint
     tau = model.resolve_tau(tau) if model.prunable else None
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {f"method.{name}": tensor.contiguous() for name, tensor in read_model_weights(checkpoint).items()}
-    save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
+    save_safetensors(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
     for name in ("configuration_ponderlm.py", "modeling_ponderlm.py"):
         shutil.copyfile(REMOTE_CODE / name, out_dir / name)
     config_json = {"architectures": ["PonderLMForCausalLM"], "model_type": "ponderlm",
@@ -253,6 +261,7 @@ def _export_llama(run_dir: Path, out_dir: Path, config: Config, checkpoint: Path
         for name in SAME_NAME_LAYER_WEIGHTS:
             state[hf + name] = w[ours + name]
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, out_dir / "model.safetensors", metadata={"format": "pt"})
+    save_safetensors({k: v.contiguous() for k, v in state.items()}, out_dir / "model.safetensors",
+                     metadata={"format": "pt"})
     _write_tokenizer_and_config(run_dir, out_dir, config, llama_config_json(config))
     return out_dir

@@ -139,7 +139,8 @@ def comparison_table(merged: list[dict], method: str, primary: tuple[str, ...] =
     lines = [f"**At equal data**: every other point against {method}'s best point trained on as many tokens with "
              f"no more inference FLOPs (+{FLOPS_TOLERANCE:.0%}). {tests}", "", *header]
     lines += [row(c, f"{method} has no point this cheap at this budget")
-              for c in sorted(compare(merged, method, primary), key=lambda c: (c["point"]["train_tokens"], c["point"]["run"]))]
+              for c in sorted(compare(merged, method, primary),
+                              key=lambda c: (c["point"]["train_tokens"], c["point"]["run"]))]
     lines += ["", f"**At equal compute**: every point of {method} against the best other point, of any budget, that "
               "cost no more training FLOPs and no more inference FLOPs (same columns, the same sign: positive means "
               f"{method} lower; its own Holm family). Where another method is better here, {method}'s gain does not "

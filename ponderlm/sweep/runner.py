@@ -82,7 +82,8 @@ def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None, reuse:
 
     def add(key, run, lr, seed):
         done[key] = [{**row, "lr_search_split": searched_on[run["name"]]} for row in train_and_evaluate(run, lr, seed)]
-        write_results(rows(), out, search, recipe.compare_to, recipe.primary)  # after every run, so a long sweep can publish its part
+        # after every run, so that a long sweep can publish its part
+        write_results(rows(), out, search, recipe.compare_to, recipe.primary)
 
     for index, run in enumerate(recipe.runs):
         lrs, seeds = recipe.grid(run, chosen)

@@ -304,7 +304,7 @@ def test_a_killed_prepare_reruns_to_identical_shards(tmp_path):
                "--vocab-size", "400", "--cache-dir", str(tmp_path), "--shard-tokens", "10000"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (out / "train_0003.bin").exists() and process.poll() is None and time.time() < deadline:
+    while not (out / ".staging" / "train_0003.bin").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     process.kill()
     process.wait()
