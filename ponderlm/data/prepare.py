@@ -15,9 +15,9 @@ import collections
 import contextlib
 import hashlib
 import heapq
-import itertools
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -42,7 +42,9 @@ SOURCES = ("default", "ptb", "files")
 TOKENIZERS = ("bpe", "gpt2")
 SPLITS = ("train", "val", "test")
 SAMPLE_BYTES = 256 << 20  # BPE training text: enough for a stable vocabulary, bounded memory
-ENCODE_BATCH = 256  # documents per encode_batch call in a worker
+ENCODE_CHARS = 1 << 20  # characters per encode_batch call in a worker: bounds its memory (~200 bytes a character)
+CHUNK_CHARS = 1 << 20  # a longer document is encoded in chunks of at most this many characters
+CUT = re.compile(r"\s+(?=\S)")  # reversed text: a whitespace run's start that follows a non-space
 
 
 def resolve_cache_dir(cache_dir: Path | None = None) -> Path:
@@ -102,19 +104,45 @@ def encode_piece(piece: Piece) -> Encoded:
     rule: SplitRule = _WORKER["rule"]
     placed = [(piece.split, 0.0, "") for _ in texts] if piece.split else [rule.place(t) for t in texts]
     parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
-    eos = [_WORKER["eos"]]
-    for start in range(0, len(texts), ENCODE_BATCH):  # tokenizers' Encoding objects are large: few at a time
-        batch = _WORKER["tok"].encode_batch(texts[start:start + ENCODE_BATCH], add_special_tokens=False)
-        for split in SPLITS:
-            mine = [e.ids for e, (where, _, _) in zip(batch, placed[start:]) if where == split]
-            if mine:
-                stream = itertools.chain.from_iterable(itertools.chain.from_iterable((ids, eos) for ids in mine))
-                parts[split].append(np.fromiter(stream, dtype=np.int64, count=sum(map(len, mine)) + len(mine)))
+    eos = np.array([_WORKER["eos"]], dtype=np.int64)
+    for index, ids in _encode_documents(texts):
+        parts[placed[index][0]] += [ids, eos]
     documents = collections.Counter(where for where, _, _ in placed)
     tokens = {split: np.concatenate(arrays) for split, arrays in parts.items() if arrays}
     nearest = {} if piece.split else _nearest(placed, rule)  # to fill a split that a large corpus left empty
     return Encoded(piece.file_index, piece.size, sum(map(len, texts)), tokens,
                    {split: documents[split] for split in tokens}, nearest)
+
+
+def _encode_documents(texts: list[str]) -> Iterator[tuple[int, np.ndarray]]:
+    """(document index, its ids) in order. The tokenizer sees at most ENCODE_CHARS characters per call: a long
+    document goes in chunks cut before a run of whitespace (where the pre-tokenizer splits anyway, so the ids are
+    the whole document's), because tokenizers' Encoding objects take about 200 bytes per character."""
+    chunks = [(index, chunk) for index, text in enumerate(texts) for chunk in _chunks(text, CHUNK_CHARS)]
+    pending: dict[int, list[np.ndarray]] = collections.defaultdict(list)
+    start = 0
+    while start < len(chunks):
+        end, size = start, 0
+        while end < len(chunks) and (end == start or size + len(chunks[end][1]) <= ENCODE_CHARS):
+            size, end = size + len(chunks[end][1]), end + 1
+        batch = _WORKER["tok"].encode_batch([chunk for _, chunk in chunks[start:end]], add_special_tokens=False)
+        for (index, _), encoding in zip(chunks[start:end], batch):
+            pending[index].append(np.array(encoding.ids, dtype=np.int64))
+        done = chunks[end][0] if end < len(chunks) else len(texts)  # documents before it have all their chunks
+        for index in sorted(i for i in pending if i < done):
+            yield index, np.concatenate(pending.pop(index))
+        start = end
+
+
+def _chunks(text: str, size: int) -> list[str]:
+    if len(text) <= size:
+        return [text]
+    cuts, start = [0], 0
+    while len(text) - start > size:
+        found = CUT.search(text[start + size // 2:start + size][::-1])  # the last whitespace run's start
+        start = start + size - found.end() if found else start + size
+        cuts.append(start)
+    return [text[a:b] for a, b in zip(cuts, cuts[1:] + [len(text)])]
 
 
 @contextlib.contextmanager
@@ -204,8 +232,9 @@ def _fill_empty_splits(rule: SplitRule, counts: dict[str, int], nearest: dict[st
     if not empty:
         return None
     if sum(counts.values()) < 3:
-        raise PonderError(f"need at least 3 documents to split into train/val/test, got {sum(counts.values())}; "
-                          "split your text into several files or jsonl lines")
+        raise PonderError(f"need at least 3 distinct documents to split into train/val/test, got "
+                          f"{sum(counts.values())}; split your text into several files or jsonl lines (copies of one "
+                          "text count once: they always share a split)")
     moved, counts = [], dict(counts)
     for split in empty:
         for _, digest, donor in nearest[split]:
@@ -218,7 +247,7 @@ def _fill_empty_splits(rule: SplitRule, counts: dict[str, int], nearest: dict[st
 
 def _settle_small_corpus(rule: SplitRule, texts: Iterator[str]) -> SplitRule:
     """Fill empty splits before the tokenizer is trained, so that no moved document is in its sample."""
-    placed = [rule.place(text) for text in texts]
+    placed = list({digest: (where, u, digest) for where, u, digest in map(rule.place, texts)}.values())  # distinct
     counts = {split: sum(where == split for where, _, _ in placed) for split in SPLITS}
     return _fill_empty_splits(rule, counts, _nearest(placed, rule)) or rule
 
@@ -357,6 +386,9 @@ def prepare(out_dir: Path, source: str = "default", files: list[Path] | None = N
             clear_outputs(staging)
             result = _encode_pass(data.pieces(), data.total_bytes, staging, tok, eos_id, text_field, rule, workers,
                                   shard_tokens)
+        if empty := [split for split, info in result.splits.items() if info["documents"] == 0]:
+            raise PonderError(f"the {' and '.join(empty)} split would be empty: the corpus has too few distinct "
+                              "documents (copies of one text share a split); add documents or split long ones")
         metadata = _metadata(staging, source, data, result, rule, tok, given, eos_id, tokenizer_meta)
         metadata["timings"] = {"encoding_seconds": round(time.time() - encoding_started, 2),
                                "total_seconds": round(time.time() - started, 2), "workers": workers}

@@ -112,7 +112,7 @@ def test_never_writes_into_a_directory_holding_files_it_did_not_write(tmp_path):
     ({"source": "wiki"}, "unknown data source"),
     ({"source": "files"}, "pass input files"),
     ({"source": "default", "files": [Path("a.txt")]}, "pass input files"),
-    ({"source": "files", "files": FIXTURE_TEXTS[:2]}, "at least 3 documents"),
+    ({"source": "files", "files": FIXTURE_TEXTS[:2]}, "at least 3 distinct documents"),
     ({"source": "files", "files": FIXTURE_TEXTS, "tokenizer": "sentencepiece"}, "unknown tokenizer"),
     ({"source": "files", "files": FIXTURE_TEXTS, "val_fraction": 0.0}, "fractions must be > 0 and sum to < 1"),
     ({"source": "files", "files": FIXTURE_TEXTS, "val_fraction": 0.5, "test_fraction": 0.5}, "sum to < 1"),
@@ -314,3 +314,34 @@ def test_a_killed_prepare_reruns_to_identical_shards(tmp_path):
     rerun = prepare(out, source="files", files=[corpus], vocab_size=400, cache_dir=tmp_path, shard_tokens=10_000)
     assert rerun["splits"] == reference["splits"]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())
+
+
+def test_a_long_document_is_encoded_in_chunks_to_the_same_ids(tmp_path, monkeypatch):
+    """Memory stays bounded on one huge record: the tokenizer sees at most CHUNK_CHARS characters per document
+    piece, cut before whitespace, and the shards are those of encoding each document whole."""
+    prepare_module = sys.modules["ponderlm.data.prepare"]  # the package exports the function under the same name
+    rng = random.Random(0)
+    words = ["the", "cat", "sat,", "  on", "the\n\nmat", "\t\tand", "ran.", "Über", "ça", "日本語"]
+    documents = [" ".join(rng.choice(words) for _ in range(n)) for n in (3000, 40, 5000, 7) * 4]
+    corpus = _jsonl(tmp_path / "long.jsonl", documents)
+    whole = prepare(tmp_path / "whole", source="files", files=[corpus], vocab_size=300, cache_dir=tmp_path)
+    seen = []
+    real = prepare_module._chunks
+    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 500)
+    monkeypatch.setattr(prepare_module, "ENCODE_CHARS", 1200)
+    monkeypatch.setattr(prepare_module, "_chunks", lambda text, size: seen.append(real(text, size)) or seen[-1])
+    chunked = prepare(tmp_path / "chunked", source="files", files=[corpus], cache_dir=tmp_path, workers=1,
+                      tokenizer=str(tmp_path / "whole" / "tokenizer.json"))
+    assert chunked["splits"] == whole["splits"]  # every shard's sha256 included
+    assert max(len(c) for pieces in seen for c in pieces) <= 500 and max(map(len, seen)) > 20
+
+
+def test_copies_of_a_document_count_once_toward_the_splits(tmp_path):
+    texts = [f"document number {i}: " + "words and more words " * 20 for i in range(5)]
+    with pytest.raises(PonderError, match="at least 3 distinct documents.*got 2"):
+        prepare(tmp_path / "two", source="files", files=[_jsonl(tmp_path / "two.jsonl", texts[:2] * 50)],
+                vocab_size=300, cache_dir=tmp_path)
+    assert not (tmp_path / "two").exists()
+    meta = prepare(tmp_path / "five", source="files", files=[_jsonl(tmp_path / "five.jsonl", texts * 30)],
+                   vocab_size=300, cache_dir=tmp_path)
+    assert all(info["documents"] >= 30 for info in meta["splits"].values())
