@@ -13,6 +13,8 @@ import glob
 import gzip
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -57,6 +59,8 @@ def expand_inputs(items: list[str | Path]) -> list[Path]:
             if not matches:
                 raise PonderError(f"pattern {item} matches no file")
             files += expand_inputs([m for m in matches if Path(m).is_dir() or suffix_of(Path(m))])
+        elif os.path.lexists(path):
+            raise PonderError(f"input {path} is a broken symbolic link or a symlink loop; fix the link")
         else:
             raise PonderError(f"input {path} does not exist")
     seen: set[Path] = set()
@@ -75,11 +79,31 @@ def _folder_files(folder: Path) -> list[Path]:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise PonderError(f"cannot read {folder / 'state.json'} ({exc}); is it a `save_to_disk` folder?") from None
         return [folder / name for name in names]
-    found = sorted(p for p in folder.rglob("*") if p.is_file() and suffix_of(p)
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    found = sorted(_walk(folder))
     if not found:
         raise PonderError(f"directory {folder} holds no {'/'.join(SUFFIXES)} files")
     return found
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """The supported files under folder, hidden ones skipped, symlinked folders followed (each real folder once, so
+    a link loop ends); an unreadable folder is an error, not a silent gap in the corpus."""
+    def unreadable(error: OSError):
+        raise PonderError(f"cannot read the folder {error.filename} ({error.strerror}); fix its permissions or leave "
+                          "it out of the input") from None
+
+    visited = set()
+    for root, folders, names in os.walk(folder, followlinks=True, onerror=unreadable):
+        real = os.path.realpath(root)
+        if real in visited:
+            folders.clear()
+            continue
+        visited.add(real)
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in names:
+            path = Path(root, name)
+            if not name.startswith(".") and suffix_of(path) and path.is_file():
+                yield path
 
 
 class _HashingReader:
@@ -113,20 +137,50 @@ def read_pieces(path: Path, file_index: int, record: dict, text_field: str = "te
         record["sha256"] = hashing.digest.hexdigest()
 
 
+class _ZstdFrames:
+    """The decompressed bytes of a .zst file of one or more frames; a file that ends inside a frame (truncated, even
+    at a line boundary, which zstandard's stream reader passes as a clean end) raises."""
+
+    def __init__(self, raw, path: Path):
+        import zstandard
+
+        self.raw, self.path, self.new = raw, path, zstandard.ZstdDecompressor().decompressobj
+        self.frame, self.in_frame, self.buffer = self.new(), False, b""
+
+    def read(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            data = self.raw.read(1 << 20)
+            if not data:
+                if self.in_frame:
+                    raise PonderError(f"{self.path} ends inside a zstd frame (truncated); copy or compress it again")
+                break
+            self._feed(data)
+        out, self.buffer = self.buffer[:size], self.buffer[size:]
+        return out
+
+    def _feed(self, data: bytes) -> None:
+        while data:
+            self.in_frame = True
+            self.buffer += self.frame.decompress(data)
+            if not self.frame.eof:
+                return
+            data, self.frame, self.in_frame = self.frame.unused_data, self.new(), False
+
+
 def _line_pieces(path: Path, file_index: int, hashing: _HashingReader, suffix: str,
                  piece_bytes: int) -> Iterator[Piece]:
     if suffix == ".jsonl.gz":
         stream = gzip.GzipFile(fileobj=hashing)
     elif suffix == ".jsonl.zst":
-        import zstandard
-
-        stream = zstandard.ZstdDecompressor().stream_reader(hashing)
+        stream = _ZstdFrames(hashing, path)
     else:
         stream = hashing
     carry, line, reported = b"", 1, 0
     while True:
         try:
             block = stream.read(piece_bytes)
+        except PonderError:
+            raise
         except Exception as exc:  # gzip/zstd corruption, truncated archives: each library its own type
             raise PonderError(f"cannot read {path} ({exc})") from None
         data = carry + block
@@ -182,9 +236,13 @@ def iter_texts(files: list[Path], text_field: str = "text") -> Iterator[str]:
             yield from piece_texts(piece, text_field)
 
 
+BOM = "\ufeff"  # a byte-order mark some editors put first: not text
+SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can escape one (\\ud800); alone it is not text
+
+
 def _decode(data: bytes, where: str) -> str:
     try:
-        return data.decode("utf-8").replace("\r\n", "\n")
+        return data.decode("utf-8").removeprefix(BOM).replace("\r\n", "\n")
     except UnicodeDecodeError as exc:
         raise PonderError(f"{where} is not valid UTF-8 text ({exc})") from None
 
@@ -198,8 +256,10 @@ def piece_texts(piece: Piece, text_field: str = "text") -> list[str]:
     elif piece.kind == "table":
         texts = piece.data.to_pylist()
     else:
-        texts = []
-        for offset, line in enumerate(piece.data.split(b"\n")):
+        texts, data = [], piece.data
+        if piece.first_line == 1:
+            data = data.removeprefix(BOM.encode())
+        for offset, line in enumerate(data.split(b"\n")):
             if line.strip():
                 texts.append(_json_text(line, f"{piece.file}:{piece.first_line + offset}", text_field))
     return [t for t in texts if t]
@@ -214,4 +274,7 @@ def _json_text(line: bytes, where: str, text_field: str) -> str:
         raise PonderError(f"{where} is not valid JSON ({exc.msg})") from None
     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
         raise PonderError(f"{where} has no string '{text_field}' field (name the text field with --text-field)")
+    if SURROGATE.search(record[text_field]):
+        raise PonderError(f"{where} holds a lone surrogate escape (\\ud800-\\udfff without its pair), which is not "
+                          "text; fix or drop that record")
     return record[text_field]

@@ -123,3 +123,55 @@ def test_nothing_to_read(tmp_path):
         texts([])
     (tmp_path / "empty.txt").write_text("")
     assert texts([tmp_path / "empty.txt"]) == []  # an empty document is skipped; prepare counts what is left
+
+
+def test_a_zstd_file_cut_at_a_line_boundary_is_caught(tmp_path):
+    import zstandard
+
+    lines = "".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(400)).encode()
+    middle = lines.index(b"\n", 3000) + 1
+    frames = [zstandard.ZstdCompressor().compress(part) for part in (lines[:middle], lines[middle:])]
+    whole = tmp_path / "whole.jsonl.zst"
+    whole.write_bytes(b"".join(frames))
+    assert len(texts([whole])) == 400  # two frames read across
+    first_frame_only = tmp_path / "first.jsonl.zst"
+    first_frame_only.write_bytes(frames[0])  # a complete frame: a valid, shorter file
+    assert texts([first_frame_only]) == [json.loads(line)["text"] for line in lines[:middle].decode().splitlines()]
+    cut = tmp_path / "cut.jsonl.zst"
+    stream = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    body = stream.compress(lines) + stream.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)  # blocks, no frame end
+    cut.write_bytes(body)
+    assert zstandard.ZstdDecompressor().stream_reader(cut.open("rb")).read()  # what the library passes as whole
+    with pytest.raises(PonderError, match=r"cut.jsonl.zst ends inside a zstd frame \(truncated\)"):
+        texts([cut])
+
+
+def test_folders_follow_symlinked_folders_once_and_refuse_unreadable_ones(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    (corpus / "a").mkdir(parents=True)
+    (corpus / "a" / "one.txt").write_text("one")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "two.txt").write_text("two")
+    (corpus / "b").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(corpus, target_is_directory=True)  # a loop back to the top
+    assert sorted(texts([corpus])) == ["one", "two"]
+    (tmp_path / "self").symlink_to(tmp_path / "self")
+    with pytest.raises(PonderError, match="is a broken symbolic link or a symlink loop"):
+        texts([tmp_path / "self"])
+    import os
+
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": (_ for _ in ()).throw(PermissionError(
+        13, "Permission denied", str(path))) if str(path).endswith("/a") else real_scandir(path))
+    with pytest.raises(PonderError, match=r"cannot read the folder .*corpus/a \(Permission denied\)"):
+        texts([corpus])
+
+
+def test_a_byte_order_mark_is_not_text_and_a_lone_surrogate_is_refused(tmp_path):
+    (tmp_path / "bom.txt").write_bytes("\ufeffHello".encode())
+    (tmp_path / "bom.jsonl").write_bytes("\ufeff".encode() + b'{"text": "Hi"}\n{"text": "there"}\n')
+    assert texts([tmp_path / "bom.txt", tmp_path / "bom.jsonl"]) == ["Hello", "Hi", "there"]
+    (tmp_path / "s.jsonl").write_text('{"text": "fine"}\n{"text": "bad \\ud800 here"}\n')
+    with pytest.raises(PonderError, match=r"s.jsonl:2 holds a lone surrogate"):
+        texts([tmp_path / "s.jsonl"])
