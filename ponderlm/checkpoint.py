@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ponderlm.config import Config, config_from_dict
+from ponderlm.data.shards import check_data_tokenizer
 from ponderlm.errors import PonderError, explain_os_error
 from ponderlm.files import LOCK_FILE, lock_directory, save_safetensors, sha256_file
 
@@ -198,7 +199,7 @@ def load_trainer_state(checkpoint: Path) -> dict:
 
 def require_run_tokenizer(run_dir: Path, data_dir: Path, data_metadata: dict) -> None:
     """Refuse data tokenised with another tokenizer than the run's own tokenizer.json."""
-    data_tokenizer = data_dir / data_metadata["tokenizer"]["file"]
+    data_tokenizer = check_data_tokenizer(data_dir, data_metadata)
     if not (run_dir / "tokenizer.json").is_file():
         raise PonderError(f"{run_dir} has lost its tokenizer.json; copy back the one the run was trained with "
                           f"(for a run on unchanged data: {data_tokenizer})")

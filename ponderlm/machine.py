@@ -53,13 +53,17 @@ def describe(info: dict | None = None) -> str:
 SESSIONS = "sessions.jsonl"  # in a run directory: a "start" and an "end" line per training session
 
 
+def read_sessions(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / SESSIONS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def session_summary(run_dir: Path) -> dict:
     """What a run's training sessions ran with: precision, CPU, torch, threads (joined with "; " where sessions
     differ) and the wall time of the sessions that ended. Empty for a run trained before runs recorded it."""
-    path = Path(run_dir) / SESSIONS
-    if not path.is_file():
+    lines = read_sessions(run_dir)
+    if not lines:
         return {}
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     starts = [line for line in lines if line["event"] == "start"]
 
     def joined(key: str) -> str:

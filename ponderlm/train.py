@@ -27,11 +27,12 @@ from ponderlm.checkpoint import (latest_checkpoint, load_trainer_state, prepare_
                                  read_run_config, require_run_tokenizer, save_checkpoint, with_tied_weights)
 from ponderlm.config import Config
 from ponderlm.data import TokenShards, load_tokenizer, read_metadata
+from ponderlm.data.shards import check_data_tokenizer, train_data_fingerprint
 from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_model
 from ponderlm.files import atomic_write_text, read_jsonl, sha256_file
 from ponderlm.hf import load_initial_weights
-from ponderlm.machine import SESSIONS, machine, precision
+from ponderlm.machine import SESSIONS, machine, precision, read_sessions
 from ponderlm.methods import build_model
 
 # Keys a resumed run may change: they do not alter what is computed at a given step.
@@ -200,15 +201,21 @@ class Trainer:
         if 0 < config.model.vocab_size < vocab_size:  # more rows than tokens is fine (imported models pad)
             raise PonderError(f"model.vocab_size={config.model.vocab_size} but the tokenizer of {config.data.path} "
                               f"has {vocab_size} tokens; drop model.vocab_size to take it from the data")
-        tokenizer_file = Path(config.data.path) / data_meta["tokenizer"]["file"]
+        tokenizer_file = check_data_tokenizer(Path(config.data.path), data_meta)
         tokenizer_vocab = load_tokenizer(tokenizer_file).get_vocab_size()
         if tokenizer_vocab != vocab_size:
             raise PonderError(f"{tokenizer_file} has {tokenizer_vocab} tokens but "
                               f"the metadata.json beside it says {vocab_size}; re-run `ponderlm data prepare` "
                               "--overwrite for that directory")
         config.model.vocab_size = config.model.vocab_size or vocab_size
+        self.train_data = train_data_fingerprint(data_meta)
         if resume:
             require_run_tokenizer(self.run_dir, Path(config.data.path), data_meta)
+            started_on = [s.get("train_data") for s in read_sessions(self.run_dir) if s["event"] == "start"]
+            if started_on and started_on[-1] not in (None, self.train_data):
+                raise PonderError(f"the training data at {config.data.path} changed since this run last trained "
+                                  "(its train shards differ from the ones sessions.jsonl records): resume on that "
+                                  "data, or start a new run from this one with --init-from")
         return tokenizer_file
 
     def _init_from(self, source: Path) -> None:
@@ -306,7 +313,8 @@ class Trainer:
         if main:
             self._record_session({"event": "start", "step": self.start_step, "time": time.time(),
                                   "precision": precision(self.config, self.topology.device.type),
-                                  "world_size": self.topology.world_size, **machine(self.topology.device)})
+                                  "world_size": self.topology.world_size, "train_data": self.train_data,
+                                  **machine(self.topology.device)})
         lowest = self.metrics.lowest_loss() if main else math.inf
         for step in range(self.start_step + 1, t.steps + 1):
             measured = self.train_step(step)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +20,8 @@ from ponderlm.checkpoint import list_checkpoints
 from ponderlm.config import load_config
 from ponderlm.data import TokenShards
 from ponderlm.errors import PonderError
+from ponderlm.evaluate import evaluate_run
+from ponderlm.files import sha256_file
 from ponderlm.methods import build_model
 from ponderlm.train import lr_at, train
 
@@ -236,3 +239,32 @@ def test_a_training_loss_far_above_its_minimum_is_flagged(tiny_data_dir, tmp_pat
         lowest = min(r["loss"] for r in records if r["step"] < record["step"])
         assert record["loss_above_min"] == pytest.approx(record["loss"] - lowest) and record["loss_above_min"] > 2
     assert "nats above its minimum so far; the run may be diverging" in capsys.readouterr().err
+
+
+def test_a_swapped_tokenizer_or_changed_training_data_is_refused(tiny_data_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    run = tmp_path / "run"
+    train(tiny(data, "train.steps=2", "train.save_every=1"), run, progress=False)
+    shutil.rmtree(run / "checkpoints" / "step_0000002")
+    # Another tokenizer of the same size in the data directory: only its sha256 tells.
+    original = (data / "tokenizer.json").read_text()
+    swapped = json.loads(original)
+    vocab = swapped["model"]["vocab"]
+    vocab["e"], vocab["t"] = vocab["t"], vocab["e"]  # two ids exchanged: the same size, other token ids
+    (data / "tokenizer.json").write_text(json.dumps(swapped))
+    with pytest.raises(PonderError, match=r"tokenizer.json is not the tokenizer .* were encoded with \(its sha256 differs"):
+        train(None, run, resume=True, progress=False)
+    with pytest.raises(PonderError, match=r"its sha256 differs"):
+        evaluate_run(run, data_path=data)
+    (data / "tokenizer.json").write_text(original)
+    # The same tokenizer, other training text: the run would continue on other tokens without a word.
+    meta = json.loads((data / "metadata.json").read_text())
+    shard = data / meta["splits"]["train"]["shards"][0]["file"]
+    tokens = np.fromfile(shard, dtype=meta["splits"]["train"]["dtype"])
+    tokens[1:101] = tokens[101:201]
+    tokens.tofile(shard)
+    meta["splits"]["train"]["shards"][0]["sha256"] = sha256_file(shard)
+    (data / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(PonderError, match="training data at .* changed since this run last trained"):
+        train(None, run, resume=True, progress=False)

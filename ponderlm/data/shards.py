@@ -122,6 +122,25 @@ def read_metadata(data_dir: Path) -> dict:
     return meta
 
 
+def check_data_tokenizer(data_dir: Path, meta: dict) -> Path:
+    """The data's tokenizer file, once it is shown to be the one its shards were encoded with (the sha256 that
+    metadata.json records; a tokenizer of the same size swapped in would otherwise pass). Returns its path."""
+    path = Path(data_dir) / meta["tokenizer"]["file"]
+    if not path.is_file():
+        raise PonderError(f"{path} is missing; restore it, or {PREPARE_HINT} --overwrite")
+    recorded = meta["tokenizer"].get("sha256")
+    if recorded and sha256_file(path) != recorded:
+        raise PonderError(f"{path} is not the tokenizer {data_dir}'s shards were encoded with (its sha256 differs "
+                          f"from metadata.json's); restore that file, or {PREPARE_HINT} --overwrite")
+    return path
+
+
+def train_data_fingerprint(meta: dict) -> str:
+    """An identity of a data directory's training tokens: the sha256 of its train shards' recorded sha256s."""
+    shards = meta["splits"]["train"]["shards"]
+    return hashlib.sha256("".join(shard["sha256"] for shard in shards).encode()).hexdigest()[:16]
+
+
 def _require_keys(mapping: dict, keys: tuple[str, ...]) -> None:
     missing = [key for key in keys if key not in mapping]
     if missing:
