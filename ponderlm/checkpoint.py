@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import IO
 
 import torch
-import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from ponderlm.config import Config, config_from_dict
+from ponderlm.config import Config, config_from_dict, read_yaml_mapping
 from ponderlm.data.shards import check_data_tokenizer
 from ponderlm.errors import PonderError, explain_os_error
 from ponderlm.files import LOCK_FILE, lock_directory, save_safetensors, sha256_file
@@ -213,4 +212,10 @@ def read_run_config(run_dir: Path) -> Config:
     if not path.is_file():
         raise PonderError(f"{run_dir} is not a run directory (no config.yaml); make one with `ponderlm train demo "
                           f"--out {run_dir}` or `ponderlm import HF_DIR --out {run_dir}`")
-    return config_from_dict(yaml.safe_load(path.read_text()))
+    data = read_yaml_mapping(path)
+    if not data:
+        raise PonderError(f"{path} is empty; restore the config.yaml the run was trained with")
+    try:
+        return config_from_dict(data).validate()
+    except PonderError as exc:
+        raise PonderError(f"{path}: {exc}; restore the file the run was trained with") from None

@@ -240,7 +240,7 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
     merged = OmegaConf.structured(Config)
     try:
         if name_or_path is not None:
-            merged = OmegaConf.merge(merged, _read_yaml_mapping(resolve_config_path(name_or_path)))
+            merged = OmegaConf.merge(merged, read_yaml_mapping(resolve_config_path(name_or_path)))
         for item in overrides or []:
             if "=" not in item:
                 raise PonderError(f"--set expects key=value, got {item!r}")
@@ -251,7 +251,7 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
     return config.validate()
 
 
-def _read_yaml_mapping(path: Path) -> dict:
+def read_yaml_mapping(path: Path) -> dict:
     """The YAML mapping in a config file, or one line saying why the file is not one."""
     try:
         data = yaml.safe_load(path.read_text())

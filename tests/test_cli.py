@@ -326,3 +326,20 @@ def test_resume_with_set_and_no_config_changes_the_runs_own_config(tiny_data_dir
     assert code == 0 and sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002"]
     code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "none"), "--resume", "--set", "train.steps=1")
     assert_one_line_error(code, err, "holds no run (no config.yaml)")
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "is empty; restore the config.yaml"),
+    ("- a\n- b\n", "must be a YAML mapping"),
+    ("method: [unclosed\n", "is not valid YAML"),
+    ("method: ponderlm9\n", "unknown method 'ponderlm9'"),
+])
+def test_a_damaged_run_config_is_one_line_for_every_command(trained_run, tmp_path, capsys, content, message):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "config.yaml").write_text(content)
+    for argv in (["eval", str(run)], ["train", "--out", str(run), "--resume"], ["generate", str(run), "--prompt", "a"]):
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, "config.yaml", message)
+    with pytest.raises(ponderlm.errors.PonderError, match=message):
+        ponderlm.load(run)
