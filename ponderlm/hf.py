@@ -58,10 +58,16 @@ def llama_model_settings(hf_dir: Path) -> dict:
         hf = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise PonderError(f"cannot read {path} ({exc}); give a Hugging Face model folder") from None
+    if not isinstance(hf, dict):
+        raise PonderError(f"{path} holds a JSON {type(hf).__name__}, not a model config (an object)")
     if hf.get("model_type") != "llama":
         raise PonderError(f"{path} describes model_type {hf.get('model_type')!r}; only llama imports")
     if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
         raise PonderError(f"{path}: only SiLU MLPs without biases import (hidden_act, attention_bias, mlp_bias)")
+    sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    bad = [key for key in sizes if not isinstance(hf.get(key), int) or hf[key] <= 0]
+    if bad:
+        raise PonderError(f"{path}: {bad[0]} is {hf.get(bad[0])!r}; a Llama config needs a positive integer there")
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
         raise PonderError(f"{path}: head_dim {head_dim} x {hf['num_attention_heads']} heads != hidden_size")
@@ -72,8 +78,11 @@ def llama_model_settings(hf_dir: Path) -> dict:
 def read_llama_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of model.safetensors, or of the shards model.safetensors.index.json lists."""
     index = hf_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-        else ["model.safetensors"]
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["model.safetensors"]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PonderError(f"{index} is not a safetensors index (a weight_map of tensor -> file): {exc}") from None
     weights = {}
     for name in files:
         try:
@@ -119,13 +128,21 @@ def import_llama(hf_dir: Path, run_dir: Path, method: str | None = None, overrid
     if not tokenizer.is_file():
         raise PonderError(f"{hf_dir} has no tokenizer.json (the fast tokenizer file); save the model's tokenizer "
                           "there with save_pretrained")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        raise PonderError(f"{run_dir} is not empty; choose a new --out, or pass --overwrite to replace the run in it")
     model = build_model(config)
     load_initial_weights(hf_dir, model)
-    with prepare_run_dir(run_dir, resume=False, overwrite=overwrite):
-        shutil.copyfile(tokenizer, run_dir / "tokenizer.json")
-        atomic_write_text(run_dir / "config.yaml", config.to_yaml())
-        save_checkpoint(run_dir, 0, model.state_dict(), {"step": 0, "imported_from": str(hf_dir)},
-                        {"method": config.method, "tokenizer_sha256": sha256_file(tokenizer)}, keep_last=1)
+    created = not run_dir.exists()
+    try:
+        with prepare_run_dir(run_dir, resume=False, overwrite=overwrite):
+            shutil.copyfile(tokenizer, run_dir / "tokenizer.json")
+            atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+            save_checkpoint(run_dir, 0, model.state_dict(), {"step": 0, "imported_from": str(hf_dir)},
+                            {"method": config.method, "tokenizer_sha256": sha256_file(tokenizer)}, keep_last=1)
+    except BaseException:
+        if created:  # nothing of a failed import stays behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return config
 
 
@@ -160,6 +177,14 @@ def load_initial_weights(source: Path, model: torch.nn.Module) -> None:
         except KeyError as exc:
             raise PonderError(f"{source} lacks the tensor {exc} of a {model.config.model.num_hidden_layers}-layer "
                               "Llama") from None
+        except RuntimeError as exc:  # q/k/v or gate/up of sizes that do not concatenate
+            raise PonderError(f"{source}: its tensors do not have the shapes its config.json describes "
+                              f"({str(exc).splitlines()[0]})") from None
+    bad = next((name for name, tensor in state.items() if tensor.is_floating_point()
+                and not torch.isfinite(tensor).all()), None)
+    if bad is not None:
+        raise PonderError(f"{source} holds non-finite values (NaN or inf) in {bad}: the source model is damaged; "
+                          "use an intact copy")
     own = model.state_dict()
     fitting = {name: tensor for name, tensor in state.items() if name in own and own[name].shape == tensor.shape}
     unfit = [name for name in own if name.startswith("backbone.") and name not in fitting

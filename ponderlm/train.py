@@ -198,6 +198,8 @@ class Trainer:
         config = self.config
         data_meta = read_metadata(Path(config.data.path))
         vocab_size = data_meta["tokenizer"]["vocab_size"]
+        if config.train.init_from:  # first: another tokenizer is the cause of any size mismatch below
+            self._check_init_from_tokenizer(Path(config.train.init_from), data_meta)
         if 0 < config.model.vocab_size < vocab_size:  # more rows than tokens is fine (imported models pad)
             raise PonderError(f"model.vocab_size={config.model.vocab_size} but the tokenizer of {config.data.path} "
                               f"has {vocab_size} tokens; drop model.vocab_size to take it from the data")
@@ -218,13 +220,17 @@ class Trainer:
                                   "data, or start a new run from this one with --init-from")
         return tokenizer_file
 
-    def _init_from(self, source: Path) -> None:
-        """Load the weights a continued-pretraining run starts from; its tokenizer must be the data's."""
+    def _check_init_from_tokenizer(self, source: Path, data_meta: dict) -> None:
+        """A continued-pretraining run's source must share the data's tokenizer."""
+        data_tokenizer = check_data_tokenizer(Path(self.config.data.path), data_meta)
         if not (source / "tokenizer.json").is_file() or \
-                sha256_file(source / "tokenizer.json") != sha256_file(self.data_tokenizer):
+                sha256_file(source / "tokenizer.json") != sha256_file(data_tokenizer):
             raise PonderError(f"the data at {self.config.data.path} was not tokenized with the tokenizer of "
                               f"--init-from {source}; prepare it with `ponderlm data prepare --tokenizer "
                               f"{source / 'tokenizer.json'}`")
+
+    def _init_from(self, source: Path) -> None:
+        """Load the weights a continued-pretraining run starts from (its tokenizer was checked with the data)."""
         load_initial_weights(source, self.model)
 
     def _write_run_dir(self, resume: bool, overwrite: bool, held: contextlib.ExitStack) -> None:

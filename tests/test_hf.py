@@ -209,3 +209,70 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_its_init_from_sou
     before, _ = ponderlm.load(source)
     after, _ = ponderlm.load(run)
     torch.testing.assert_close(after.backbone.lm_head.weight, before.backbone.lm_head.weight, rtol=0, atol=1e-6)
+
+
+def _break(folder: Path, how: str) -> None:
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    if how == "list":
+        config_path.write_text(json.dumps([config]))
+    elif how in ("no hidden_size", "zero heads"):
+        config.pop("hidden_size") if how == "no hidden_size" else config.update(num_attention_heads=0)
+        config_path.write_text(json.dumps(config))
+    elif how == "wrong shapes":
+        weights = load_file(folder / "model.safetensors")
+        weights["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 40)
+        save_file(weights, folder / "model.safetensors")
+    elif how == "broken index":
+        (folder / "model.safetensors.index.json").write_text('{"weight_map": ')
+    elif how == "nan":
+        weights = load_file(folder / "model.safetensors")
+        weights["model.norm.weight"][3] = float("nan")
+        save_file(weights, folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("how,message", [
+    ("list", "holds a JSON list, not a model config"),
+    ("no hidden_size", "hidden_size is None; a Llama config needs a positive integer"),
+    ("zero heads", "num_attention_heads is 0"),
+    ("wrong shapes", "its tensors do not have the shapes its config.json describes"),
+    ("broken index", "model.safetensors.index.json is not a safetensors index"),
+    ("nan", "holds non-finite values (NaN or inf) in backbone.norm.weight: the source model is damaged"),
+])
+def test_a_damaged_llama_folder_is_one_line_for_import_and_init_from_and_leaves_nothing(how, message, tiny_data_dir,
+                                                                                      tmp_path, capsys):
+    llama_folder(tmp_path / "hf", tiny_data_dir / "tokenizer.json")
+    _break(tmp_path / "hf", how)
+    capsys.readouterr()
+    code = main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")])
+    assert_one_line_error(code, capsys.readouterr().err, message)
+    code = main(["train", "tiny", "--init-from", str(tmp_path / "hf"), "--out", str(tmp_path / "run2"), "--set",
+                 f"data.path={tiny_data_dir}"])
+    assert_one_line_error(code, capsys.readouterr().err, message)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+
+
+def test_import_into_a_used_folder_suggests_overwrite_not_resume(tiny_data_dir, tmp_path, capsys):
+    llama_folder(tmp_path / "hf", tiny_data_dir / "tokenizer.json")
+    capsys.readouterr()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    code = main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert_one_line_error(code, err, "is not empty; choose a new --out, or pass --overwrite")
+    assert "--resume" not in err
+
+
+def test_init_from_with_another_tokenizer_names_the_tokenizer_not_the_vocabulary_size(tiny_data_dir, tmp_path,
+                                                                                     capsys):
+    source = tmp_path / "vanilla"
+    train(load_config("tiny", [f"data.path={tiny_data_dir}", "train.steps=1"]), source, progress=False)
+    bigger = tmp_path / "bigger"  # a data directory whose tokenizer has more tokens than the source's
+    assert main(["data", "prepare", "--out", str(bigger), "--files", *map(str, FIXTURE_TEXTS), "--vocab-size",
+                 "700"]) == 0
+    capsys.readouterr()
+    code = main(["train", "tiny", "--init-from", str(source), "--out", str(tmp_path / "r"), "--set",
+                 f"data.path={bigger}"])
+    err = capsys.readouterr().err
+    assert_one_line_error(code, err, "was not tokenized with the tokenizer of --init-from")
+    assert "vocab_size" not in err
