@@ -27,7 +27,8 @@ from ponderlm.files import LOCK_FILE, lock_directory, save_safetensors, sha256_f
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7})$")
 CHECKSUMS_FILE = "checksums.json"  # sha256 of each file of a checkpoint, written at save time
 TORCH_WRITE_ERRORS = ("PytorchStreamWriter", "inline_container", "iostream")  # how torch.save reports a failed write
-RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl", "checkpoints")
+RUN_MARKER = ".ponderlm-run"  # written first when a run starts, so that a start killed before config.yaml is ours
+RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl", "sessions.jsonl", "checkpoints")
 
 
 def lock_run_dir(run_dir: Path) -> IO:
@@ -44,7 +45,12 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> IO:
     lock = lock_run_dir(run_dir)
     if resume:
         return lock
-    used = any(path.name != LOCK_FILE for path in run_dir.iterdir())
+    names = {path.name for path in run_dir.iterdir()} - {LOCK_FILE}
+    if RUN_MARKER in names and not names - {RUN_MARKER, "tokenizer.json", ".config.tmp.yaml"}:
+        for name in names:  # a start killed before its config.yaml: ours, and nothing to keep
+            (run_dir / name).unlink()
+        names = set()
+    used = bool(names - {RUN_MARKER})
     if used and not overwrite:
         lock.close()
         raise PonderError(
@@ -63,6 +69,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> IO:
                 target.unlink()
         for leftover in run_dir.glob("events.out.tfevents.*"):
             leftover.unlink()
+    (run_dir / RUN_MARKER).touch()
     return lock
 
 

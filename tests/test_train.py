@@ -114,6 +114,23 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_data_dir):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+def test_a_start_killed_before_its_config_is_no_dead_end(tiny_data_dir, tmp_path):
+    """Killed after the tokenizer was copied, before config.yaml: neither --resume (no run) nor --overwrite (not a
+    run) could take it; it is our own stub, so a plain start goes ahead. A user's own tokenizer.json is not ours."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".ponderlm-run").touch()
+    shutil.copyfile(tiny_data_dir / "tokenizer.json", run / "tokenizer.json")
+    train(tiny(tiny_data_dir, "train.steps=1"), run, progress=False)
+    assert (run / "config.yaml").is_file() and [r["step"] for r in read_metrics(run)] == [1]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "tokenizer.json").write_text("{}")
+    with pytest.raises(PonderError, match="is not empty"):
+        train(tiny(tiny_data_dir, "train.steps=1"), mine, progress=False)
+    assert sorted(p.name for p in mine.iterdir()) == [".lock", "tokenizer.json"]
+
+
 def test_resume_refuses_a_changed_config(tiny_data_dir, tmp_path):
     run = tmp_path / "run"
     train(tiny(tiny_data_dir, "train.steps=2"), run, progress=False)
