@@ -15,7 +15,6 @@ For every scored position t (input token x_t, predicting x_{t+1}) we record
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from ponderlm.config import check_tau
 from ponderlm.data import TokenShards, read_metadata
 from ponderlm.engine import inspect
 from ponderlm.errors import PonderError
-from ponderlm.files import atomic_path, atomic_write_text
+from ponderlm.files import standard_json, atomic_path, atomic_write_text
 from ponderlm.runs import load
 
 TABLE_ROWS = 40  # token strings in the per-token table, most frequent first
@@ -138,7 +137,7 @@ def analyze_run(run_dir: str | Path, split: str = "test", max_tokens: int = 1638
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"json": out_dir / "analysis.json", "histogram": out_dir / "steps_histogram.png",
              "html": out_dir / "analysis.html"}
-    atomic_write_text(files["json"], json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(files["json"], standard_json(summary, indent=1) + "\n")
     write_histogram(files["histogram"], arrays["expected_steps"], summary)
     shown = slice(0, SHOWN_TOKENS)
     atomic_write_text(files["html"], render_html(summary, token_strings[shown], arrays["kept_steps"][shown],

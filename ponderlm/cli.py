@@ -7,11 +7,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from ponderlm.errors import PonderError, explain_os_error
+from ponderlm.files import standard_json
 
 SCORINGS = ("exact", "jacobi")  # ponderlm.engine.SCORINGS, without importing torch for --help
 
@@ -100,6 +103,13 @@ def _lm_eval(args) -> None:
     from ponderlm.files import atomic_write_text
 
     tasks = TASKS if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise PonderError(f"--tasks {args.tasks!r} names no task; give comma-separated task names, or all")
+    try:  # the results go into the run directory: find out now, not after the evaluation
+        tempfile.TemporaryFile(dir=args.run_dir).close()
+    except OSError as exc:
+        raise PonderError(f"cannot write the results into {args.run_dir} ({explain_os_error(exc)}); make it "
+                          "writable, or copy the run somewhere writable") from None
     results = run_lm_eval(Path(args.run_dir), list(tasks), limit=args.limit, tau=args.tau,
                           batch_size=args.batch_size, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     from lm_eval.utils import handle_non_serializable, make_table
@@ -109,8 +119,14 @@ def _lm_eval(args) -> None:
     print(results_table(results))
     path = results_path(results)
     if path.is_file():  # an earlier call at the same checkpoint, tau and limit: keep the tasks only it ran
-        results = merge_results(json.loads(path.read_text()), json.loads(json.dumps(results,
-                                                                                    default=handle_non_serializable)))
+        try:
+            earlier = json.loads(path.read_text())
+            results = merge_results(earlier, json.loads(json.dumps(results, default=handle_non_serializable)))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            kept = path.with_name(path.name + ".damaged")
+            os.replace(path, kept)
+            print(f"ponderlm: notice: the earlier {path.name} is damaged ({exc}); kept as {kept.name}, and this "
+                  "call's results are written alone", file=sys.stderr)
     atomic_write_text(path, json.dumps(results, indent=1, default=handle_non_serializable))
     print(f"results: {path}")
 
@@ -142,15 +158,20 @@ def read_prompts(path: str) -> list[str]:
 
 def _generate(args) -> None:
     from ponderlm.config import check_tau
-    from ponderlm.generate import generate, generate_many
+    from ponderlm.engine import Sampling
+    from ponderlm.generate import check_max_new_tokens, check_prompt, generate, generate_many
     from ponderlm.runs import load
 
     if (args.prompt is None) == (args.prompts_file is None):
         raise PonderError("give either --prompt TEXT or --prompts-file FILE")
     check_tau(args.tau)
+    Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # every argument checked before any output
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None
+    if args.prompt is not None:
+        check_prompt(args.prompt, "--prompt")
     model, tokenizer = load(args.run_dir)
     model.check_tau_applies(args.tau)
+    check_max_new_tokens(args.max_new_tokens, model.config.data.seq_len)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, tau=args.tau)
     if prompts is not None:
@@ -241,17 +262,7 @@ def probability(text: str) -> float:
 
 
 def print_json(record: dict, **kwargs) -> None:
-    """Standard JSON (RFC 8259 has no NaN or Infinity): a non-finite number prints as null."""
-    def standard(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: standard(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [standard(v) for v in value]
-        return value
-
-    print(json.dumps(standard(record), allow_nan=False), **kwargs)
+    print(standard_json(record), **kwargs)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -18,6 +18,7 @@ sequence's row is refilled by the last row. Methods whose prompt slots can run i
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -38,6 +39,17 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+
+    MIN_TEMPERATURE = 1e-3  # below it logits / temperature overflow; such a temperature is greedy anyway
+
+    def __post_init__(self):
+        if self.temperature != 0 and not self.MIN_TEMPERATURE <= self.temperature < math.inf:
+            raise PonderError(f"temperature {self.temperature:g}: give 0 (greedy) or a value of at least "
+                              f"{self.MIN_TEMPERATURE:g}")
+        if self.top_k < 0:
+            raise PonderError(f"top_k {self.top_k}: give 0 (every token) or a positive number of tokens")
+        if not 0 < self.top_p <= 1:
+            raise PonderError(f"top_p {self.top_p:g}: give a probability mass in (0, 1]")
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

@@ -28,6 +28,11 @@ from ponderlm.runs import load
 
 
 @torch.no_grad()
+def perplexity(loss: float) -> float:
+    """exp(loss), inf where it overflows a float (a mean loss above 709 nats: a broken or untrained model)."""
+    return math.exp(loss) if loss < 709 else math.inf
+
+
 def evaluate_model(model: Method, shards: TokenShards, max_tokens: int | None = None, tau: float | None = None,
                    runner=None, scoring: str = "exact") -> dict:
     """Mean next-token NLL (nats) over the first max_tokens of a split, with pondering statistics.
@@ -82,7 +87,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None
     measured = evaluate_model(model, shards, max_tokens, tau, scoring=scoring)
     device = model.backbone.lm_head.weight.device
     result = {"method": config.method, "split": split, "scoring": scoring, "precision": precision(config, device.type),
-              "loss": measured["loss"], "ppl": math.exp(measured["loss"]),
+              "loss": measured["loss"], "ppl": perplexity(measured["loss"]),
               "tokens": measured["tokens"], "mean_extra_steps": measured["mean_extra_steps"],
               "inference_flops_per_token": measured["inference_flops_per_token"]}
     if model.max_extra_steps:
@@ -92,12 +97,12 @@ def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None
         result["tau"] = model.resolve_tau(tau)
     if model.prunable and with_soft:
         soft = evaluate_model(model, shards, max_tokens, tau=0.0, scoring=scoring)["loss"]
-        result.update(soft_loss=soft, soft_ppl=math.exp(soft), pruned_minus_soft=measured["loss"] - soft)
+        result.update(soft_loss=soft, soft_ppl=perplexity(soft), pruned_minus_soft=measured["loss"] - soft)
     result["machine"] = machine(device)
     words = metadata["splits"][split].get("words")
     if words and measured["tokens"] == len(shards) - 1:
         # Every token of the split (EOS included, standing in for PTB's <eos>) was scored once.
-        result["word_ppl"] = math.exp(measured["loss"] * measured["tokens"] / words)
+        result["word_ppl"] = perplexity(measured["loss"] * measured["tokens"] / words)
         result["words"] = words
     return result
 
@@ -113,13 +118,13 @@ def tau_table(run_dir: str | Path, taus: list[float], split: str = "val", max_to
                           "compute does not depend on tau")
     soft = evaluate_model(model, shards, max_tokens, tau=0.0, scoring=scoring)
     lines = [f"{model.config.method}, {split} split, {soft['tokens']:,} tokens, {scoring} scoring; soft "
-             f"(training-mask) perplexity {math.exp(soft['loss']):.2f}",
+             f"(training-mask) perplexity {perplexity(soft['loss']):.2f}",
              "tokens/s: tokens scored per second of wall-clock time on this machine, at each tau", "",
              "| tau | ppl | mean extra steps | inference FLOPs/token | tokens/s |", "|---|---|---|---|---|"]
     for tau in taus:
         start = time.perf_counter()
         measured = evaluate_model(model, shards, max_tokens, tau, scoring=scoring)
         seconds = time.perf_counter() - start
-        lines.append(f"| {tau:g} | {math.exp(measured['loss']):.2f} | {measured['mean_extra_steps']:.3f} | "
+        lines.append(f"| {tau:g} | {perplexity(measured['loss']):.2f} | {measured['mean_extra_steps']:.3f} | "
                      f"{measured['inference_flops_per_token']:.3e} | {measured['tokens'] / seconds:,.0f} |")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -109,3 +110,17 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None 
         if found is None:
             raise
         raise OSError(int(found.group(2)), found.group(1).strip(), str(path)) from None
+
+
+def standard_json(value, indent: int | None = None) -> str:
+    """JSON as RFC 8259 has it, which knows no NaN or Infinity: a non-finite number is written as null."""
+    def standard(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: standard(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [standard(v) for v in value]
+        return value
+
+    return json.dumps(standard(value), indent=indent, allow_nan=False)

@@ -27,11 +27,24 @@ class Generated:
     finish_reason: str  # "stop" (EOS) or "length"
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str, max_new_tokens: int, context: int) -> list[int]:
-    """The prompt's token ids, cut to its last tokens where it and max_new_tokens would not fit the context."""
+def check_max_new_tokens(max_new_tokens: int, context: int) -> None:
     if not 0 <= max_new_tokens < context:
         raise PonderError(f"--max-new-tokens must be between 0 and {context - 1}: the model's context is {context} "
                           "tokens (data.seq_len), prompt included")
+
+
+def check_prompt(prompt: str, where: str = "the prompt") -> str:
+    """A prompt that is text: one read with undecodable bytes (a shell's or a file's) holds lone surrogates."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PonderError(f"{where} is not valid UTF-8 text; give it in UTF-8") from None
+    return prompt
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str, max_new_tokens: int, context: int) -> list[int]:
+    """The prompt's token ids, cut to its last tokens where it and max_new_tokens would not fit the context."""
+    check_max_new_tokens(max_new_tokens, context)
     ids = tokenizer.encode(prompt).ids or [end_of_document_id(tokenizer)]  # an empty prompt starts a new document
     if len(ids) + max_new_tokens > context:
         keep = context - max_new_tokens

@@ -144,7 +144,10 @@ class Service:
                            code="context_length_exceeded")
         tau = body.tau if body.tau is not None else self.tau
         seed = body.seed if body.seed is not None else random.randrange(2**31)
-        sampling = Sampling(body.temperature, max(body.top_k, 0), body.top_p, seed)
+        try:
+            sampling = Sampling(body.temperature, max(body.top_k, 0), body.top_p, seed)
+        except PonderError as exc:
+            raise APIError(400, str(exc), param="temperature") from None
         stop_ids = () if ignore_eos else (self.eos_id,)
         return Request(ids, max_tokens, sampling, stop_ids=stop_ids, tau=tau, logprobs=keep_logprobs)
 

@@ -343,3 +343,27 @@ def test_a_damaged_run_config_is_one_line_for_every_command(trained_run, tmp_pat
         assert_one_line_error(code, err, "config.yaml", message)
     with pytest.raises(ponderlm.errors.PonderError, match=message):
         ponderlm.load(run)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--top-k", "-5"], "top_k -5: give 0"),
+    (["--temperature", "1e-40"], "temperature 1e-40: give 0 (greedy) or a value of at least 0.001"),
+    (["--max-new-tokens", "5000"], "--max-new-tokens must be between 0 and"),
+])
+def test_generate_checks_its_arguments_before_printing_anything(trained_run, capsys, flags, message):
+    code, out, err = run_cli(capsys, "generate", str(trained_run), "--prompt", "Once upon", *flags)
+    assert_one_line_error(code, err, message)
+    assert out == ""
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(trained_run, capsys):
+    undecodable = b"caf\xe9".decode("utf-8", "surrogateescape")  # what Python makes of such bytes in argv
+    code, out, err = run_cli(capsys, "generate", str(trained_run), "--prompt", undecodable)
+    assert_one_line_error(code, err, "--prompt is not valid UTF-8 text")
+    assert out == ""
+
+
+def test_perplexity_does_not_overflow_on_a_huge_loss():
+    from ponderlm.evaluate import perplexity
+
+    assert perplexity(2.0) == pytest.approx(math.exp(2.0)) and perplexity(800.0) == math.inf

@@ -129,6 +129,17 @@ def test_lm_eval_errors_are_one_line_and_actionable(run, tmp_path, monkeypatch, 
     assert "run `ponderlm benchmarks fetch` first" in capsys.readouterr().err
     assert main(["lm-eval", str(run), "--tasks", "mmlu"]) == 2
     assert "unknown task 'mmlu'" in capsys.readouterr().err
+    assert main(["lm-eval", str(run), "--tasks", ","]) == 2
+    assert "--tasks ',' names no task" in capsys.readouterr().err
+
+
+def test_a_damaged_earlier_result_file_does_not_lose_the_new_results(run, cache, capsys):
+    path = run / "lm_eval_step_0000002_tau0.2_limit2.json"
+    path.write_text('{"results": {"ponderlm_sciq": ')
+    assert main(["lm-eval", str(run), "--tasks", "sciq", "--limit", "2", "--tau", "0.2"]) == 0
+    assert "is damaged" in capsys.readouterr().err
+    assert set(json.loads(path.read_text())["results"]) == {"ponderlm_sciq"}
+    assert path.with_name(path.name + ".damaged").read_text() == '{"results": {"ponderlm_sciq": '
 
 
 def test_a_later_lm_eval_call_keeps_the_tasks_of_an_earlier_one(run, cache, capsys):

@@ -93,3 +93,13 @@ def test_an_export_onto_a_full_disk_leaves_no_partial_folder(disk, tiny_data_dir
     assert list(small.iterdir()) == []
     (tmp_path / "a-file").write_text("x")
     one_line_error(capsys, ["export", str(run), "--out", str(tmp_path / "a-file")], "is a file")
+
+
+def test_lm_eval_on_a_read_only_run_says_so_before_it_evaluates(disk, tiny_data_dir, capsys):
+    place = disk(8000)
+    run = place / "run"
+    assert main(["train", "tiny", "--out", str(run), "--set", f"data.path={tiny_data_dir}", "--set",
+                 "train.steps=1"]) == 0
+    capsys.readouterr()
+    disk.read_only(place)
+    one_line_error(capsys, ["lm-eval", str(run), "--tasks", "piqa"], "cannot write the results into", "read-only")

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 
-from ponderlm.files import atomic_path, atomic_write_bytes, atomic_write_text
+from ponderlm.files import standard_json, atomic_path, atomic_write_bytes, atomic_write_text
 from ponderlm.methods import METHODS
 from ponderlm.sweep.stats import holm, paired, welch
 
@@ -157,8 +156,8 @@ def write_results(rows: list[dict], out: Path, lr_search: list[dict] | None = No
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(out / "results.csv", table.getvalue().encode())
-    atomic_write_text(out / "results.json", json.dumps(rows, indent=1))
-    atomic_write_text(out / "lr_search.json", json.dumps(lr_search or [], indent=1))
+    atomic_write_text(out / "results.json", standard_json(rows, indent=1))
+    atomic_write_text(out / "lr_search.json", standard_json(lr_search or [], indent=1))
     merged = aggregate(rows)
     lines = [*_provenance(rows), "", "| method | run | lr | tau | ppl (mean +- std over seeds) | seeds | "
              "inference GFLOPs/token | mean extra steps | training PFLOPs |", "|---|---|---|---|---|---|---|---|---|"]

@@ -4,6 +4,7 @@ learning rate, evaluate, and rewrite the report after every run."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from ponderlm.checkpoint import latest_checkpoint, read_run_config
 from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_run
-from ponderlm.files import atomic_write_bytes, atomic_write_text
+from ponderlm.files import standard_json, atomic_write_bytes, atomic_write_text
 from ponderlm.machine import session_summary
 from ponderlm.methods import build_model
 from ponderlm.sweep.recipe import Recipe, run_dir_name
@@ -33,8 +34,22 @@ def _evaluate(run_dir: Path, split: str, max_tokens: int | None, tau: float | No
     if key not in stored:
         stored[key] = evaluate_run(run_dir, split=split, max_tokens=max_tokens, tau=tau, with_soft=with_soft,
                                    scoring=scoring)
-        atomic_write_text(store, json.dumps(stored, indent=1))
+        atomic_write_text(store, standard_json(stored, indent=1))
     return stored[key]
+
+
+def read_rows(path: Path) -> list[dict]:
+    """A results.json's rows; a diverged run's perplexity, written as null (JSON has no inf), is inf again."""
+    rows = json.loads(path.read_text())
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError("not a list of result rows")
+    missing = [key for key in ("method", "run", "seed", "lr", "tau", "ppl", "loss", "inference_flops_per_token",
+                               "train_flops", "train_tokens", "split") if any(key not in row for row in rows)]
+    if missing:
+        raise ValueError(f"a row lacks {missing[0]!r}")
+    for row in rows:
+        row.update({key: math.inf for key in ("ppl", "loss") if row[key] is None})
+    return rows
 
 
 class Published:
@@ -44,11 +59,13 @@ class Published:
     def __init__(self, directory: Path, runs: Path):
         self.directory, self.runs = Path(directory), runs
         try:
-            self.rows = json.loads((self.directory / "results.json").read_text())
+            self.rows = read_rows(self.directory / "results.json")
             search = self.directory / "lr_search.json"
             self.search = json.loads(search.read_text()) if search.exists() else []
         except (OSError, ValueError) as exc:
             raise PonderError(f"--reuse {directory}: cannot read its results ({exc})") from None
+        if not self.rows:
+            raise PonderError(f"--reuse {directory}: its results.json holds no runs; drop --reuse")
 
     def _matching(self, records: list[dict], name: str, lr: float | None, seed: int | None) -> list[dict]:
         if (self.runs / run_dir_name(name, lr, seed)).exists():
@@ -94,6 +111,7 @@ def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None, reuse:
                 loss = published.loss_of(run["name"], lr, seeds[0], split) if published else None
                 if loss is None:
                     loss = train_and_evaluate(run, lr, seeds[0], split, first_tau_only=True)[0]["loss"]
+                loss = loss if math.isfinite(loss) else math.inf  # a diverged lr loses; NaN would not compare
                 search.append({"run": run["name"], "seed": seeds[0], "lr": lr, "loss": loss, "split": split})
                 return loss
             lr = search_lr(lrs, loss_at, local=recipe.lr_search == "local")
@@ -118,7 +136,7 @@ def rewrite_report(recipe_path: Path, out: Path) -> list[dict]:
     comparison: a report of this version's for a sweep that is still running or was published by an older one."""
     recipe = Recipe.load(recipe_path)
     try:
-        rows = json.loads((out / "results.json").read_text())
+        rows = read_rows(out / "results.json")
         search_file = out / "lr_search.json"
         search = json.loads(search_file.read_text()) if search_file.exists() else []
     except (OSError, ValueError) as exc:
