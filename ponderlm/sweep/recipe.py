@@ -32,9 +32,14 @@ class Recipe:
     def load(cls, path: Path) -> Recipe:
         try:
             data = yaml.safe_load(Path(path).read_text())
-            recipe = cls(**data)
-        except (OSError, yaml.YAMLError, TypeError) as exc:
+        except (OSError, yaml.YAMLError) as exc:
             raise PonderError(f"cannot read recipe {path}: {exc}") from None
+        if problem := _shape_problem(data):
+            raise PonderError(f"recipe {path}: {problem}")
+        try:
+            recipe = cls(**data)
+        except TypeError as exc:
+            raise PonderError(f"recipe {path}: {exc} (keys: {', '.join(cls.__dataclass_fields__)})") from None
         names = [run.get("name", "") for run in recipe.runs]
         bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9._-]+", str(n))]
         if bad or len(set(names)) != len(names) or not names:
@@ -67,11 +72,13 @@ class Recipe:
                                   "an earlier run")
         try:  # YAML reads 1e-3 (no dot) as a string
             recipe.lrs, recipe.seeds = [float(x) for x in recipe.lrs], [int(x) for x in recipe.seeds]
+            recipe.taus = [float(x) for x in recipe.taus]
             for run in recipe.runs:
                 run.update({key: [kind(x) for x in run[key]] for key, kind in (("lrs", float), ("seeds", int))
                             if key in run})
         except (TypeError, ValueError) as exc:
-            raise PonderError(f"recipe {path}: lrs must be numbers and seeds integers ({exc})") from None
+            raise PonderError(f"recipe {path}: lrs and taus must be numbers and seeds integers ({exc})") from None
+        _check_evaluation(recipe, path)
         return recipe
 
     @property
@@ -98,3 +105,41 @@ def run_dir_name(name: str, lr: float | None, seed: int | None) -> str:
     return name + (f"-lr{lr:g}" if lr is not None else "") + (f"-s{seed}" if seed is not None else "")
 
 
+
+
+def _shape_problem(data) -> str | None:
+    """What is wrong with the recipe's structure (YAML types), before any key is read; None if nothing."""
+    if not isinstance(data, dict):
+        return "a recipe is a YAML mapping (base:, set:, runs:, ...)"
+    runs = data.get("runs")
+    if not isinstance(runs, list) or not runs or not all(isinstance(run, dict) for run in runs):
+        return "runs must be a list of mappings, e.g. runs: [{name: vanilla, set: [method=vanilla]}]"
+    for key in ("set", "taus", "lrs", "seeds", "primary"):
+        if key in data and not isinstance(data[key], list):
+            return f"{key} must be a list, e.g. {key}: [{data[key]}]"
+    if "eval" in data and not isinstance(data["eval"], dict):
+        return "eval must be a mapping, e.g. eval: {split: test, max_tokens: 65536}"
+    for run in runs:
+        if not isinstance(run.get("name"), str):
+            return f"every run needs a name that is text (got {run.get('name')!r}); quote it if it looks like a number"
+        for key in ("set", "lrs", "seeds"):
+            if key in run and not isinstance(run[key], list):
+                return f"run {run['name']}: {key} must be a list, e.g. {key}: [{run[key]}]"
+    return None
+
+
+def _check_evaluation(recipe: Recipe, path: Path) -> None:
+    """What would otherwise fail only at the first evaluation, after hours of training."""
+    from ponderlm.config import check_tau
+    from ponderlm.engine import SCORINGS
+
+    for tau in recipe.taus:
+        try:
+            check_tau(tau)
+        except PonderError as exc:
+            raise PonderError(f"recipe {path}: taus: {exc}") from None
+    max_tokens = recipe.eval.get("max_tokens")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise PonderError(f"recipe {path}: eval.max_tokens is {max_tokens!r}; give a positive number of tokens")
+    if recipe.eval.get("scoring", "exact") not in SCORINGS:
+        raise PonderError(f"recipe {path}: eval.scoring is {recipe.eval['scoring']!r}; use {' or '.join(SCORINGS)}")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from ponderlm.checkpoint import latest_checkpoint, read_run_config
+from ponderlm.data import read_metadata
 from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_run
 from ponderlm.files import standard_json, atomic_write_bytes, atomic_write_text
@@ -83,11 +84,12 @@ class Published:
 
 def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None, reuse: Path | None = None) -> list[dict]:
     recipe = Recipe.load(recipe_path)
-    for run in recipe.runs:  # validate every config before training anything
+    for run in recipe.runs:  # validate every config, and the splits it is evaluated on, before training anything
         lrs, seeds = recipe.grid(run, chosen={name: None for name in (r["name"] for r in recipe.runs)})
         for lr in lrs:
             for seed in seeds:
-                recipe.config(run, lr, seed)
+                config = recipe.config(run, lr, seed)
+        _check_splits(recipe, run["name"], config)
     published = Published(reuse, out / "runs") if reuse else None
     search, chosen, searched_on, done, waiting = [], {}, {}, {}, []
 
@@ -129,6 +131,16 @@ def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None, reuse:
     for key, run, lr, seed in waiting:
         add(key, run, lr, seed)
     return rows()
+
+
+def _check_splits(recipe: Recipe, name: str, config) -> None:
+    meta = read_metadata(Path(config.data.path))
+    for split in {recipe.split, recipe.search_split}:
+        tokens = meta["splits"].get(split, {}).get("tokens", 0)
+        if tokens < config.data.seq_len + 1:
+            raise PonderError(f"run {name}: the {split} split of {config.data.path} has {tokens} tokens, fewer than "
+                              f"one window of data.seq_len + 1 = {config.data.seq_len + 1}; evaluate on another "
+                              "split or prepare more text")
 
 
 def rewrite_report(recipe_path: Path, out: Path) -> list[dict]:

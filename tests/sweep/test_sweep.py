@@ -340,3 +340,37 @@ def test_the_plot_draws_a_frontier_per_method_and_budget(tmp_path, monkeypatch):
     frontiers = [line for line in axes.get_lines() if line.get_linestyle() != "None"]  # not the error bars' markers
     assert [(line.get_linestyle(), len(line.get_xdata())) for line in frontiers] == [("-", 1), ("--", 1), ("-", 2)]
     assert axes.yaxis.get_major_formatter()(200.0) == "200"
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"runs": ["vanilla", "p3"]}, "runs must be a list of mappings"),
+    ({"runs": [{"name": 123, "set": []}]}, r"a name that is text \(got 123\)"),
+    ({"eval": 5}, "eval must be a mapping"),
+    ({"taus": 0.1}, "taus must be a list"),
+    ({"taus": ["1e-4", 1.5]}, r"taus: --tau must lie in \[0, 1\), got 1.5"),
+    ({"eval": {"split": "val", "max_tokens": 0}}, "eval.max_tokens is 0"),
+    ({"eval": {"split": "val", "scoring": "fast"}}, "eval.scoring is 'fast'"),
+    ({"set": "train.steps=4"}, "set must be a list"),
+    ({"runs": [{"name": "v", "set": "method=vanilla"}]}, "run v: set must be a list"),
+    ({"colour": "red"}, "unexpected keyword argument 'colour'"),
+    ({"set": ["train.steps=4", "data.seq_len=8192"]}, r"the val split .* has \d+ tokens, fewer than one window"),
+])
+def test_a_recipe_is_checked_whole_before_anything_trains(tiny_data_dir, tmp_path, monkeypatch, change, message):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_data_dir, RUNS)
+    data = json.loads(recipe.read_text())
+    data.update(change)
+    if "set" in change and isinstance(change["set"], list):
+        data["set"] = [f"data.path={tiny_data_dir}", *change["set"]]
+    recipe.write_text(json.dumps(data))
+    trained = record_training(monkeypatch)
+    with pytest.raises(PonderError, match=message):
+        run_sweep(recipe, tmp_path / "sweep", progress=False)
+    assert trained == []
+
+
+def test_yaml_strings_for_taus_are_numbers(tiny_data_dir, tmp_path):
+    from ponderlm.sweep import Recipe
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_data_dir, RUNS)
+    recipe.write_text(recipe.read_text().replace("[0.0, 0.3]", '["1e-4", 0.3]'))
+    assert Recipe.load(recipe).taus == [1e-4, 0.3]
