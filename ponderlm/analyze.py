@@ -106,6 +106,8 @@ def analyze_run(run_dir: str | Path, split: str = "test", max_tokens: int = 1638
     """Measure an adaptive run on the first max_tokens of a split; write the three files; return the summary."""
     run_dir = Path(run_dir)
     check_tau(tau)
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise PonderError(f"--out {out_dir} is a file; give a folder for the analysis files")
     model, tokenizer = load(run_dir)
     config = model.config
     if not model.adaptive:

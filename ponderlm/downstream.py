@@ -140,7 +140,15 @@ def task_docs(task: str, cache_dir: Path | None = None):
     import datasets
 
     folder, split = SOURCES[task]
-    return datasets.DatasetDict({split: datasets.Dataset.from_list(_rows(task, benchmarks_dir(cache_dir) / folder))})
+    data = benchmarks_dir(cache_dir)
+    try:
+        rows = _rows(task, data / folder)
+    except PonderError:
+        raise
+    except Exception as exc:  # json, datasets and pyarrow each raise their own types for a damaged file
+        raise PonderError(f"the {task} data in {data} is damaged ({type(exc).__name__}: {str(exc)[:200]}); delete "
+                          f"{data} and run `ponderlm benchmarks fetch` again") from None
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})
 
 
 def resolve_tasks(names: list[str]) -> tuple[list[str], dict[str, str]]:

@@ -254,4 +254,7 @@ def test_cli_prints_json_and_writes_the_files(p3_run, tmp_path, capsys):
     assert printed["tokens"] == 64 and printed["tau"] == 0.01 and printed["split"] == "val"
     assert {"mean_kept_steps", "mean_expected_steps", "correlations"} <= printed.keys()
     assert all((out / name).is_file() for name in ("analysis.json", "steps_histogram.png", "analysis.html"))
+    (tmp_path / "a-file").write_text("x")
+    assert main(["analyze", str(p3_run), "--out", str(tmp_path / "a-file")]) == 2
+    assert "--out " in capsys.readouterr().err and (tmp_path / "a-file").read_text() == "x"
     assert main(["analyze", str(p3_run), "--tau", "1.5"]) == 2

@@ -162,3 +162,12 @@ def test_lm_eval_task_names_and_short_aliases_resolve_to_the_same_tasks_once():
 
     runnable, unavailable = resolve_tasks(["lambada_openai", "lambada", "arc_easy", "hellaswag", "race"])
     assert runnable == ["lambada", "arc_easy", "hellaswag"] and list(unavailable) == ["race"]
+
+
+def test_a_truncated_benchmark_file_is_one_line_naming_the_repair(cache, run, capsys):
+    requests = benchmarks_dir() / SOURCES["lambada"][0] / "requests.jsonl.gz"
+    requests.write_bytes(requests.read_bytes()[:40])
+    assert main(["lm-eval", str(run), "--tasks", "lambada", "--limit", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the lambada data in" in err[0] and "is damaged" in err[0] and \
+        "benchmarks fetch" in err[0]

@@ -29,7 +29,13 @@ def _evaluate(run_dir: Path, split: str, max_tokens: int | None, tau: float | No
               scoring: str) -> dict:
     """Evaluate once and store the result in the run directory, keyed by what was asked."""
     store = run_dir / "sweep_eval.json"
-    stored = json.loads(store.read_text()) if store.exists() else {}
+    try:
+        stored = json.loads(store.read_text()) if store.exists() else {}
+        if not isinstance(stored, dict):
+            raise ValueError("not a mapping")
+    except ValueError as exc:  # a cache: evaluating again is the repair
+        _log(f"{store} is damaged ({exc}); evaluating {run_dir.name} again")
+        stored = {}
     checkpoint = latest_checkpoint(run_dir).name
     key = f"{checkpoint}|{split}|{max_tokens}|{tau}|{with_soft}" + ("" if scoring == "jacobi" else f"|{scoring}")
     if key not in stored:

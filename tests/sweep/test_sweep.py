@@ -374,3 +374,11 @@ def test_yaml_strings_for_taus_are_numbers(tiny_data_dir, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_data_dir, RUNS)
     recipe.write_text(recipe.read_text().replace("[0.0, 0.3]", '["1e-4", 0.3]'))
     assert Recipe.load(recipe).taus == [1e-4, 0.3]
+
+
+def test_a_damaged_evaluation_cache_is_evaluated_again(tiny_data_dir, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_data_dir, RUNS[:1])
+    first = run_sweep(recipe, tmp_path / "sweep", progress=False)
+    (tmp_path / "sweep" / "runs" / "vanilla" / "sweep_eval.json").write_text('{"step_')
+    assert run_sweep(recipe, tmp_path / "sweep", progress=False) == first
+    assert "sweep_eval.json is damaged" in capsys.readouterr().err
