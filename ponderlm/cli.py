@@ -23,6 +23,8 @@ def _data_prepare(args) -> None:
     from ponderlm.data import prepare
 
     files = args.files or None
+    if files and args.source != "default":
+        raise PonderError(f"--source {args.source} and --files are two sources; give one of them")
     source = "files" if files else args.source
     metadata = prepare(Path(args.out), source=source, files=files, vocab_size=args.vocab_size,
                        cache_dir=Path(args.cache_dir) if args.cache_dir else None, tokenizer=args.tokenizer,

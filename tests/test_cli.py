@@ -367,3 +367,18 @@ def test_perplexity_does_not_overflow_on_a_huge_loss():
     from ponderlm.evaluate import perplexity
 
     assert perplexity(2.0) == pytest.approx(math.exp(2.0)) and perplexity(800.0) == math.inf
+
+
+def test_a_run_without_its_tokenizer_names_the_run_file_not_data_prepare(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "tokenizer.json").unlink()
+    code, _, err = run_cli(capsys, "generate", str(run), "--prompt", "a")
+    assert_one_line_error(code, err, "has no tokenizer.json, which every run directory holds", "copy back")
+    assert "data prepare" not in err
+
+
+def test_two_data_sources_are_refused(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "data", "prepare", "--source", "ptb", "--files", FIXTURE_TEXTS[0].as_posix(),
+                           "--out", str(tmp_path / "d"))
+    assert_one_line_error(code, err, "--source ptb and --files are two sources")

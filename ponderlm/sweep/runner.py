@@ -56,6 +56,9 @@ def read_rows(path: Path) -> list[dict]:
         raise ValueError(f"a row lacks {missing[0]!r}")
     for row in rows:
         row.update({key: math.inf for key in ("ppl", "loss") if row[key] is None})
+        numbers = ("ppl", "loss", "inference_flops_per_token", "train_flops", "train_tokens")
+        if bad := [key for key in numbers if isinstance(row[key], bool) or not isinstance(row[key], (int, float))]:
+            raise ValueError(f"run {row['run']}'s {bad[0]} is {row[bad[0]]!r}, not a number")
     return rows
 
 

@@ -382,3 +382,17 @@ def test_a_damaged_evaluation_cache_is_evaluated_again(tiny_data_dir, tmp_path, 
     (tmp_path / "sweep" / "runs" / "vanilla" / "sweep_eval.json").write_text('{"step_')
     assert run_sweep(recipe, tmp_path / "sweep", progress=False) == first
     assert "sweep_eval.json is damaged" in capsys.readouterr().err
+
+
+def test_reuse_of_rows_with_a_missing_or_non_numeric_field_is_refused_before_writing(tiny_data_dir, tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_data_dir, RUNS[:1])
+    published = tmp_path / "published"
+    published.mkdir()
+    row = {"method": "vanilla", "run": "vanilla", "seed": 0, "lr": 0.003, "tau": "", "ppl": "abc", "loss": 5.0,
+           "inference_flops_per_token": 1.0, "train_flops": 1.0, "train_tokens": 100, "split": "val"}
+    for broken, message in ((row, "vanilla's ppl is 'abc', not a number"),
+                            ({k: v for k, v in row.items() if k != "loss"}, "a row lacks 'loss'")):
+        (published / "results.json").write_text(json.dumps([broken]))
+        with pytest.raises(PonderError, match=message):
+            run_sweep(recipe, tmp_path / "out", progress=False, reuse=published)
+        assert not (tmp_path / "out" / "results.json").exists()
