@@ -29,7 +29,7 @@ from ponderlm.checkpoint import (latest_checkpoint, prepare_run_dir, read_model_
 from ponderlm.config import Config, load_config
 from ponderlm.errors import PonderError
 from ponderlm.files import atomic_write_text, directory_built_aside, save_safetensors, sha256_file
-from ponderlm.methods import METHODS, build_model
+from ponderlm.methods import METHODS, build_model, model_skeleton
 from ponderlm.methods.vanilla import Vanilla
 
 REMOTE_CODE = Path(__file__).parent / "remote"  # modeling code an exported non-vanilla run ships with
@@ -235,7 +235,7 @@ def _export_remote_code(run_dir: Path, out_dir: Path, config: Config, checkpoint
     from ponderlm.config import check_tau
 
     check_tau(tau)
-    model = build_model(config)
+    model = model_skeleton(config)
     tau = model.resolve_tau(tau) if model.prunable else None
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {f"method.{name}": tensor.contiguous() for name, tensor in read_model_weights(checkpoint).items()}
@@ -268,7 +268,7 @@ def _export_llama(run_dir: Path, out_dir: Path, config: Config, checkpoint: Path
     """A vanilla run as a plain LlamaForCausalLM: q/k/v and gate/up split, the embedding scale folded in."""
     m = config.model
     w = {name.removeprefix("backbone."): tensor for name, tensor in read_model_weights(checkpoint).items()}
-    scale = build_model(config).backbone.embed_scale
+    scale = model_skeleton(config).backbone.embed_scale
     if m.tie_word_embeddings and scale != 1.0:
         raise PonderError("a run with tied embeddings and the embedding scale cannot be a plain Llama")
     head_dim, kv = m.hidden_size // m.num_attention_heads, m.resolved_key_value_heads()

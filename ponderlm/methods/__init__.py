@@ -6,6 +6,8 @@ Adding a method is one new module with a `Method` subclass, plus one line here.
 
 from __future__ import annotations
 
+import torch
+
 from ponderlm.config import Config
 from ponderlm.methods.base import Inspection, Method, method_options
 from ponderlm.methods.baselines import Loop, Pause, PonderLM1
@@ -30,4 +32,11 @@ def build_model(config: Config) -> Method:
     return METHODS[config.method](config)
 
 
-__all__ = ["METHODS", "Inspection", "Method", "build_model", "method_options"]
+def model_skeleton(config: Config) -> Method:
+    """The model's structure without its weights (the meta device allocates nothing): for what follows from the
+    config alone, FLOPs, tau and constants, at any size (a 1.4B model's weights would be ~5.6 GB for a constant)."""
+    with torch.device("meta"):
+        return build_model(config)
+
+
+__all__ = ["METHODS", "Inspection", "Method", "build_model", "method_options", "model_skeleton"]

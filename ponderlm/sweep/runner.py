@@ -15,7 +15,7 @@ from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_run
 from ponderlm.files import standard_json, atomic_write_bytes, atomic_write_text
 from ponderlm.machine import session_summary
-from ponderlm.methods import build_model
+from ponderlm.methods import model_skeleton
 from ponderlm.sweep.recipe import Recipe, run_dir_name
 from ponderlm.sweep.report import RECORDED, write_results
 from ponderlm.train import config_changes, train
@@ -223,7 +223,7 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
         _log(f"{run_dir.name}: training" + (f", resuming from {checkpoint.name}" if checkpoint else ""))
         train(None if resume else config, run_dir, resume=resume, progress=progress)
     config = read_run_config(run_dir)  # as trained: training sets model.vocab_size from the tokenizer
-    model = build_model(config)
+    model = model_skeleton(config)
     train_tokens = _train_tokens(config)
     train_flops = model.training_flops_per_token() * train_tokens
     max_tokens = recipe.eval.get("max_tokens")
