@@ -14,6 +14,7 @@ from ponderlm.checkpoint import save_checkpoint
 from ponderlm.cli import main
 from ponderlm.config import load_config
 from ponderlm.engine import Engine, teacher_forced
+from ponderlm.methods import METHODS
 from ponderlm.generate import generate
 from ponderlm.train import train
 
@@ -276,3 +277,23 @@ def test_init_from_with_another_tokenizer_names_the_tokenizer_not_the_vocabulary
     err = capsys.readouterr().err
     assert_one_line_error(code, err, "was not tokenized with the tokenizer of --init-from")
     assert "vocab_size" not in err
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_exports_to_transformers_with_equal_logits_tied_or_not(method, tied, tiny_data_dir, tmp_path,
+                                                                           capsys):
+    """A tied run stores the shared matrix once; transformers must tie it again on loading (it used to leave the
+    lm-head randomly initialised: logits 18.9 off)."""
+    run = tmp_path / "run"
+    train(load_config("tiny", [f"data.path={tiny_data_dir}", "train.steps=1", f"method={method}",
+                               "ponder.extra_steps=2", f"model.tie_word_embeddings={str(tied).lower()}",
+                               "model.embedding_scale=false"]), run, progress=False)
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    model, _ = ponderlm.load(run)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    ids = torch.randint(0, model.config.model.vocab_size, (2, 12))
+    with torch.no_grad():
+        expected = model.infer(ids)[0]
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=1e-5)

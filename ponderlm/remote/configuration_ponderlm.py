@@ -17,5 +17,7 @@ class PonderLMConfig(PretrainedConfig):
         # Read by transformers' generation set-up; the forward itself recomputes the prefix and uses no cache.
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
             kwargs.setdefault(key, model.get(key))
+        # transformers ties lm_head to the embedding on loading only if the config says so (the file stores it once)
+        kwargs.setdefault("tie_word_embeddings", bool(model.get("tie_word_embeddings", False)))
         kwargs.setdefault("use_cache", False)
         super().__init__(**kwargs)

@@ -16,6 +16,8 @@ from .configuration_ponderlm import PonderLMConfig
 class PonderLMForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = PonderLMConfig
     base_model_prefix = "method"
+    # A tied run's checkpoint holds the shared matrix once, under the embedding's name.
+    _tied_weights_keys = {"method.backbone.lm_head.weight": "method.backbone.embed_tokens.weight"}
 
     def __init__(self, config: PonderLMConfig):
         super().__init__(config)
