@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ponderlm import __version__
 from ponderlm.errors import PonderError, explain_os_error
 from ponderlm.files import standard_json
 
@@ -173,6 +174,8 @@ def _generate(args) -> None:
         check_prompt(args.prompt, "--prompt")
     model, tokenizer = load(args.run_dir)
     model.check_tau_applies(args.tau)
+    if args.max_new_tokens is None:  # what fits: the tiny preset's context is 32 tokens
+        args.max_new_tokens = min(100, model.config.data.seq_len // 2)
     check_max_new_tokens(args.max_new_tokens, model.config.data.seq_len)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, tau=args.tau)
@@ -278,6 +281,7 @@ def build_parser(data_only: bool = False) -> argparse.ArgumentParser:
     """data_only: just the `data` commands, whose help needs no torch (the others list methods and presets), so
     that `data prepare` and its worker processes never load it."""
     parser = OneLineParser(prog="ponderlm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ponderlm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_data_commands(commands)
     if not data_only:
@@ -417,7 +421,8 @@ def _add_run_commands(commands) -> None:
     gen.add_argument("--prompts-file", help="many prompts (one per line, or .jsonl with a \"prompt\" field), run "
                      "together; one JSON line per prompt on stdout, prompt i sampled with seed --seed + i")
     gen.add_argument("--batch-size", type=positive_int, default=32, help="prompts decoded together (default 32)")
-    gen.add_argument("--max-new-tokens", type=positive_int, default=100)
+    gen.add_argument("--max-new-tokens", type=positive_int, help="tokens to generate at most (default: 100, or "
+                     "half the model's context where that is shorter)")
     gen.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
     gen.add_argument("--top-p", type=probability, default=1.0)

@@ -314,6 +314,9 @@ class Trainer:
         record: dict = {}
         bar = tqdm(total=t.steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True,
                    disable=True if not main else None if progress is None else not progress)
+        plain = main and progress is None and not sys.stderr.isatty()  # a log file gets lines, not a bar
+        if plain:
+            print(f"train: {self.run_dir}, step {self.start_step} of {t.steps}", file=sys.stderr, flush=True)
         window_start, window_tokens = time.perf_counter(), 0
         session_start = time.perf_counter()
         if main:
@@ -345,6 +348,9 @@ class Trainer:
                     self.metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
+                if plain:
+                    print(f"train: step {step}/{t.steps}, loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+                          f"{record['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
                 window_start, window_tokens = time.perf_counter(), 0
             if step % t.save_every == 0 or step == t.steps:
                 self.save(step)

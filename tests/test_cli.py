@@ -382,3 +382,23 @@ def test_two_data_sources_are_refused(tmp_path, capsys):
     code, _, err = run_cli(capsys, "data", "prepare", "--source", "ptb", "--files", FIXTURE_TEXTS[0].as_posix(),
                            "--out", str(tmp_path / "d"))
     assert_one_line_error(code, err, "--source ptb and --files are two sources")
+
+
+def test_version_and_a_first_generate_on_a_tiny_run_with_the_defaults(trained_run, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"ponderlm {ponderlm.__version__}"
+    code, out, err = run_cli(capsys, "generate", str(trained_run), "--prompt", "Once upon a time", "--show-steps")
+    assert code == 0 and out.startswith("Once upon a time")
+    assert len(json.loads(err.strip().splitlines()[-1])["extra_steps_per_generated_token"]) <= 16  # 32 // 2
+
+
+def test_training_into_a_log_file_prints_plain_progress_lines(tiny_data_dir, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "ponderlm", "train", "tiny", "--out", str(tmp_path / "run"),
+                           "--set", f"data.path={tiny_data_dir}", "--set", "train.steps=4", "--set",
+                           "train.log_every=2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("train: ")]
+    assert lines[0] == f"train: {tmp_path / 'run'}, step 0 of 4"
+    assert [line.split(",")[0] for line in lines[1:]] == ["train: step 2/4", "train: step 4/4"]
+    assert "tokens/s" in lines[-1] and "\r" not in done.stderr  # no progress bar
