@@ -122,8 +122,11 @@ def import_llama(hf_dir: Path, run_dir: Path, method: str | None = None, overrid
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     settings = llama_model_settings(hf_dir)
     _refuse_model_overrides(overrides or [], settings, str(hf_dir))
+    context = json.loads((hf_dir / "config.json").read_text()).get("max_position_embeddings")
+    # The model's own context, for generate, lm-eval and export (an explicit --set data.seq_len comes after it).
+    own_context = [f"data.seq_len={context}"] if isinstance(context, int) and context > 1 else []
     config = load_config(None, [f"method={method or Vanilla.name}", *(f"model.{k}={v}" for k, v in settings.items()),
-                                *(overrides or [])])
+                                *own_context, *(overrides or [])])
     tokenizer = hf_dir / "tokenizer.json"
     if not tokenizer.is_file():
         raise PonderError(f"{hf_dir} has no tokenizer.json (the fast tokenizer file); save the model's tokenizer "

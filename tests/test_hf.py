@@ -297,3 +297,14 @@ def test_every_method_exports_to_transformers_with_equal_logits_tied_or_not(meth
     with torch.no_grad():
         expected = model.infer(ids)[0]
         torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_an_imported_model_keeps_its_own_context(tiny_data_dir, tmp_path, capsys):
+    llama_folder(tmp_path / "hf", tiny_data_dir / "tokenizer.json")  # max_position_embeddings 64
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    model, _ = ponderlm.load(tmp_path / "run")
+    assert model.config.data.seq_len == 64
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "back")]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["max_position_embeddings"] == 64
