@@ -277,6 +277,9 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"ponderlm: error: {message} (see `{self.prog} --help`)\n")
 
 
+RUN_DIR_HELP = "a run directory (what `train --out` or `import --out` wrote); its latest checkpoint is used"
+
+
 def build_parser(data_only: bool = False) -> argparse.ArgumentParser:
     """data_only: just the `data` commands, whose help needs no torch (the others list methods and presets), so
     that `data prepare` and its worker processes never load it."""
@@ -339,7 +342,7 @@ def _add_data_commands(commands) -> None:
     prep.add_argument("--files", nargs="+", help="your own text instead: .txt/.jsonl/.jsonl.gz/.jsonl.zst/.parquet/"
                       ".arrow files, folders (a `datasets` save_to_disk folder too) or quoted glob patterns")
     prep.add_argument("--text-field", default="text", help="the JSON field or table column holding the text")
-    prep.add_argument("--vocab-size", type=positive_int, default=8192)
+    prep.add_argument("--vocab-size", type=positive_int, default=8192, help="tokens of a trained BPE (default 8192)")
     prep.add_argument("--tokenizer", default="bpe", help="bpe (train one, default), gpt2, or a tokenizer.json file "
                       "or Hugging Face folder (a model's own tokenizer, e.g. for --init-from)")
     prep.add_argument("--tokenizer-sample-bytes", type=positive_int, default=SAMPLE_BYTES,
@@ -351,12 +354,14 @@ def _add_data_commands(commands) -> None:
     prep.add_argument("--shard-tokens", type=positive_int, default=50_000_000, help="tokens per shard file")
     prep.add_argument("--cache-dir", help="download cache (default: $PONDERLM_CACHE or ~/.cache/ponderlm)")
     prep.add_argument("--seed", type=int, default=0, help="seed of the document split")
-    prep.add_argument("--overwrite", action="store_true")
+    prep.add_argument("--overwrite", action="store_true", help="replace the data in --out once the new data is "
+                      "complete (files that are not ours stay)")
     prep.set_defaults(handler=_data_prepare)
     merge = data.add_parser("merge", help="join data directories prepared apart (same tokenizer) into one")
     merge.add_argument("parts", nargs="+", help="prepared data directories, in order")
     merge.add_argument("--out", required=True, help="the merged data directory (its shards are hard links or copies)")
-    merge.add_argument("--overwrite", action="store_true")
+    merge.add_argument("--overwrite", action="store_true", help="replace the data in --out once the merge is "
+                       "complete")
     merge.set_defaults(handler=_data_merge)
 
 
@@ -383,8 +388,8 @@ def _add_run_commands(commands) -> None:
     tr.set_defaults(handler=_train)
 
     ev = commands.add_parser("eval", help="evaluate a run; prints one JSON object")
-    ev.add_argument("run_dir")
-    ev.add_argument("--split", default="val", choices=["val", "test"])
+    ev.add_argument("run_dir", help=RUN_DIR_HELP)
+    ev.add_argument("--split", default="val", choices=["val", "test"], help="the data split to measure (default val)")
     ev.add_argument("--max-tokens", type=positive_int, help="score only the first N tokens of the split")
     ev.add_argument("--data", help="prepared data directory (default: the run's data.path)")
     ev.add_argument("--tau", type=float, help=f"{tau_help}; 0 runs all K extra steps for every token")
@@ -395,8 +400,8 @@ def _add_run_commands(commands) -> None:
 
     an = commands.add_parser("analyze", help=f"adaptive methods ({adaptive}): which tokens get more extra steps "
                              "(JSON, plot, HTML page)")
-    an.add_argument("run_dir")
-    an.add_argument("--split", default="test", choices=["val", "test"])
+    an.add_argument("run_dir", help=RUN_DIR_HELP)
+    an.add_argument("--split", default="test", choices=["val", "test"], help="the data split to measure (default test)")
     an.add_argument("--max-tokens", type=positive_int, default=16384, help="analyse the first N tokens (default 16384)")
     an.add_argument("--tau", type=float, help=tau_help)
     an.add_argument("--data", help="prepared data directory (default: the run's data.path)")
@@ -405,10 +410,10 @@ def _add_run_commands(commands) -> None:
     an.set_defaults(handler=_analyze)
 
     srv = commands.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API, with a page at /")
-    srv.add_argument("run_dir")
+    srv.add_argument("run_dir", help=RUN_DIR_HELP)
     srv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine "
                      "only)")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     srv.add_argument("--tau", type=float, help=tau_help + " (the default of requests that do not send a tau)")
     srv.add_argument("--max-batch", type=positive_int, default=32, help="sequences decoded together (default 32)")
     srv.add_argument("--max-queue", type=int, default=256,
@@ -416,7 +421,7 @@ def _add_run_commands(commands) -> None:
     srv.set_defaults(handler=_serve)
 
     gen = commands.add_parser("generate", help="continue a prompt, or many prompts batched, with a trained run")
-    gen.add_argument("run_dir")
+    gen.add_argument("run_dir", help=RUN_DIR_HELP)
     gen.add_argument("--prompt", help="one prompt, whose continuation streams to stdout")
     gen.add_argument("--prompts-file", help="many prompts (one per line, or .jsonl with a \"prompt\" field), run "
                      "together; one JSON line per prompt on stdout, prompt i sampled with seed --seed + i")
@@ -425,8 +430,9 @@ def _add_run_commands(commands) -> None:
                      "half the model's context where that is shorter)")
     gen.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
-    gen.add_argument("--top-p", type=probability, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--top-p", type=probability, default=1.0, help="sample from the smallest set of tokens "
+                     "holding this probability mass (default 1: all)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0; greedy ignores it)")
     gen.add_argument("--tau", type=float, help=tau_help)
     gen.add_argument("--show-steps", action="store_true",
                      help="print the latent steps each generated token used (JSON, on stderr)")
@@ -449,7 +455,7 @@ def _add_interop_commands(commands) -> None:
 
     exp = commands.add_parser("export", help="write a run as a Hugging Face folder: vanilla as LlamaForCausalLM, "
                               "other methods with their modeling code (trust_remote_code=True)")
-    exp.add_argument("run_dir")
+    exp.add_argument("run_dir", help=RUN_DIR_HELP)
     exp.add_argument("--tau", type=float, help="the pruning threshold the exported forward runs at (prunable "
                      "methods; default: the run's ponder.tau)")
     exp.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, tokenizer)")
@@ -468,13 +474,13 @@ def _add_benchmark_commands(commands) -> None:
     fetch.set_defaults(handler=_benchmarks_fetch)
 
     lm = commands.add_parser("lm-eval", help="zero-shot downstream accuracy with lm-eval, plus the compute spent")
-    lm.add_argument("run_dir")
+    lm.add_argument("run_dir", help=RUN_DIR_HELP)
     lm.add_argument("--tasks", default="all", help="comma-separated lm-eval names: lambada_openai, arc_easy, "
                     "arc_challenge, hellaswag, piqa, winogrande, sciq (race: reported unavailable), or all (default); "
                     "lambada also works")
     lm.add_argument("--limit", type=positive_int, help="evaluate only the first N documents of each task")
     lm.add_argument("--tau", type=float, help=_tau_help())
-    lm.add_argument("--batch-size", type=positive_int, default=16)
+    lm.add_argument("--batch-size", type=positive_int, default=16, help="sequences scored together (default 16)")
     lm.add_argument("--cache-dir", help="where `benchmarks fetch` put the data (default: $PONDERLM_CACHE or "
                     "~/.cache/ponderlm)")
     lm.set_defaults(handler=_lm_eval)

@@ -402,3 +402,21 @@ def test_training_into_a_log_file_prints_plain_progress_lines(tiny_data_dir, tmp
     assert lines[0] == f"train: {tmp_path / 'run'}, step 0 of 4"
     assert [line.split(",")[0] for line in lines[1:]] == ["train: step 2/4", "train: step 4/4"]
     assert "tokens/s" in lines[-1] and "\r" not in done.stderr  # no progress bar
+
+
+def test_every_argument_of_every_command_says_what_it_is():
+    import argparse
+
+    from ponderlm.cli import build_parser
+
+    def commands(parser, prefix=""):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from commands(sub, f"{prefix}{name} ")
+        yield prefix.strip(), parser
+
+    silent = [f"{name}: {action.dest}" for name, parser in commands(build_parser()) for action in parser._actions
+              if not isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction))
+              and not action.help]
+    assert silent == []
