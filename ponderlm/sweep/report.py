@@ -196,7 +196,10 @@ def _provenance(rows: list[dict]) -> list[str]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """rows: aggregated (`aggregate`), one point per run and tau."""
+    """rows: aggregated (`aggregate`), one point per run and tau; a diverged run (perplexity inf) is left out."""
+    rows = [r for r in rows if math.isfinite(r["ppl"])]
+    if not rows:
+        return
     import matplotlib
 
     matplotlib.use("Agg")

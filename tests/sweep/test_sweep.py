@@ -396,3 +396,20 @@ def test_reuse_of_rows_with_a_missing_or_non_numeric_field_is_refused_before_wri
         with pytest.raises(PonderError, match=message):
             run_sweep(recipe, tmp_path / "out", progress=False, reuse=published)
         assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_diverged_runs_perplexity_is_null_in_results_json_and_inf_again_when_read(tmp_path, tiny_data_dir):
+    from ponderlm.sweep.runner import read_rows
+
+    rows = [{"method": "vanilla", "run": "v", "seed": s, "lr": 0.1, "tau": "", "ppl": ppl, "loss": loss,
+             "inference_flops_per_token": 1.0, "mean_extra_steps": 0.0, "train_flops": 1.0, "train_tokens": 10,
+             "split": "val"} for s, (ppl, loss) in enumerate([(float("inf"), float("nan")), (120.0, 4.79)])]
+    report.write_results(rows, tmp_path)
+    text = (tmp_path / "results.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text and json.loads(text)[0]["ppl"] is None
+    assert [row["ppl"] for row in read_rows(tmp_path / "results.json")] == [math.inf, 120.0]
+    (tmp_path / "published").mkdir()
+    (tmp_path / "published" / "results.json").write_text("[]")
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_data_dir, RUNS[:1])
+    with pytest.raises(PonderError, match="holds no runs; drop --reuse"):
+        run_sweep(recipe, tmp_path / "out", progress=False, reuse=tmp_path / "published")
