@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints these as one line and exits with status 2, never a traceback."""
 
+import errno
+
 
 class PonderError(Exception):
     """A problem with the user's input (config, data, run directory) that the user can fix."""
@@ -7,8 +9,6 @@ class PonderError(Exception):
 
 def explain_os_error(exc: OSError) -> str:
     """One line for an error the operating system raised: what failed, on which path, and what to do."""
-    import errno
-
     path = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None) or "(no path given)"
     hint = {errno.ENOSPC: "no space left on the device; free some space (or choose another directory) and rerun",
             errno.EDQUOT: "disk quota exceeded; free some space (or choose another directory) and rerun",
