@@ -419,7 +419,10 @@ def _add_run_commands(commands) -> None:
     srv.add_argument("--max-queue", type=int, default=256,
                      help="requests waiting for a row before new ones get 429 (default 256)")
     srv.set_defaults(handler=_serve)
+    _add_generate_command(commands, tau_help)
 
+
+def _add_generate_command(commands, tau_help: str) -> None:
     gen = commands.add_parser("generate", help="continue a prompt, or many prompts batched, with a trained run")
     gen.add_argument("run_dir", help=RUN_DIR_HELP)
     gen.add_argument("--prompt", help="one prompt, whose continuation streams to stdout")
