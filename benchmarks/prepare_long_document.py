@@ -3,11 +3,12 @@
 
     .venv/bin/python benchmarks/prepare_long_document.py --megabytes 47.5 --tokenizer runs/demo/tokenizer.json
 
-The corpus: one record of --megabytes of English-like text (words drawn from the default corpus's vocabulary by a
-fixed generator) and three short records, so that every split has a document. The prepare runs as a subprocess with
-the given tokenizer (no BPE training in the measurement), once with the default chunking and once with chunking
-off (the module's CHUNK_CHARS and ENCODE_CHARS set past the record's length), under `/usr/bin/time -v`: wall time and the maximum
-resident set of the process tree. Results go to benchmarks/results/prepare_long_document.md with the command.
+The corpus, per --megabytes size: one record of that size (words of this script's own text, drawn by a fixed
+generator) and three short records, so that every split has a document. The prepare runs as a subprocess with the
+given tokenizer (no BPE training in the measurement) with the default chunking, and with --unchunked also with
+chunking off (the module's CHUNK_CHARS and ENCODE_CHARS set past the record's length) at the smallest size, under
+`/usr/bin/time -v`: wall time and the maximum resident set of the process tree. Results go to
+benchmarks/results/prepare_long_document.md with the command.
 """
 
 from __future__ import annotations

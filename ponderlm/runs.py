@@ -22,8 +22,9 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch
         raise PonderError(f"{run_dir} has no checkpoint yet; train it first (`ponderlm train ... --out {run_dir}`)")
     tokenizer_path = run_dir / "tokenizer.json"
     if not tokenizer_path.is_file():
+        data_tokenizer = Path(config.data.path) / "tokenizer.json"
         raise PonderError(f"{run_dir} has no tokenizer.json, which every run directory holds; copy back the one it "
-                          f"was trained with (for a run on unchanged data: {Path(config.data.path) / 'tokenizer.json'})")
+                          f"was trained with (for a run on unchanged data: {data_tokenizer})")
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.get_vocab_size() > config.model.vocab_size:  # an imported model may have spare embedding rows
         raise PonderError(f"{tokenizer_path} has {tokenizer.get_vocab_size()} tokens but the model only "
