@@ -131,10 +131,14 @@ def _disk_state(folder: Path) -> str:
     return f"{free / 2**20:.1f} MiB free on its disk" + ("; the disk is full" if free < 2**20 else "")
 
 
+def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an inf, or None."""
+    return next((name for name, tensor in state.items() if tensor.is_floating_point()
+                 and not torch.isfinite(tensor).all()), None)
+
+
 def _require_finite(state: dict[str, torch.Tensor], what: str) -> None:
-    bad = next((name for name, tensor in state.items() if tensor.is_floating_point()
-                and not torch.isfinite(tensor).all()), None)
-    if bad is not None:
+    if (bad := first_non_finite(state)) is not None:
         raise PonderError(f"{what} hold non-finite values (first: {bad}): the run diverged; lower train.lr and "
                           "train again, or use an earlier checkpoint")
 

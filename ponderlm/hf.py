@@ -24,8 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ponderlm.checkpoint import (latest_checkpoint, prepare_run_dir, read_model_weights, read_run_config,
-                                 save_checkpoint, with_tied_weights)
+from ponderlm.checkpoint import (first_non_finite, latest_checkpoint, prepare_run_dir, read_model_weights,
+                                 read_run_config, save_checkpoint, with_tied_weights)
 from ponderlm.config import Config, load_config
 from ponderlm.errors import PonderError
 from ponderlm.files import atomic_write_text, directory_built_aside, save_safetensors, sha256_file
@@ -183,9 +183,7 @@ def load_initial_weights(source: Path, model: torch.nn.Module) -> None:
         except RuntimeError as exc:  # q/k/v or gate/up of sizes that do not concatenate
             raise PonderError(f"{source}: its tensors do not have the shapes its config.json describes "
                               f"({str(exc).splitlines()[0]})") from None
-    bad = next((name for name, tensor in state.items() if tensor.is_floating_point()
-                and not torch.isfinite(tensor).all()), None)
-    if bad is not None:
+    if (bad := first_non_finite(state)) is not None:
         raise PonderError(f"{source} holds non-finite values (NaN or inf) in {bad}: the source model is damaged; "
                           "use an intact copy")
     own = model.state_dict()
