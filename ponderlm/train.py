@@ -198,12 +198,12 @@ class Trainer:
         config = self.config
         data_meta = read_metadata(Path(config.data.path))
         vocab_size = data_meta["tokenizer"]["vocab_size"]
+        tokenizer_file = check_data_tokenizer(Path(config.data.path), data_meta)
         if config.train.init_from:  # first: another tokenizer is the cause of any size mismatch below
-            self._check_init_from_tokenizer(Path(config.train.init_from), data_meta)
+            self._check_init_from_tokenizer(Path(config.train.init_from), data_meta, tokenizer_file)
         if 0 < config.model.vocab_size < vocab_size:  # more rows than tokens is fine (imported models pad)
             raise PonderError(f"model.vocab_size={config.model.vocab_size} but the tokenizer of {config.data.path} "
                               f"has {vocab_size} tokens; drop model.vocab_size to take it from the data")
-        tokenizer_file = check_data_tokenizer(Path(config.data.path), data_meta)
         tokenizer_vocab = load_tokenizer(tokenizer_file).get_vocab_size()
         if tokenizer_vocab != vocab_size:
             raise PonderError(f"{tokenizer_file} has {tokenizer_vocab} tokens but "
@@ -220,11 +220,11 @@ class Trainer:
                                   "data, or start a new run from this one with --init-from")
         return tokenizer_file
 
-    def _check_init_from_tokenizer(self, source: Path, data_meta: dict) -> None:
-        """A continued-pretraining run's source must share the data's tokenizer."""
-        data_tokenizer = check_data_tokenizer(Path(self.config.data.path), data_meta)
-        if not (source / "tokenizer.json").is_file() or \
-                sha256_file(source / "tokenizer.json") != sha256_file(data_tokenizer):
+    def _check_init_from_tokenizer(self, source: Path, data_meta: dict, data_tokenizer: Path) -> None:
+        """A continued-pretraining run's source must share the data's tokenizer (already checked against the sha256
+        its metadata records, which is compared here instead of hashing the file again)."""
+        data_sha = data_meta["tokenizer"].get("sha256") or sha256_file(data_tokenizer)
+        if not (source / "tokenizer.json").is_file() or sha256_file(source / "tokenizer.json") != data_sha:
             raise PonderError(f"the data at {self.config.data.path} was not tokenized with the tokenizer of "
                               f"--init-from {source}; prepare it with `ponderlm data prepare --tokenizer "
                               f"{source / 'tokenizer.json'}`")
