@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from pathlib import Path
 
@@ -146,6 +147,30 @@ def comparison_table(merged: list[dict], method: str, primary: tuple[str, ...] =
               "pay for its training compute.", "", *header]
     lines += [row(c, "nothing else is as cheap to train and to run") for c in compare_at_training_cost(merged, method)]
     return lines
+
+
+def read_rows(path: Path) -> list[dict]:
+    """A results.json's rows; a diverged run's perplexity, written as null (JSON has no inf), is inf again."""
+    rows = json.loads(path.read_text())
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError("not a list of result rows")
+    missing = [key for key in ("method", "run", "seed", "lr", "tau", "ppl", "loss", "inference_flops_per_token",
+                               "train_flops", "train_tokens", "split") if any(key not in row for row in rows)]
+    if missing:
+        raise ValueError(f"a row lacks {missing[0]!r}")
+    for row in rows:
+        row.update({key: math.inf for key in ("ppl", "loss") if row[key] is None})
+        numbers = ("ppl", "loss", "inference_flops_per_token", "train_flops", "train_tokens")
+        if bad := [key for key in numbers if isinstance(row[key], bool) or not isinstance(row[key], (int, float))]:
+            raise ValueError(f"run {row['run']}'s {bad[0]} is {row[bad[0]]!r}, not a number")
+    return rows
+
+
+def read_results(directory: Path) -> tuple[list[dict], list[dict]]:
+    """What write_results wrote: the rows of results.json and the learning-rate search of lr_search.json (none if
+    absent). Raises OSError or ValueError for files that cannot be read as such."""
+    search = Path(directory) / "lr_search.json"
+    return read_rows(Path(directory) / "results.json"), (json.loads(search.read_text()) if search.exists() else [])
 
 
 def write_results(rows: list[dict], out: Path, lr_search: list[dict] | None = None, compare_to: str = "",

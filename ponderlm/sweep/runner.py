@@ -17,7 +17,7 @@ from ponderlm.files import standard_json, atomic_write_bytes, atomic_write_text
 from ponderlm.machine import session_summary
 from ponderlm.methods import model_skeleton
 from ponderlm.sweep.recipe import Recipe, run_dir_name
-from ponderlm.sweep.report import RECORDED, write_results
+from ponderlm.sweep.report import RECORDED, read_results, write_results
 from ponderlm.train import config_changes, train
 
 
@@ -45,23 +45,6 @@ def _evaluate(run_dir: Path, split: str, max_tokens: int | None, tau: float | No
     return stored[key]
 
 
-def read_rows(path: Path) -> list[dict]:
-    """A results.json's rows; a diverged run's perplexity, written as null (JSON has no inf), is inf again."""
-    rows = json.loads(path.read_text())
-    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-        raise ValueError("not a list of result rows")
-    missing = [key for key in ("method", "run", "seed", "lr", "tau", "ppl", "loss", "inference_flops_per_token",
-                               "train_flops", "train_tokens", "split") if any(key not in row for row in rows)]
-    if missing:
-        raise ValueError(f"a row lacks {missing[0]!r}")
-    for row in rows:
-        row.update({key: math.inf for key in ("ppl", "loss") if row[key] is None})
-        numbers = ("ppl", "loss", "inference_flops_per_token", "train_flops", "train_tokens")
-        if bad := [key for key in numbers if isinstance(row[key], bool) or not isinstance(row[key], (int, float))]:
-            raise ValueError(f"run {row['run']}'s {bad[0]} is {row[bad[0]]!r}, not a number")
-    return rows
-
-
 class Published:
     """A published sweep directory (results.json, lr_search.json): a run found there and with no directory under the
     sweep's own `runs` is taken, not trained again."""
@@ -69,9 +52,7 @@ class Published:
     def __init__(self, directory: Path, runs: Path):
         self.directory, self.runs = Path(directory), runs
         try:
-            self.rows = read_rows(self.directory / "results.json")
-            search = self.directory / "lr_search.json"
-            self.search = json.loads(search.read_text()) if search.exists() else []
+            self.rows, self.search = read_results(self.directory)
         except (OSError, ValueError) as exc:
             raise PonderError(f"--reuse {directory}: cannot read its results ({exc})") from None
         if not self.rows:
@@ -157,9 +138,7 @@ def rewrite_report(recipe_path: Path, out: Path) -> list[dict]:
     comparison: a report of this version's for a sweep that is still running or was published by an older one."""
     recipe = Recipe.load(recipe_path)
     try:
-        rows = read_rows(out / "results.json")
-        search_file = out / "lr_search.json"
-        search = json.loads(search_file.read_text()) if search_file.exists() else []
+        rows, search = read_results(out)
     except (OSError, ValueError) as exc:
         raise PonderError(f"--report-only: cannot read the results in {out} ({exc})") from None
     if not rows:

@@ -399,7 +399,7 @@ def test_reuse_of_rows_with_a_missing_or_non_numeric_field_is_refused_before_wri
 
 
 def test_a_diverged_runs_perplexity_is_null_in_results_json_and_inf_again_when_read(tmp_path, tiny_data_dir):
-    from ponderlm.sweep.runner import read_rows
+    from ponderlm.sweep.report import read_rows
 
     rows = [{"method": "vanilla", "run": "v", "seed": s, "lr": 0.1, "tau": "", "ppl": ppl, "loss": loss,
              "inference_flops_per_token": 1.0, "mean_extra_steps": 0.0, "train_flops": 1.0, "train_tokens": 10,
