@@ -39,11 +39,13 @@ def plain_tokenizer(vocab: int):
     """A word-level tokenizer over `vocab` made-up words, id 0 the EOS: the server needs one; the requests send ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
+    from ponderlm.data import ModelTokenizer
+
     tokenizer = Tokenizer(models.WordLevel({"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, vocab)}},
                                            unk_token="<|endoftext|>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.add_special_tokens(["<|endoftext|>"])
-    return tokenizer
+    return ModelTokenizer(tokenizer)
 
 
 def serve_main(args) -> None:

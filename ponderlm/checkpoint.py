@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from ponderlm.config import Config, config_from_dict, read_yaml_mapping
 from ponderlm.data.shards import check_data_tokenizer
+from ponderlm.data.tokenizer import COMPANION_FILES
 from ponderlm.errors import PonderError, explain_os_error
 from ponderlm.files import LOCK_FILE, lock_directory, save_safetensors, sha256_file
 
@@ -28,7 +29,7 @@ CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7})$")
 CHECKSUMS_FILE = "checksums.json"  # sha256 of each file of a checkpoint, written at save time
 TORCH_WRITE_ERRORS = ("PytorchStreamWriter", "inline_container", "iostream")  # how torch.save reports a failed write
 RUN_MARKER = ".ponderlm-run"  # written first when a run starts, so that a start killed before config.yaml is ours
-RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl", "sessions.jsonl", "checkpoints")
+RUN_FILES = ("config.yaml", "tokenizer.json", *COMPANION_FILES, "metrics.jsonl", "sessions.jsonl", "checkpoints")
 
 
 def lock_run_dir(run_dir: Path) -> IO:
@@ -46,7 +47,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> IO:
     if resume:
         return lock
     names = {path.name for path in run_dir.iterdir()} - {LOCK_FILE}
-    if RUN_MARKER in names and not names - {RUN_MARKER, "tokenizer.json", ".config.tmp.yaml"}:
+    if RUN_MARKER in names and not names - {RUN_MARKER, "tokenizer.json", *COMPANION_FILES, ".config.tmp.yaml"}:
         for name in names:  # a start killed before its config.yaml: ours, and nothing to keep
             (run_dir / name).unlink()
         names = set()

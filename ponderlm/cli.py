@@ -175,10 +175,10 @@ def _generate(args) -> None:
     model, tokenizer = load(args.run_dir)
     model.check_tau_applies(args.tau)
     if args.max_new_tokens is None:  # what fits: the tiny preset's context is 32 tokens
-        args.max_new_tokens = min(100, model.config.data.seq_len // 2)
-    check_max_new_tokens(args.max_new_tokens, model.config.data.seq_len)
+        args.max_new_tokens = min(100, model.config.context // 2)
+    check_max_new_tokens(args.max_new_tokens, model.config.context)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed, tau=args.tau)
+                    top_p=args.top_p, seed=args.seed, tau=args.tau, chat=args.chat)
     if prompts is not None:
         from tqdm import tqdm
 
@@ -200,7 +200,8 @@ def _generate(args) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    sys.stdout.write(args.prompt)
+    if not args.chat:  # the continuation follows its prompt; a chat's answer stands alone
+        sys.stdout.write(args.prompt)
     steps: list[int] = []
     generate(model, tokenizer, args.prompt, on_text=emit, extra_steps_per_token=steps, **sampling)
     sys.stdout.write("\n")
@@ -218,7 +219,7 @@ def _serve(args) -> None:
         print(f"ponderlm: notice: serving on {args.host}, reachable from other machines; the server has no "
               "authentication", file=sys.stderr)
     serve(args.run_dir, host=args.host, port=args.port, tau=args.tau, max_batch=args.max_batch,
-          max_queue=args.max_queue)
+          max_queue=args.max_queue, max_model_len=args.max_model_len)
 
 
 def _import(args) -> None:
@@ -416,6 +417,8 @@ def _add_run_commands(commands) -> None:
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     srv.add_argument("--tau", type=float, help=tau_help + " (the default of requests that do not send a tau)")
     srv.add_argument("--max-batch", type=positive_int, default=32, help="sequences decoded together (default 32)")
+    srv.add_argument("--max-model-len", type=positive_int, help="longest prompt + completion served (default: the "
+                     "model's context); the KV cache holds --max-batch rows of it")
     srv.add_argument("--max-queue", type=int, default=256,
                      help="requests waiting for a row before new ones get 429 (default 256)")
     srv.set_defaults(handler=_serve)
@@ -429,6 +432,8 @@ def _add_generate_command(commands, tau_help: str) -> None:
     gen.add_argument("--prompts-file", help="many prompts (one per line, or .jsonl with a \"prompt\" field), run "
                      "together; one JSON line per prompt on stdout, prompt i sampled with seed --seed + i")
     gen.add_argument("--batch-size", type=positive_int, default=32, help="prompts decoded together (default 32)")
+    gen.add_argument("--chat", action="store_true", help="answer each prompt as a user's message, written into the "
+                     "model's chat template (an imported instruct model's own)")
     gen.add_argument("--max-new-tokens", type=positive_int, help="tokens to generate at most (default: 100, or "
                      "half the model's context where that is shorter)")
     gen.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")

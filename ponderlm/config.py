@@ -37,6 +37,9 @@ class ModelConfig:
     # `flex` (flex_attention with a score_mod bias; CUDA only, compiled). benchmarks/gpu_check.sh compares them.
     attention_backend: str = "sdpa"
     tie_word_embeddings: bool = False  # the lm-head reuses the token embedding matrix
+    # The context a model was made for, beyond the windows this run trains on (an imported model's own, kept for
+    # generation, lm-eval and export); 0: data.seq_len. See Config.context.
+    max_position_embeddings: int = 0
     # Token embeddings times sqrt(2.5 d) (docs/design.md §2: ours, every method); models imported from Hugging Face
     # were trained without it.
     embedding_scale: bool = True
@@ -134,6 +137,11 @@ class Config:
     # Options of single methods, by method name: `options.<method>.<key>`, typed by the method's own dataclass.
     options: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def context(self) -> int:
+        """The longest sequence the model serves: its own context or the windows it trains on, the longer."""
+        return max(self.model.max_position_embeddings, self.data.seq_len)
+
     def validate(self) -> Config:
         # The method registry is the one list of methods; imported here, when a config is checked, because
         # the method modules themselves are built from a Config.
@@ -163,6 +171,9 @@ class Config:
                 f"model.hidden_size={m.hidden_size} must split into num_attention_heads={m.num_attention_heads} "
                 "heads of even size (RoPE rotates pairs)"
             )
+        if m.max_position_embeddings < 0:
+            raise PonderError(f"model.max_position_embeddings must be >= 0 (0: data.seq_len), got "
+                              f"{m.max_position_embeddings}")
         if m.num_key_value_heads < 0 or m.num_attention_heads % m.resolved_key_value_heads():
             raise PonderError(f"model.num_key_value_heads={m.num_key_value_heads} must divide "
                               f"num_attention_heads={m.num_attention_heads} (0: as many as the query heads)")

@@ -135,7 +135,7 @@ class Engine:
     """Continuous batching of requests over one model.
 
     max_batch: rows decoded together. max_tokens: the longest sequence (prompt + new tokens) a request may have;
-    the model's context (data.seq_len) by default. The KV cache holds max_batch x max_tokens x slots-per-token slots.
+    the model's context (Config.context) by default. The KV cache holds max_batch x max_tokens x slots-per-token slots.
     prefill: fill new rows from their whole prompt at once where the method can (False: slot by slot, as tests of
     the step path want).
     """
@@ -145,7 +145,7 @@ class Engine:
         self.prefill = prefill and model.parallel_prefill
         self.config = model.config
         self.max_batch = max_batch
-        self.max_tokens = max_tokens or self.config.data.seq_len
+        self.max_tokens = max_tokens or self.config.context
         weight = model.backbone.lm_head.weight
         self.device = weight.device
         self.autocast = lambda: self.config.autocast(self.device.type)

@@ -18,24 +18,23 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from ponderlm.data import end_of_document_id
+from ponderlm.data import ModelTokenizer
 from ponderlm.engine import Engine, Request, Sampling, score, scores_in_parallel
 from ponderlm.generate import TextStream
 
 
 class PonderLMHarness(LM):
-    def __init__(self, model, tokenizer: Tokenizer, tau: float | None = None, batch_size: int = 16,
+    def __init__(self, model, tokenizer: ModelTokenizer, tau: float | None = None, batch_size: int = 16,
                  progress: bool = True, scoring: str = "exact"):
         super().__init__()
         self.decode_scoring = not scores_in_parallel(model, scoring)
         self.model, self.tokenizer, self.tau, self.batch_size = model.eval(), tokenizer, tau, batch_size
         self.scoring = scoring
         self.config = model.config
-        self.max_length = self.config.data.seq_len  # the context the model was trained on
-        self.eos_id = end_of_document_id(tokenizer)
+        self.max_length = self.config.context
+        self.eos_id = tokenizer.document_id  # a document's start, as in training
         self._device = model.backbone.lm_head.weight.device  # read through LM.device
         self.progress = progress
         self.compute = defaultdict(lambda: {"tokens": 0, "extra_steps": 0, "flops": 0.0})
@@ -92,7 +91,7 @@ class PonderLMHarness(LM):
         order = sorted(range(len(pairs)), key=lambda i: -len(rows[i][0]))
         bar = tqdm(total=len(pairs), desc="score", unit="request", disable=not self.progress, dynamic_ncols=True)
         if self.decode_scoring:  # every request its own sequence, continuously batched
-            engine = Engine(self.model, max_batch=self.batch_size, max_tokens=self.max_length)
+            engine = Engine(self.model, max_batch=self.batch_size, max_tokens=max((len(row[0]) for row in rows), default=1))
             for i in order:
                 engine.add(Request(rows[i][0], tau=self.tau, keep_logits=True))
             for sequence in engine.stream():  # a finished sequence's logits are read, then dropped
@@ -144,19 +143,21 @@ class PonderLMHarness(LM):
     def generate_until(self, requests) -> list[str]:
         """Greedy (or sampled, if asked) continuation of each context until a stop string or max_gen_toks, all
         requests through one engine (continuously batched)."""
-        engine = Engine(self.model, max_batch=self.batch_size, max_tokens=self.max_length)
-        sequences, stops = [], []
+        queued, stops = [], []
         for request in requests:
             context, options = request.args
             options = dict(options)
-            until = options.pop("until", None) or [self.tokenizer.decode([self.eos_id])]
+            until = options.pop("until", None) or []  # the stop tokens end it anyway
             stops.append([until] if isinstance(until, str) else list(until))
             max_new = min(int(options.pop("max_gen_toks", 256)), self.max_length - 1)
             temperature = float(options.pop("temperature", 0.0)) if options.pop("do_sample", False) else 0.0
             ids = (self._encode(context) or [self.eos_id])[-(self.max_length - max_new):]
-            sequences.append(engine.add(Request(ids, max_new, Sampling(temperature), stop_ids=(self.eos_id,),
-                                                tau=self.tau)))
-        texts = [TextStream(self.tokenizer, until, (self.eos_id,)) for until in stops]
+            queued.append(Request(ids, max_new, Sampling(temperature), stop_ids=self.tokenizer.stop_ids, tau=self.tau))
+        # A KV cache as long as the longest request needs, not the model's whole context (8,192 for some imports).
+        engine = Engine(self.model, max_batch=self.batch_size,
+                        max_tokens=max((len(r.prompt) + r.max_new_tokens for r in queued), default=1))
+        sequences = [engine.add(request) for request in queued]
+        texts = [TextStream(self.tokenizer, until, self.tokenizer.stop_ids) for until in stops]
         bar = tqdm(total=len(sequences), desc="generate", unit="request", disable=not self.progress)
         while engine.busy:
             for sequence in engine.step():

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from ponderlm.checkpoint import (first_non_finite, latest_checkpoint, prepare_run_dir, read_model_weights,
                                  read_run_config, save_checkpoint, with_tied_weights)
 from ponderlm.config import Config, load_config
+from ponderlm.data import copy_tokenizer_files
 from ponderlm.errors import PonderError
 from ponderlm.files import atomic_write_text, directory_built_aside, save_safetensors, sha256_file
 from ponderlm.methods import METHODS, build_model, model_skeleton
@@ -72,6 +73,9 @@ def llama_model_settings(hf_dir: Path) -> dict:
     if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
         raise PonderError(f"{path}: head_dim {head_dim} x {hf['num_attention_heads']} heads != hidden_size")
     settings = {ours: hf[theirs] for ours, theirs in LLAMA_CONFIG_KEYS.items() if theirs in hf}
+    context = hf.get("max_position_embeddings")
+    if isinstance(context, int) and context > 1:
+        settings["max_position_embeddings"] = context
     return {**settings, "rope_theta": _rope_theta(hf), "embedding_scale": False}
 
 
@@ -122,11 +126,11 @@ def import_llama(hf_dir: Path, run_dir: Path, method: str | None = None, overrid
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     settings = llama_model_settings(hf_dir)
     _refuse_model_overrides(overrides or [], settings, str(hf_dir))
-    context = json.loads((hf_dir / "config.json").read_text()).get("max_position_embeddings")
-    # The model's own context, for generate, lm-eval and export (an explicit --set data.seq_len comes after it).
-    own_context = [f"data.seq_len={context}"] if isinstance(context, int) and context > 1 else []
+    # Evaluation windows of the model's whole context (as lm-eval's hf model uses); --set data.seq_len may shorten.
+    own_windows = [f"data.seq_len={settings['max_position_embeddings']}"] if "max_position_embeddings" in settings \
+        else []
     config = load_config(None, [f"method={method or Vanilla.name}", *(f"model.{k}={v}" for k, v in settings.items()),
-                                *own_context, *(overrides or [])])
+                                *own_windows, *(overrides or [])])
     tokenizer = hf_dir / "tokenizer.json"
     if not tokenizer.is_file():
         raise PonderError(f"{hf_dir} has no tokenizer.json (the fast tokenizer file); save the model's tokenizer "
@@ -138,7 +142,7 @@ def import_llama(hf_dir: Path, run_dir: Path, method: str | None = None, overrid
     created = not run_dir.exists()
     try:
         with prepare_run_dir(run_dir, resume=False, overwrite=overwrite):
-            shutil.copyfile(tokenizer, run_dir / "tokenizer.json")
+            copy_tokenizer_files(tokenizer, run_dir)
             atomic_write_text(run_dir / "config.yaml", config.to_yaml())
             save_checkpoint(run_dir, 0, model.state_dict(), {"step": 0, "imported_from": str(hf_dir)},
                             {"method": config.method, "tokenizer_sha256": sha256_file(tokenizer)}, keep_last=1)
@@ -150,11 +154,13 @@ def import_llama(hf_dir: Path, run_dir: Path, method: str | None = None, overrid
 
 
 def init_from_overrides(source: Path, overrides: list[str]) -> list[str]:
-    """`--set` overrides for a run that starts from `source` (a run directory or a Llama folder): its model shape,
-    then the user's (a conflicting `model.*` is an error), then train.init_from."""
+    """`--set` overrides for a run that starts from `source` (a run directory or a Llama folder): its model shape
+    and context, then the user's (a conflicting `model.*` is an error), then train.init_from. The training windows
+    (data.seq_len) are the preset's or the user's."""
     source = Path(source)
     if (source / "config.yaml").is_file():
-        settings = dataclasses.asdict(read_run_config(source).model)
+        source_config = read_run_config(source)
+        settings = {**dataclasses.asdict(source_config.model), "max_position_embeddings": source_config.context}
     elif (source / "config.json").is_file():
         settings = llama_model_settings(source)
     else:
@@ -203,7 +209,7 @@ def llama_config_json(config: Config) -> dict:
             "num_key_value_heads": m.resolved_key_value_heads(), "head_dim": m.hidden_size // m.num_attention_heads,
             "hidden_act": "silu", "rms_norm_eps": m.rms_norm_eps, "rope_theta": m.rope_theta,
             "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-            "max_position_embeddings": config.data.seq_len, "tie_word_embeddings": m.tie_word_embeddings,
+            "max_position_embeddings": config.context, "tie_word_embeddings": m.tie_word_embeddings,
             "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32", "dtype": "float32"}
 
 
@@ -246,22 +252,29 @@ def _export_remote_code(run_dir: Path, out_dir: Path, config: Config, checkpoint
     config_json = {"architectures": ["PonderLMForCausalLM"], "model_type": "ponderlm",
                    "auto_map": {"AutoConfig": "configuration_ponderlm.PonderLMConfig",
                                 "AutoModelForCausalLM": "modeling_ponderlm.PonderLMForCausalLM"},
-                   "ponderlm": config.to_dict(), "tau": tau, "vocab_size": config.model.vocab_size}
+                   "ponderlm": config.to_dict(), "tau": tau, "vocab_size": config.model.vocab_size,
+                   "max_position_embeddings": config.context}
     _write_tokenizer_and_config(run_dir, out_dir, config, config_json)
     return out_dir
 
 
 def _write_tokenizer_and_config(run_dir: Path, out_dir: Path, config: Config, config_json: dict) -> None:
-    from ponderlm.data import end_of_document_id, load_tokenizer
+    """config.json with the model's special token ids, and the run's tokenizer files as they came (the tokenizer's
+    context set to the model's)."""
+    from ponderlm.data import load_tokenizer
 
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    eos_id = end_of_document_id(tokenizer)
-    config_json = {**config_json, "eos_token_id": eos_id, "bos_token_id": None, "pad_token_id": None}
+    stops = list(tokenizer.stop_ids)
+    config_json = {**config_json, "eos_token_id": stops[0] if len(stops) == 1 else stops,
+                   "bos_token_id": tokenizer.bos_id, "pad_token_id": None}
     atomic_write_text(out_dir / "config.json", json.dumps(config_json, indent=2) + "\n")
-    shutil.copyfile(run_dir / "tokenizer.json", out_dir / "tokenizer.json")
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.data.seq_len,
-                        "eos_token": tokenizer.id_to_token(eos_id) if eos_id is not None else None,
-                        "clean_up_tokenization_spaces": False}
+    copy_tokenizer_files(run_dir / "tokenizer.json", out_dir)
+    own = run_dir / "tokenizer_config.json"
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                        "eos_token": tokenizer.token_text(tokenizer.document_id),
+                        "clean_up_tokenization_spaces": False,
+                        **(json.loads(own.read_text(encoding="utf-8")) if own.is_file() else {}),
+                        "model_max_length": config.context}
     atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
 
 

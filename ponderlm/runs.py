@@ -5,16 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 
 from ponderlm.checkpoint import latest_checkpoint, load_model_weights, read_run_config
-from ponderlm.data import load_tokenizer
+from ponderlm.data import ModelTokenizer, load_tokenizer
 from ponderlm.errors import PonderError
 from ponderlm.files import sha256_file
 from ponderlm.methods import model_skeleton
 
 
-def load(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Tokenizer]:
+def load(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelTokenizer]:
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     checkpoint = latest_checkpoint(run_dir)

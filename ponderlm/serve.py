@@ -32,7 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ponderlm.data import end_of_document_id
+from ponderlm.data import ModelTokenizer
 from ponderlm.engine import Engine, Request, Sampling
 from ponderlm.engine_worker import EngineWorker, ServerBusy, Update
 from ponderlm.errors import PonderError
@@ -106,15 +106,16 @@ class DetokenizeBody(BaseModel):
 class Service:
     """What the endpoints share: the model, its tokenizer, the worker, and how requests become engine requests."""
 
-    def __init__(self, model, tokenizer, name: str, tau: float | None, max_batch: int, max_queue: int,
-                 chat_template: str | None = None):
+    def __init__(self, model, tokenizer: ModelTokenizer, name: str, tau: float | None, max_batch: int,
+                 max_queue: int, max_model_len: int | None = None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.tau = tau
-        self.context = model.config.data.seq_len
-        self.eos_id = end_of_document_id(tokenizer)
-        self.chat_template = chat_template
+        if max_model_len is not None and not 1 < max_model_len <= model.config.context:
+            raise PonderError(f"--max-model-len must be between 2 and the model's context, "
+                              f"{model.config.context}; got {max_model_len}")
+        self.context = max_model_len or model.config.context
         self.created = int(time.time())
-        self.worker = EngineWorker(Engine(model, max_batch=max_batch), max_queue)
+        self.worker = EngineWorker(Engine(model, max_batch=max_batch, max_tokens=self.context), max_queue)
 
     # --- building requests ---
 
@@ -127,7 +128,7 @@ class Service:
             raise APIError(400, "prompt is empty", param="prompt")
         out = []
         for item in prompt:
-            ids = self.tokenizer.encode(item).ids if isinstance(item, str) else list(item)
+            ids = self.tokenizer.encode_prompt(item) if isinstance(item, str) else list(item)
             if not ids:
                 raise APIError(400, "a prompt must hold at least one token", param="prompt")
             out.append(ids)
@@ -148,17 +149,17 @@ class Service:
             sampling = Sampling(body.temperature, max(body.top_k, 0), body.top_p, seed)
         except PonderError as exc:
             raise APIError(400, str(exc), param="temperature") from None
-        stop_ids = () if ignore_eos else (self.eos_id,)
+        stop_ids = () if ignore_eos else self.tokenizer.stop_ids
         return Request(ids, max_tokens, sampling, stop_ids=stop_ids, tau=tau, logprobs=keep_logprobs)
 
-    def chat_prompt(self, messages: list[ChatMessage]) -> str:
-        if self.chat_template:
-            import jinja2
-
-            template = jinja2.Environment().from_string(self.chat_template)
-            return template.render(messages=[m.model_dump() for m in messages], add_generation_prompt=True,
-                                   eos_token=self.tokenizer.decode([self.eos_id]))
-        return "".join(CHAT_TEMPLATE.format(role=m.role, content=m.content) for m in messages) + "assistant:"
+    def chat_ids(self, messages: list[ChatMessage]) -> list[int]:
+        if self.tokenizer.chat_template:
+            try:
+                return self.tokenizer.encode_chat([m.model_dump() for m in messages])
+            except PonderError as exc:
+                raise APIError(400, str(exc), param="messages") from None
+        plain = "".join(CHAT_TEMPLATE.format(role=m.role, content=m.content) for m in messages) + "assistant:"
+        return self.tokenizer.encode_prompt(plain)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.name:
@@ -232,16 +233,15 @@ class Service:
                                             "method": self.model.config.method}]}
 
     async def tokenizer_info(self) -> dict:
-        return {"eos_token": self.piece(self.eos_id), "bos_token": None, "pad_token": None,
-                "chat_template": self.chat_template, "model_max_length": self.context,
+        tokenizer = self.tokenizer
+        return {"eos_token": self.piece(tokenizer.document_id),
+                "bos_token": None if tokenizer.bos_id is None else self.piece(tokenizer.bos_id), "pad_token": None,
+                "chat_template": tokenizer.chat_template, "model_max_length": self.context,
                 "vocab_size": self.model.config.model.vocab_size}
 
     async def tokenize(self, body: TokenizeBody) -> dict:
-        # A text that is exactly one special token is that token (lm-eval finds the EOS id this way); inside a
-        # longer text, special tokens encode as the bytes they are, as in the training data.
-        special = self.tokenizer.token_to_id(body.prompt)
-        added = self.tokenizer.get_added_tokens_decoder()
-        tokens = [special] if special in added else self.tokenizer.encode(body.prompt).ids
+        # As prompts are encoded: a special token written in the text is that token (lm-eval finds the EOS id so).
+        tokens = self.tokenizer.encode_prompt(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": self.context}
 
     async def detokenize(self, body: DetokenizeBody) -> dict:
@@ -285,11 +285,11 @@ class Service:
         self.check_model(body.model)
         if body.logprobs:
             raise APIError(400, "logprobs are served by /v1/completions (with echo), not by chat", param="logprobs")
-        ids = self.prompts(self.chat_prompt(body.messages))[0]
+        ids = self.chat_ids(body.messages)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = limit if limit is not None else max(0, min(256, self.context - len(ids)))
         stops = body.stops
-        stops += ["\nuser:"] if not self.chat_template else []  # the plain template's next turn
+        stops += ["\nuser:"] if not self.tokenizer.chat_template else []  # the plain template's next turn
         request = self.request(ids, body, max_tokens, None)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
@@ -302,7 +302,7 @@ class Service:
 
     async def collect(self, request: Request, stops: list[str]) -> tuple[Update, str, str]:
         """Run a request to its end (or its first stop string): the last update, the text, the finish reason."""
-        text = TextStream(self.tokenizer, stops, (self.eos_id,))
+        text = TextStream(self.tokenizer, stops, self.tokenizer.stop_ids)
         last = None
         async with contextlib.aclosing(self.run(request)) as updates:  # leaving at a stop string cancels it
             async for update in updates:
@@ -336,7 +336,7 @@ class Service:
                         "choices": [choice]})
 
         async def events():
-            text, sent_tokens, update = TextStream(self.tokenizer, stops, (self.eos_id,)), 0, first
+            text, sent_tokens, update = TextStream(self.tokenizer, stops, self.tokenizer.stop_ids), 0, first
             try:
                 if chat:
                     yield sse({"id": completion_id, "object": kind, "created": int(time.time()), "model": self.name,
@@ -377,12 +377,14 @@ def sse(record: dict | str) -> str:
     return f"data: {record if isinstance(record, str) else json.dumps(record)}\n\n"
 
 
-def create_app(model, tokenizer, name: str, tau: float | None = None, max_batch: int = 32, max_queue: int = 256,
-               chat_template: str | None = None) -> FastAPI:
-    """The FastAPI application; its lifespan starts the engine's thread and, on shutdown, lets it finish."""
+def create_app(model, tokenizer: ModelTokenizer, name: str, tau: float | None = None, max_batch: int = 32,
+               max_queue: int = 256, max_model_len: int | None = None) -> FastAPI:
+    """The FastAPI application; its lifespan starts the engine's thread and, on shutdown, lets it finish.
+    max_model_len: the longest prompt + completion served (default the model's context); the KV cache holds
+    max_batch rows of it."""
     if tau is not None:
         model.check_tau_applies(tau)
-    service = Service(model.eval(), tokenizer, name, tau, max_batch, max_queue, chat_template)
+    service = Service(model.eval(), tokenizer, name, tau, max_batch, max_queue, max_model_len)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -423,7 +425,7 @@ def create_app(model, tokenizer, name: str, tau: float | None = None, max_batch:
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, tau: float | None = None,
-          max_batch: int = 32, max_queue: int = 256) -> None:
+          max_batch: int = 32, max_queue: int = 256, max_model_len: int | None = None) -> None:
     """`ponderlm serve`: load a run and serve it until SIGINT/SIGTERM (which finish running requests first)."""
     import uvicorn
 
@@ -431,11 +433,11 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, tau: f
 
     run_dir = Path(run_dir)
     model, tokenizer = load(run_dir)
-    template_file = run_dir / "chat_template.jinja"
-    chat_template = template_file.read_text() if template_file.is_file() else None
-    app = create_app(model, tokenizer, run_dir.resolve().name, tau, max_batch, max_queue, chat_template)
-    print(f"ponderlm: serving {run_dir} ({model.config.method}) on http://{host}:{port}  (page: /, API: /v1)",
-          flush=True)
+    app = create_app(model, tokenizer, run_dir.resolve().name, tau, max_batch, max_queue, max_model_len)
+    cache = app.state.service.worker.engine.cache
+    print(f"ponderlm: serving {run_dir} ({model.config.method}) on http://{host}:{port}  (page: /, API: /v1); "
+          f"KV cache {2 * cache.keys.numel() * cache.keys.element_size() / 2**20:,.0f} MiB for {max_batch} rows of "
+          f"{app.state.service.context} tokens (--max-batch, --max-model-len)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import sys
 import time
 import traceback
@@ -26,7 +25,7 @@ from ponderlm.batching import WindowSampler
 from ponderlm.checkpoint import (latest_checkpoint, load_trainer_state, prepare_run_dir, read_model_weights,
                                  read_run_config, require_run_tokenizer, save_checkpoint, with_tied_weights)
 from ponderlm.config import Config
-from ponderlm.data import TokenShards, load_tokenizer, read_metadata
+from ponderlm.data import TokenShards, copy_tokenizer_files, load_tokenizer, read_metadata
 from ponderlm.data.shards import check_data_tokenizer, train_data_fingerprint
 from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_model
@@ -239,7 +238,7 @@ class Trainer:
         if self.topology.is_main:
             held.enter_context(prepare_run_dir(run_dir, resume, overwrite))
             if not resume:
-                shutil.copyfile(self.data_tokenizer, run_dir / "tokenizer.json")
+                copy_tokenizer_files(self.data_tokenizer, run_dir)
                 atomic_write_text(run_dir / "config.yaml", config.to_yaml())
         distributed.barrier(self.topology)
 

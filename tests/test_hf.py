@@ -15,7 +15,7 @@ from ponderlm.cli import main
 from ponderlm.config import load_config
 from ponderlm.engine import Engine, teacher_forced
 from ponderlm.methods import METHODS
-from ponderlm.generate import generate
+from ponderlm.generate import generate, generate_many
 from ponderlm.train import train
 
 FIXTURE_TEXTS = sorted((Path(__file__).parent / "fixtures" / "text").glob("*.txt"))
@@ -308,3 +308,81 @@ def test_an_imported_model_keeps_its_own_context(tiny_data_dir, tmp_path, capsys
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "back")]) == 0
     capsys.readouterr()
     assert json.loads((tmp_path / "back" / "config.json").read_text())["max_position_embeddings"] == 64
+
+
+def instruct_llama_folder(path, tokenizer_dir):
+    """A tied, grouped-query instruct Llama whose context (128) exceeds the tiny preset's (32), with chat tokens, a
+    chat template and two end tokens: as a user's folder of one would be (save_pretrained writes its
+    generation_config.json)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128, bos_token_id=2,
+        eos_token_id=[0, 1], pad_token_id=0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.2)
+        model.model.embed_tokens.weight[1] *= 5  # so that greedy decoding ends at the second end token, soon
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tokenizer_dir / name, path / name)
+    return model
+
+
+def assert_same_special_tokens(folder, source, context):
+    """An exported folder names the source's special tokens, chat template and generation config."""
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["eos_token_id"], config["bos_token_id"], config["max_position_embeddings"]) == ([0, 1], 2, context)
+    assert json.loads((folder / "generation_config.json").read_text()) == \
+        json.loads((source / "generation_config.json").read_text())
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert {key: tokenizer_config[key] for key in ("eos_token", "bos_token", "pad_token", "chat_template")} == \
+        {key: json.loads((source / "tokenizer_config.json").read_text())[key]
+         for key in ("eos_token", "bos_token", "pad_token", "chat_template")}
+    assert tokenizer_config["model_max_length"] == context
+
+
+def test_an_instruct_llama_goes_import_eval_chat_continued_pretraining_export(instruct_tokenizer_dir, tmp_path,
+                                                                              capsys):
+    hf_dir, data = tmp_path / "hf", tmp_path / "data"
+    hf = instruct_llama_folder(hf_dir, instruct_tokenizer_dir)
+    assert main(["data", "prepare", "--out", str(data), "--files", *map(str, FIXTURE_TEXTS), "--tokenizer",
+                 str(hf_dir)]) == 0
+    assert json.loads((data / "metadata.json").read_text())["tokenizer"]["eos_id"] == 0  # <|im_end|>, as named
+    assert main(["import", str(hf_dir), "--out", str(tmp_path / "run")]) == 0
+    assert main(["eval", str(tmp_path / "run"), "--data", str(data), "--split", "val"]) == 0
+    capsys.readouterr()
+    model, tokenizer = ponderlm.load(tmp_path / "run")
+    assert model.config.data.seq_len == 128 and tokenizer.stop_ids == (0, 1)
+
+    # chat: the template's ids and transformers' greedy answer, which stops at the model's own end token
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    messages = [{"role": "user", "content": "Who was the king?"}]
+    prompt = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                              return_dict=False)
+    assert prompt[0].tolist() == tokenizer.encode_chat(messages)
+    theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False)[0, prompt.shape[1]:].tolist()
+    ours = generate_many(model, tokenizer, ["Who was the king?"], max_new_tokens=20, chat=True)[0]
+    assert len(theirs) > 1 and theirs[-1] == 1 and ours.finish_reason == "stop"
+    assert ours.text == hf_tokenizer.decode(theirs, skip_special_tokens=True)
+    assert main(["generate", str(tmp_path / "run"), "--chat", "--prompt", "Who was the king?"]) == 0
+    assert capsys.readouterr().out == ours.text + "\n"
+
+    # continued pretraining keeps the context and the tokenizer files; both exports carry them to transformers
+    assert main(["train", "tiny", "--init-from", str(hf_dir), "--out", str(tmp_path / "p3"), "--set",
+                 f"data.path={data}", "--set", "method=ponderlm3", "--set", "ponder.extra_steps=2", "--set",
+                 "train.steps=2"]) == 0
+    for run, remote in ((tmp_path / "run", False), (tmp_path / "p3", True)):
+        out = tmp_path / f"export-{run.name}"
+        assert main(["export", str(run), "--out", str(out)]) == 0
+        capsys.readouterr()
+        assert_same_special_tokens(out, hf_dir, 128)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=remote).eval()
+        model, tokenizer = ponderlm.load(run)
+        ids = torch.randint(0, 400, (2, 60))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, model.infer(ids)[0], rtol=0, atol=1e-4)
+        exported_tokenizer = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=remote)
+        assert exported_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False) == \
+            tokenizer.encode_chat(messages)

@@ -17,6 +17,7 @@ from pathlib import Path
 from ponderlm.data.outdir import TOKENIZER_FILE, building
 from ponderlm.data.prepare import SPLITS
 from ponderlm.data.shards import METADATA_FILE, read_metadata, write_json_atomic
+from ponderlm.data.tokenizer import copy_tokenizer_files
 from ponderlm.errors import PonderError
 from ponderlm.files import atomic_path, sha256_file
 
@@ -82,8 +83,7 @@ def merge(parts: list[Path], out: Path, overwrite: bool = False) -> dict:
         raise PonderError(f"--out {out} is one of the parts; merge into a new directory")
     with building(out, overwrite) as staging:
         splits = {split: _merge_split(split, parts, metas, staging) for split in SPLITS}
-        with atomic_path(staging / TOKENIZER_FILE) as tmp:
-            shutil.copyfile(parts[0] / TOKENIZER_FILE, tmp)
+        copy_tokenizer_files(parts[0] / TOKENIZER_FILE, staging)
         metadata = {**{key: metas[0][key] for key in ("format", "tokenizer", "seed") if key in metas[0]},
                     "source": "merge", "split_rule": metas[0].get("split_rule"),
                     "parts": [{"path": str(part), "source": meta.get("source"), "sources": meta.get("sources", [])}

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ponderlm.data.shards import METADATA_FILE
+from ponderlm.data.tokenizer import COMPANION_FILES
 from ponderlm.errors import PonderError
 from ponderlm.files import LOCK_FILE, lock_directory
 
@@ -35,7 +36,7 @@ def _ours(out_dir: Path) -> set[str]:
         marked = False
     if not marked:
         return set()
-    return {METADATA_FILE, TOKENIZER_FILE} | {path.name for path in out_dir.iterdir() if SHARD.match(path.name)}
+    return {METADATA_FILE, TOKENIZER_FILE, *COMPANION_FILES} | {path.name for path in out_dir.iterdir() if SHARD.match(path.name)}
 
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:

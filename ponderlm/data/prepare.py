@@ -18,7 +18,6 @@ import heapq
 import multiprocessing
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,10 +32,10 @@ from ponderlm.data.corpus import Document, fetch_default_corpus, fetch_package, 
 from ponderlm.data.outdir import TOKENIZER_FILE, building, check_out_dir
 from ponderlm.data.inputs import PIECE_BYTES, Piece, expand_inputs, iter_texts, piece_texts, read_pieces
 from ponderlm.data.shards import METADATA_FILE, SplitWriter, write_json_atomic
-from ponderlm.data.tokenizer import (EOS_TOKEN, finish_tokenizer, given_tokenizer, gpt2_tokenizer, save_tokenizer,
-                                     train_tokenizer)
+from ponderlm.data.tokenizer import (EOS_TOKEN, copy_tokenizer_files, finish_tokenizer, given_tokenizer,
+                                     gpt2_tokenizer, save_tokenizer, train_tokenizer)
 from ponderlm.errors import PonderError
-from ponderlm.files import atomic_path, sha256_file
+from ponderlm.files import sha256_file
 
 SOURCES = ("default", "ptb", "files")
 TOKENIZERS = ("bpe", "gpt2")
@@ -326,8 +325,8 @@ def _tokenizer(kind: str, cache: Path, source: Source, rule: SplitRule, vocab_si
         tok = gpt2_tokenizer(cache)
         return tok, None, tok.token_to_id(EOS_TOKEN), {"kind": kind}
     if kind != "bpe":
-        tok, given, eos_id = given_tokenizer(Path(kind))
-        return tok, given, eos_id, {"kind": "file", "source": str(given)}
+        tok, given = given_tokenizer(Path(kind))
+        return tok, given, tok.document_id, {"kind": "file", "source": str(given)}
     started, taken = time.time(), [0]
     tok = train_tokenizer(_limited(source.train_texts(rule), sample_bytes, taken), vocab_size)
     return tok, None, tok.token_to_id(EOS_TOKEN), {
@@ -402,8 +401,7 @@ def prepare(out_dir: Path, source: str = "default", files: list[Path] | None = N
 def _metadata(out_dir: Path, source: str, data: Source, result: Pass, rule: SplitRule, tok: Tokenizer,
               given: Path | None, eos_id: int, tokenizer_meta: dict) -> dict:
     if given:  # byte for byte, so that runs and models using this file recognise it by its sha256
-        with atomic_path(out_dir / TOKENIZER_FILE) as tmp:
-            shutil.copyfile(given, tmp)
+        copy_tokenizer_files(given, out_dir)
     else:
         save_tokenizer(tok, out_dir / TOKENIZER_FILE)
     for index, record in enumerate(data.records if source == "files" else []):
