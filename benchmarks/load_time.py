@@ -7,8 +7,11 @@ A run directory of SmolLM2-135M's shape (vocab 49,152, hidden 576, 30 layers, 9 
 intermediate 1,536, tied embeddings; random weights) is written once per method. Each measurement is a fresh
 process (imports done before the clock starts, the checkpoint file in the page cache for every contender alike),
 timing one of:
-- `safetensors`: `safetensors.torch.load_file` of the checkpoint's model.safetensors, the floor;
-- `ponderlm.load`: the run's config, tokenizer and checkpoint checks, the model built on the meta device and filled;
+- `safetensors`: `safetensors.torch.load_file` of the checkpoint's model.safetensors, every tensor copied into
+  memory (load_file maps the file; the copy is the reading): the floor;
+- `ponderlm.load`: the run's config and tokenizer, the model built on the meta device and filled from the
+  checkpoint, with the checks every load makes (the checkpoint's sha256 against checksums.json, no NaN or inf);
+- `ponderlm.load, unchecked`: the same with the two checks replaced by no-ops, so that the difference is their cost;
 - `build_model + load`: the way loading worked before, a randomly initialised model the checkpoint overwrites.
 The contenders alternate within each repeat, so that a noisy neighbour hits all of them alike. Results go to
 benchmarks/results/load_time.md with the command, machine and medians.
@@ -34,8 +37,11 @@ SHAPE = ["model.vocab_size=49152", "model.hidden_size=576", "model.num_hidden_la
          "model.tie_word_embeddings=true", "model.embedding_scale=false", "data.seq_len=2048"]
 MEASURE = {
     "safetensors": ("from safetensors.torch import load_file; from ponderlm.checkpoint import latest_checkpoint",
-                    "load_file(latest_checkpoint(run) / 'model.safetensors')"),
-    "ponderlm.load": ("import ponderlm", "ponderlm.load(run)"),
+                    "[t.clone() for t in load_file(latest_checkpoint(run) / 'model.safetensors').values()]"),
+    "ponderlm.load": ("import ponderlm, ponderlm.runs, ponderlm.methods, ponderlm.data", "ponderlm.load(run)"),
+    "ponderlm.load, unchecked": ("import ponderlm, ponderlm.runs, ponderlm.methods, ponderlm.data, ponderlm.checkpoint as c; "
+                                 "c._verify_checksum = lambda path: None; c.first_non_finite = lambda state: None",
+                                 "ponderlm.load(run)"),
     "build_model + load": ("from ponderlm.checkpoint import latest_checkpoint, load_model_weights, read_run_config; "
                            "from ponderlm.methods import build_model",
                            "load_model_weights(build_model(read_run_config(run)), latest_checkpoint(run))"),

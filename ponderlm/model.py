@@ -197,7 +197,13 @@ class Transformer(nn.Module):
             raise ValueError("model.vocab_size must be set (it comes from the tokenizer)")
         self.config = config
         d = config.hidden_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        # reset_parameters initialises every weight. Embedding's own normal_ is skipped on the meta device (its meta
+        # version imports torch._dynamo, a second of every model_skeleton) and kept elsewhere, only so that a seed
+        # still gives the initial weights it gave before (runs of a sweep started earlier stay comparable).
+        embedding = torch.empty(config.vocab_size, d)
+        if not embedding.is_meta:
+            nn.init.normal_(embedding)
+        self.embed_tokens = nn.Embedding(config.vocab_size, d, _weight=embedding)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
@@ -207,7 +213,7 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def tie_weights(self) -> None:
-        """One matrix for the embedding and the lm-head, if the config ties them (again after `to_empty`)."""
+        """One matrix for the embedding and the lm-head, if the config ties them."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -215,6 +221,8 @@ class Transformer(nn.Module):
         std = math.sqrt(2.0 / (5 * self.config.hidden_size))
         residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         for name, module in self.named_modules():
+            if module is self.lm_head and self.config.tie_word_embeddings:
+                continue  # the embedding matrix, initialised once
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 s = residual_std if name.endswith(("o_proj", "down_proj")) else std
                 nn.init.trunc_normal_(module.weight, mean=0.0, std=s, a=-2 * s, b=2 * s)

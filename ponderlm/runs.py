@@ -10,7 +10,7 @@ from ponderlm.checkpoint import latest_checkpoint, load_model_weights, read_run_
 from ponderlm.data import ModelTokenizer, load_tokenizer
 from ponderlm.errors import PonderError
 from ponderlm.files import sha256_file
-from ponderlm.methods import model_skeleton
+from ponderlm.methods import empty_model
 
 
 def load(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelTokenizer]:
@@ -31,8 +31,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch
     # No random initialisation to overwrite: the structure on the meta device, then memory, then the checkpoint,
     # which must fill every weight (load_model_weights refuses a missing one). Issue 34 measured the init at 12 of
     # the 15 s a 135M model took to load.
-    model = model_skeleton(config).to_empty(device=device)
-    model.backbone.tie_weights()
+    model = empty_model(config, device)
     metadata = load_model_weights(model, checkpoint)
     expected = metadata.get("tokenizer_sha256")
     if expected and expected != sha256_file(tokenizer_path):

@@ -39,4 +39,22 @@ def model_skeleton(config: Config) -> Method:
         return build_model(config)
 
 
-__all__ = ["METHODS", "Inspection", "Method", "build_model", "method_options", "model_skeleton"]
+def empty_model(config: Config, device: torch.device | str = "cpu") -> Method:
+    """The model with memory for every weight and none of them initialised, for a checkpoint to fill: built on the
+    meta device, then each parameter allocated with `torch.empty` (not `Module.to_empty`, whose meta `empty_like`
+    imports sympy: 0.4 s of a 1 s load), shared weights shared again."""
+    model = model_skeleton(config)
+    # Buffers computed at construction would stay garbage here; no method has one (tests/test_runs.py loads each).
+    if any(True for _ in model.buffers()):
+        raise NotImplementedError(f"{config.method} has buffers, which empty_model cannot fill")
+    allocated: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if id(parameter) not in allocated:
+                allocated[id(parameter)] = torch.nn.Parameter(
+                    torch.empty(parameter.shape, dtype=parameter.dtype, device=device), parameter.requires_grad)
+            setattr(module, name, allocated[id(parameter)])
+    return model
+
+
+__all__ = ["METHODS", "Inspection", "Method", "build_model", "empty_model", "method_options", "model_skeleton"]
