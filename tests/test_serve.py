@@ -22,7 +22,7 @@ import uvicorn
 from ponderlm.config import load_config
 from ponderlm.data import load_tokenizer
 from ponderlm.engine import score
-from ponderlm.generate import generate
+from ponderlm.generate import generate, generate_many
 from ponderlm.methods import build_model
 from ponderlm.serve import create_app
 
@@ -92,7 +92,6 @@ def test_the_openai_client_completes_and_chats_streaming_or_not(method, servers,
     expected = generate(model, tokenizer, "The King", max_new_tokens=8, extra_steps_per_token=steps)
     done = client.completions.create(model=name, prompt="The King", max_tokens=8, temperature=0)
     assert done.choices[0].text == expected
-    assert done.model_extra is not None or True
     raw = done.model_dump()
     assert raw["choices"][0]["extra_steps"] == steps
     assert raw["usage"]["completion_tokens"] == len(steps) and raw["usage"]["inference_flops"] > 0
@@ -108,6 +107,26 @@ def test_the_openai_client_completes_and_chats_streaming_or_not(method, servers,
     assert chat.choices[0].message.role == "assistant"
     assert chat.choices[0].message.content == streamed.lstrip(" ")
     assert chat.usage.prompt_tokens == len(tokenizer.encode("user: Hello\nassistant:").ids)
+
+
+def test_chat_uses_the_models_template_and_stops_at_each_of_its_end_tokens(instruct_tokenizer_dir):
+    """The server writes a chat as the model's own template does and ends the answer at any of its stop tokens,
+    as `generate --chat` does."""
+    tokenizer = load_tokenizer(instruct_tokenizer_dir / "tokenizer.json")
+    model = make("vanilla", tokenizer, context=128)
+    with torch.no_grad():
+        model.backbone.lm_head.weight[1] *= 3  # <|endoftext|>, the second end token, wins soon
+    messages = [{"role": "user", "content": "Who was the king?"}]
+    expected = generate_many(model, tokenizer, [messages[0]["content"]], max_new_tokens=20, chat=True)[0]
+    server = Server(create_app(model, tokenizer, "instruct", max_batch=2))
+    try:
+        answer = post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 20, "temperature": 0}).json()
+    finally:
+        server.stop()
+    assert answer["usage"]["prompt_tokens"] == len(tokenizer.encode_chat(messages))
+    assert answer["choices"][0]["message"]["content"] == expected.text.lstrip(" ")
+    assert answer["choices"][0]["finish_reason"] == expected.finish_reason == "stop"
+    assert 1 < answer["usage"]["completion_tokens"] < 20
 
 
 def test_stop_strings_cut_the_text_and_end_the_request(servers, tokenizer):

@@ -147,7 +147,7 @@ def _compiled_template(source: str):
     """A chat template compiled as transformers compiles it (sandboxed, trim_blocks, lstrip_blocks, its helpers)."""
     import datetime
 
-    import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
