@@ -30,7 +30,7 @@ from ponderlm.config import Config, load_config
 from ponderlm.data import copy_tokenizer_files
 from ponderlm.errors import PonderError
 from ponderlm.files import atomic_write_text, directory_built_aside, save_safetensors, sha256_file
-from ponderlm.methods import METHODS, build_model, model_skeleton
+from ponderlm.methods import METHODS, build_model, empty_model, model_skeleton
 from ponderlm.methods.vanilla import Vanilla
 
 REMOTE_CODE = Path(__file__).parent / "remote"  # modeling code an exported non-vanilla run ships with
@@ -137,7 +137,10 @@ def import_llama(hf_dir: Path, run_dir: Path, method: str | None = None, overrid
                           "there with save_pretrained")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
         raise PonderError(f"{run_dir} is not empty; choose a new --out, or pass --overwrite to replace the run in it")
-    model = build_model(config)
+    # The folder fills the backbone: only a method with parts of its own (router, gates, ...) needs an initialised
+    # model, the others skip the random initialisation (seconds at 135M).
+    own_parts = any(not name.startswith("backbone.") for name, _ in model_skeleton(config).named_parameters())
+    model = build_model(config) if own_parts else empty_model(config)
     load_initial_weights(hf_dir, model)
     created = not run_dir.exists()
     try:
