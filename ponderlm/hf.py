@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -175,8 +176,8 @@ def init_from_overrides(source: Path, overrides: list[str]) -> list[str]:
 
 def load_initial_weights(source: Path, model: torch.nn.Module) -> None:
     """Load the tensors of `source` (a run directory's latest checkpoint, or a Llama folder's weights) that fit
-    `model` by name and shape; the backbone must fit entirely, the method's own parts keep their init where they do
-    not."""
+    `model` by name and shape; the backbone must fit entirely. Where the method's own parts are not in the source,
+    they are set so that the model computes what the source computes (`Method.start_as_source`)."""
     source = Path(source)
     if (source / "config.yaml").is_file():
         checkpoint = latest_checkpoint(source)
@@ -202,6 +203,14 @@ def load_initial_weights(source: Path, model: torch.nn.Module) -> None:
     if unfit:
         raise PonderError(f"{source} does not hold {unfit[0]} in the shape its config describes")
     model.load_state_dict(with_tied_weights(model, fitting), strict=False)
+    if all(name in fitting for name in own if not name.startswith("backbone.")):
+        return  # the source had this method's parts too (a run of the same method): it continues as it was
+    if not model.start_as_source():
+        print(f"ponderlm: notice: a {model.config.method} model runs its extra steps on every token, so it cannot "
+              f"start computing what {source} computes; its first steps relearn the output", file=sys.stderr)
+    elif model.config.ponder.router_warmup_steps and model.prunable:
+        print(f"ponderlm: notice: ponder.router_warmup_steps={model.config.ponder.router_warmup_steps} trains with "
+              f"every extra step open at first, away from what {source} computes; 0 keeps it", file=sys.stderr)
 
 
 def llama_config_json(config: Config) -> dict:

@@ -28,6 +28,12 @@ from ponderlm.flops import lm_head_flops
 from ponderlm.model import Transformer, linear_cross_entropy
 
 
+# The router logit margin of a converted model (`start_as_source`): each alternative to the source's own path gets
+# at most e^-12 of the mass, which moves a loss by about 1e-5 nats; Adam's first steps move it regardless of the
+# small gradient (tests/methods/test_conversion.py).
+SOURCE_MARGIN = 12.0
+
+
 @dataclasses.dataclass
 class Inspection:
     """What a method computed for a batch (B, T), for analysis: the inference path at one tau.
@@ -128,6 +134,14 @@ class Method(nn.Module, ABC):
         the lm-head's input after every token (n, P, d) and the extra steps each ran (n, P). `parallel_prefill`
         methods only."""
         raise NotImplementedError(f"{self.name} decodes its prompts slot by slot")
+
+    # ----- conversion from a model without this method's parts (`train --init-from`, `import --method`) -----
+
+    def start_as_source(self) -> bool:
+        """Set this method's own parts (router, gates) so that the model computes what its backbone computes alone,
+        as a model converted from a source without them should at step 0 (docs/design.md §4.4); False where no
+        setting does, because every token runs its extra steps."""
+        return self.max_extra_steps == 0
 
     # ----- FLOPs -----
 

@@ -24,7 +24,7 @@ from torch import nn
 from ponderlm.config import Config
 from ponderlm.errors import PonderError
 from ponderlm.flops import interleaved_inference_flops, lm_head_flops
-from ponderlm.methods.base import DecodeState
+from ponderlm.methods.base import SOURCE_MARGIN, DecodeState
 from ponderlm.methods.latent import LatentState, PonderLM3
 
 OPEN_GATE = 1e4  # a continue logit whose log-sigmoid is 0 in float32: the gate of a bypassed (warm-up) step
@@ -56,6 +56,16 @@ class Halting(PonderLM3):
             nn.init.constant_(gate.bias, config.ponder.router_init_bias)
         self.step_embedding = nn.Parameter(torch.zeros(K, d)) if self.options.gate == "shared" else None
         self._router_bypassed = False
+
+    def start_as_source(self) -> bool:
+        """Every gate closed by the margin: w_1 = sigmoid(-12), so the output is h^(0), the backbone's."""
+        with torch.no_grad():
+            for gate in self.gates:
+                gate.weight.zero_()
+                gate.bias.fill_(-SOURCE_MARGIN)
+            if self.step_embedding is not None:
+                self.step_embedding.zero_()
+        return True
 
     def continue_logit(self, step: int, state: torch.Tensor) -> torch.Tensor:
         """g_k(h^(k-1)) for latent step k = `step` (1..K) from the previous slot's state (..., d) -> (...)."""

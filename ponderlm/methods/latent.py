@@ -22,7 +22,7 @@ from torch import nn
 
 from ponderlm.config import Config
 from ponderlm.flops import causal_pass_flops, interleaved_inference_flops
-from ponderlm.methods.base import DecodeState, Inspection, Method
+from ponderlm.methods.base import SOURCE_MARGIN, DecodeState, Inspection, Method
 
 HARD_MASK = -1e9  # the bias of a pruned slot: invisible to every query, yet finite so nothing turns into NaN
 
@@ -180,6 +180,17 @@ class PonderLM3(PonderLM2):
             return super().loss(input_ids, targets, train_step)
         finally:
             self._router_bypassed = False
+
+    def start_as_source(self) -> bool:
+        """All router mass on k = 0: latent slot k gets w_k < K e^-12, so no query sees a latent key and the output is
+        h^(0), the backbone's; at the default tau no latent slot even runs. The router ablation cannot."""
+        if self.config.ponder.router_fixed:
+            return False
+        with torch.no_grad():
+            self.router.weight.zero_()
+            self.router.bias.zero_()
+            self.router.bias[0] = SOURCE_MARGIN
+        return True
 
     def truncate(self, s: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """The inference mixture weights: s on the kept slots (kept: bool, like s), renormalised to sum to 1.

@@ -26,7 +26,7 @@ from torch import nn
 from ponderlm.config import Config
 from ponderlm.errors import PonderError
 from ponderlm.flops import block_flops, lm_head_flops
-from ponderlm.methods.base import DecodeState, Inspection, Method
+from ponderlm.methods.base import SOURCE_MARGIN, DecodeState, Inspection, Method
 
 
 @dataclass
@@ -51,6 +51,17 @@ class MoR(Method):
         if not 0 <= self.options.fixed_depth <= self.max_extra_steps + 1:
             raise PonderError(f"options.mor.fixed_depth={self.options.fixed_depth}: a depth is 1..K + 1 = "
                               f"{self.max_extra_steps + 1} recursions (0: the router chooses)")
+
+    def start_as_source(self) -> bool:
+        """Every token at depth 1 with gate 1 - O(e^-12): the output is the first recursion's, the backbone's. A
+        fixed depth above 1 cannot."""
+        if self.options.fixed_depth:
+            return self.options.fixed_depth == 1
+        with torch.no_grad():
+            self.router.weight.zero_()
+            self.router.bias.zero_()
+            self.router.bias[0] = SOURCE_MARGIN
+        return True
 
     def route(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router weights g (..., N_r) over depths 1..N_r and the chosen depth d (...), from x_1. With a fixed depth
