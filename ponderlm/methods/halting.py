@@ -25,7 +25,7 @@ from ponderlm.config import Config
 from ponderlm.errors import PonderError
 from ponderlm.flops import interleaved_inference_flops, lm_head_flops
 from ponderlm.methods.base import SOURCE_MARGIN, DecodeState
-from ponderlm.methods.latent import LatentState, PonderLM3
+from ponderlm.methods.latent import AdaptiveLatent, LatentState, PonderLM3
 
 OPEN_GATE = 1e4  # a continue logit whose log-sigmoid is 0 in float32: the gate of a bypassed (warm-up) step
 
@@ -39,12 +39,12 @@ class HaltingOptions:
             raise PonderError(f"options.halting.gate must be per_step or shared, not {self.gate!r}")
 
 
-class Halting(PonderLM3):
+class Halting(AdaptiveLatent):
     name = "halting"
     Options = HaltingOptions
 
     def __init__(self, config: Config):
-        super(PonderLM3, self).__init__(config)  # PonderLM-2's backbone and slots; gates instead of a router
+        super().__init__(config)
         if config.ponder.router_fixed:
             raise PonderError(f"ponder.router_fixed is an ablation of {PonderLM3.name}'s router; {self.name} has "
                               "gates instead")
@@ -55,7 +55,6 @@ class Halting(PonderLM3):
             nn.init.zeros_(gate.weight)
             nn.init.constant_(gate.bias, config.ponder.router_init_bias)
         self.step_embedding = nn.Parameter(torch.zeros(K, d)) if self.options.gate == "shared" else None
-        self._router_bypassed = False
 
     def start_as_source(self) -> bool:
         """Every gate closed by the margin: w_1 = sigmoid(-12), so the output is h^(0), the backbone's."""
@@ -67,24 +66,24 @@ class Halting(PonderLM3):
                 self.step_embedding.zero_()
         return True
 
-    def continue_logit(self, step: int, state: torch.Tensor) -> torch.Tensor:
-        """g_k(h^(k-1)) for latent step k = `step` (1..K) from the previous slot's state (..., d) -> (...)."""
+    def continue_logit(self, step: int, state: torch.Tensor, warming_up: bool = False) -> torch.Tensor:
+        """g_k(h^(k-1)) for latent step k = `step` (1..K) from the previous slot's state (..., d) -> (...); open
+        while warming up."""
         if self.step_embedding is None:
             logit = self.gates[step - 1](state)
         else:
             logit = self.gates[0](state + self.step_embedding[step - 1].to(state.dtype))
         logit = logit[..., 0].float()
-        if self._router_bypassed:  # every gate open; `0 * logit` keeps the gates in the graph for DDP
-            logit = 0 * logit + OPEN_GATE
-        return logit
+        return self.overridden(logit, OPEN_GATE) if warming_up else logit
 
-    def route(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, states, warming_up=False):
         """s and log w from the slot states known so far (..., j, d): w_k for k = 0..min(j, K).
 
         s is complete (w_{K+1} = 0) only once all K + 1 states are known; the soft mask needs log w alone.
         """
         known = min(states.shape[-2], self.max_extra_steps)
-        log_continue = [F.logsigmoid(self.continue_logit(k, states[..., k - 1, :])) for k in range(1, known + 1)]
+        log_continue = [F.logsigmoid(self.continue_logit(k, states[..., k - 1, :], warming_up))
+                        for k in range(1, known + 1)]
         zero = states.new_zeros(states.shape[:-2], dtype=torch.float32)
         log_w = torch.stack([zero, *log_continue], dim=-1).cumsum(-1)
         return self._slot_weights(log_w, complete=known == self.max_extra_steps), log_w

@@ -6,6 +6,7 @@ solves this recurrence in parallel by Jacobi iteration: growth passes with 1..K 
 passes over all K + 1 slots; each pass feeds the previous pass's outputs in as latent inputs. Decoding with a KV
 cache runs the slots of each token one after another, which is the fixed point the Jacobi passes approach.
 
+`AdaptiveLatent` is the family of learned allocations over those slots (PonderLM-3 here, `halting` in halting.py).
 PonderLM-3 (docs/design.md §4.2) adds a router on h^(0): s = softmax(router(h^(0))) over k = 0..K and the tail
 mass w_k = sum_{j>=k} s_j. log w_k is added to every query's attention logit for latent key (t, k) (a soft mask),
 and the output is the mixture sum_k s_k h^(k). At inference, slots with w_k < tau are pruned: never computed,
@@ -15,6 +16,7 @@ never cached; the mixture is truncated there and renormalised over the kept slot
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +45,10 @@ class PonderLM2(Method):
 
     # ----- parallel forward (training and evaluation) -----
 
-    def _slot_bias(self, states: torch.Tensor, slots: int, tau: float | None) -> torch.Tensor | None:
+    def _slot_bias(self, states: torch.Tensor, slots: int, tau: float | None, warming_up: bool
+                   ) -> torch.Tensor | None:
         """Per-key attention bias (B, T * slots) for a pass with `slots` slots per token, from the previous
-        pass's states (B, T, slots - 1, d); None: no bias."""
+        pass's states (B, T, slots - 1, d); None: no bias. warming_up: a training step of the router warm-up."""
         return None
 
     def _pass(self, token_embeds: torch.Tensor, latent_inputs: torch.Tensor, bias: torch.Tensor | None):
@@ -57,7 +60,8 @@ class PonderLM2(Method):
         hidden = self.backbone.hidden_states(slots.flatten(1, 2), positions, key_bias=bias)
         return hidden.view(batch, tokens, per_token, dim)
 
-    def jacobi(self, input_ids: torch.Tensor, refine_passes: int, tau: float | None = None) -> torch.Tensor:
+    def jacobi(self, input_ids: torch.Tensor, refine_passes: int, tau: float | None = None,
+               warming_up: bool = False) -> torch.Tensor:
         """Final-pass states h_t^(k), shape (B, T, K + 1, d), after K growth, R refinement and one final pass.
 
         tau: hard-mask the slots that inference would prune (prunable methods; None: the soft training mask).
@@ -71,11 +75,11 @@ class PonderLM2(Method):
             with torch.set_grad_enabled(torch.is_grad_enabled() and index >= first_with_grad):
                 if index == first_with_grad:
                     hidden = hidden.detach()
-                bias = self._slot_bias(hidden, width, tau) if width > 1 else None
+                bias = self._slot_bias(hidden, width, tau, warming_up) if width > 1 else None
                 hidden = self._pass(token_embeds, hidden[:, :, : width - 1], bias)
         return hidden
 
-    def _output_states(self, states: torch.Tensor, tau: float | None = None):
+    def _output_states(self, states: torch.Tensor, tau: float | None = None, warming_up: bool = False):
         """The state each token predicts from (B, T, d), the latent slots it used (B, T), and statistics.
 
         Statistics whose names start with "_" are tensors for the objective and `inspect`, not for logging:
@@ -101,8 +105,9 @@ class PonderLM2(Method):
              ) -> tuple[torch.Tensor, dict[str, float]]:
         options = self.config.ponder.train_refine_passes
         refine = options[int(torch.randint(len(options), ()))]  # torch's RNG: checkpointed, so resume is exact
-        states = self.jacobi(input_ids, refine)
-        output, _, stats = self._output_states(states)
+        warming_up = train_step is not None and train_step <= self.config.ponder.router_warmup_steps
+        states = self.jacobi(input_ids, refine, warming_up=warming_up)
+        output, _, stats = self._output_states(states, warming_up=warming_up)
         logged = {k: v.item() if torch.is_tensor(v) else v for k, v in stats.items() if not k.startswith("_")}
         return self._regularise(self.lm_loss(output, targets), stats), logged
 
@@ -144,53 +149,28 @@ class PonderLM2(Method):
         return (per_sequence + 3 * T * self.per_token_flops()) / T
 
 
-class PonderLM3(PonderLM2):
-    name = "ponderlm3"
+class AdaptiveLatent(PonderLM2):
+    """PonderLM-2's slots with a learned allocation: tail masses w_k over the K latent slots as the soft mask
+    (log w_k on latent key k), the mixture sum_k s_k h^(k) as the output, the penalty on sum_{k>=1} w_k, and the hard
+    rule K_hat = max{k : w_k >= tau} at inference. Its members differ in where w comes from (`route`): PonderLM-3's
+    router, upfront from h^(0); halting's gates, online from each latent state."""
+
     prunable = True
     adaptive = True
 
-    def __init__(self, config: Config):
-        super().__init__(config)
-        self.router = nn.Linear(config.model.hidden_size, self.max_extra_steps + 1)
-        nn.init.zeros_(self.router.weight)
-        with torch.no_grad():
-            self.router.bias.zero_()
-            self.router.bias[-1] = config.ponder.router_init_bias
-        self._router_bypassed = False
+    @abstractmethod
+    def route(self, states: torch.Tensor, warming_up: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step distribution s (..., K + 1) and log tail mass log w from the slot states known so far (..., j, d).
+        warming_up (`ponder.router_warmup_steps`): every latent slot fully open, as PonderLM-2 trains. Router warm-up
+        exists because early in training h^(0) predicts better than the untrained latent slots, and the
+        cross-entropy through the mixture moves all mass to k = 0 within tens of steps (measured, with and without
+        the penalty); on the CPU budget of recipes/pareto-cpu.yaml it only delayed that (docs/results/pareto-cpu/)."""
 
-    def route(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step distribution s (..., K + 1) and log tail mass log w (..., K + 1) from the slot states known so far
-        (..., j, d), j >= 1: the router reads h^(0) only."""
-        logits = self.router(states[..., 0, :]).float()
-        if self._router_bypassed:  # s = one-hot(K): every slot fully visible, output h^(K), i.e. ponderlm2
-            # `0 * logits` keeps the router in the graph (zero gradient), so DDP sees every parameter used.
-            logits = 0 * logits + torch.full_like(logits, -1e4).index_fill_(-1, torch.tensor(self.max_extra_steps),
-                                                                            0.0)
-        elif self.config.ponder.router_fixed:  # the ablation: one s for every token, nothing learned
-            logits = 0 * logits + torch.tensor(self.config.ponder.router_fixed, device=logits.device).log()
-        return logits.softmax(-1), log_tail_mass(logits)
-
-    def loss(self, input_ids, targets, train_step=None):
-        # Router warm-up: early in training h^(0) predicts better than the untrained latent slots, and the
-        # cross-entropy through the mixture moves all router mass to k = 0 within tens of steps (measured, with
-        # and without the penalty). Training as ponderlm2 first gives the latent slots a head start (on the CPU
-        # budget of recipes/pareto-cpu.yaml it only delayed the collapse: docs/results/pareto-cpu/).
-        self._router_bypassed = train_step is not None and train_step <= self.config.ponder.router_warmup_steps
-        try:
-            return super().loss(input_ids, targets, train_step)
-        finally:
-            self._router_bypassed = False
-
-    def start_as_source(self) -> bool:
-        """All router mass on k = 0: latent slot k gets w_k < K e^-12, so no query sees a latent key and the output is
-        h^(0), the backbone's; at the default tau no latent slot even runs. The router ablation cannot."""
-        if self.config.ponder.router_fixed:
-            return False
-        with torch.no_grad():
-            self.router.weight.zero_()
-            self.router.bias.zero_()
-            self.router.bias[0] = SOURCE_MARGIN
-        return True
+    @staticmethod
+    def overridden(computed: torch.Tensor, value: torch.Tensor | float) -> torch.Tensor:
+        """`value` in place of `computed`, with `computed` kept in the graph (zero gradient), so that DDP sees every
+        parameter used."""
+        return 0 * computed + value
 
     def truncate(self, s: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """The inference mixture weights: s on the kept slots (kept: bool, like s), renormalised to sum to 1.
@@ -206,8 +186,8 @@ class PonderLM3(PonderLM2):
         threshold = (math.log(tau) if tau > 0 else float("-inf")) if isinstance(tau, float | int) else tau[..., None]
         return (log_w[..., 1:] >= threshold).sum(-1)  # w is non-increasing in k, so a count is the max k
 
-    def _slot_bias(self, states, slots, tau):
-        _, log_w = self.route(states)
+    def _slot_bias(self, states, slots, tau, warming_up):
+        _, log_w = self.route(states, warming_up)
         bias = log_w[..., :slots].clone()
         bias[..., 0] = 0.0  # the token slot is never masked
         if tau is not None:
@@ -215,8 +195,8 @@ class PonderLM3(PonderLM2):
             bias = bias.masked_fill(pruned, HARD_MASK)
         return bias.flatten(1, 2)
 
-    def _output_states(self, states, tau=None):
-        s, log_w = self.route(states)
+    def _output_states(self, states, tau=None, warming_up=False):
+        s, log_w = self.route(states, warming_up)
         keep = torch.full(states.shape[:2], self.max_extra_steps, device=states.device)
         if tau is not None:  # truncate the mixture at K_hat
             keep = self.kept_slots(log_w, tau)
@@ -233,11 +213,44 @@ class PonderLM3(PonderLM2):
     def _regularise(self, loss, stats):
         return loss + self.config.ponder.penalty * stats["_expected_extra"].mean()
 
-    def decode_state(self, capacity: int) -> DecodeState:
-        return RoutedState(self, capacity)
-
     def per_token_flops(self) -> float:
         return super().per_token_flops() + self.mask_flops_per_token()
+
+
+class PonderLM3(AdaptiveLatent):
+    name = "ponderlm3"
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.router = nn.Linear(config.model.hidden_size, self.max_extra_steps + 1)
+        nn.init.zeros_(self.router.weight)
+        with torch.no_grad():
+            self.router.bias.zero_()
+            self.router.bias[-1] = config.ponder.router_init_bias
+
+    def route(self, states, warming_up=False):
+        """The router reads h^(0) only."""
+        logits = self.router(states[..., 0, :]).float()
+        if warming_up:  # s = one-hot(K): every slot fully visible, output h^(K), i.e. ponderlm2
+            logits = self.overridden(logits, torch.full_like(logits, -1e4).index_fill_(
+                -1, torch.tensor(self.max_extra_steps), 0.0))
+        elif self.config.ponder.router_fixed:  # the ablation: one s for every token, nothing learned
+            logits = self.overridden(logits, torch.tensor(self.config.ponder.router_fixed, device=logits.device).log())
+        return logits.softmax(-1), log_tail_mass(logits)
+
+    def start_as_source(self) -> bool:
+        """All router mass on k = 0: latent slot k gets w_k < K e^-12, so no query sees a latent key and the output is
+        h^(0), the backbone's; at the default tau no latent slot even runs. The router ablation cannot."""
+        if self.config.ponder.router_fixed:
+            return False
+        with torch.no_grad():
+            self.router.weight.zero_()
+            self.router.bias.zero_()
+            self.router.bias[0] = SOURCE_MARGIN
+        return True
+
+    def decode_state(self, capacity: int) -> DecodeState:
+        return RoutedState(self, capacity)
 
     def mask_flops_per_token(self) -> float:
         return 2 * self.config.model.hidden_size * (self.max_extra_steps + 1)  # the router
