@@ -79,7 +79,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint folder (`step_NNNNNNN`) was saved at."""
+    return int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from ponderlm.checkpoint import latest_checkpoint, read_run_config
+from ponderlm.checkpoint import checkpoint_step, latest_checkpoint, read_run_config
 from ponderlm.data import read_metadata
 from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_run
@@ -22,7 +22,7 @@ from ponderlm.train import config_changes, train
 
 
 def _finished(checkpoint: Path | None, steps: int) -> bool:
-    return checkpoint is not None and int(checkpoint.name.split("_")[1]) >= steps
+    return checkpoint is not None and checkpoint_step(checkpoint) >= steps
 
 
 def _evaluate(run_dir: Path, split: str, max_tokens: int | None, tau: float | None, with_soft: bool,
