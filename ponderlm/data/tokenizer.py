@@ -75,8 +75,10 @@ def _token_text(entry) -> str | None:
 
 
 def _ids(value) -> list[int]:
-    return [value] if isinstance(value, int) else [v for v in value if isinstance(v, int)] if isinstance(value, list) \
-        else []
+    """Token ids as a config gives them: one id, a list of them, or none."""
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int)]
+    return [value] if isinstance(value, int) else []
 
 
 class ModelTokenizer:
