@@ -135,7 +135,7 @@ class ModelTokenizer:
         """The chat as the model's template writes it, rendered as transformers renders it."""
         if not self.chat_template:
             raise PonderError("this model has no chat template (chat_template.jinja or tokenizer_config.json's "
-                              "chat_template); give the prompt as plain text")
+                              "chat_template); give the prompt as plain text (without --chat)")
         return _compiled_template(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             eos_token=self.token_text(self.document_id), bos_token=self.token_text(self.bos_id))
