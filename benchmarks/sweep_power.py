@@ -11,7 +11,6 @@ alpha. Use alpha / m for a comparison Holm-adjusted in a family of m that must p
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,13 +18,14 @@ import numpy as np
 from scipy import stats
 
 from ponderlm.files import atomic_write_text
+from ponderlm.sweep.report import read_rows
 
 SEEDS = (3, 4, 5, 6, 8, 10, 12)
 
 
 def values(rows: list[dict], spec: str) -> list[float]:
     run, _, tau = spec.partition("@")
-    found = [r["ppl"] for r in rows if r["run"] == run and (not tau or r["tau"] != "" and r["tau"] == float(tau))]
+    found = [r["ppl"] for r in rows if r["run"] == run and (not tau or r["tau"] == float(tau))]
     if len(found) < 2:
         sys.exit(f"sweep_power: {spec} has {len(found)} seeds in the results; it needs 2 or more")
     return found
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--out")
     args = parser.parse_args()
-    rows = json.loads(Path(args.results).read_text())
+    rows = read_rows(Path(args.results))
     mine, other = values(rows, args.mine), values(rows, args.other)
     mean, std = (np.mean(mine), np.mean(other)), (np.std(mine, ddof=1), np.std(other, ddof=1))
     lines = [f"```\npython {' '.join(sys.argv)}\n```", "",

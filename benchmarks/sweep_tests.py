@@ -11,20 +11,19 @@ p-values are not adjusted: a sentence that quotes several says how many it teste
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 from ponderlm.files import atomic_write_text
+from ponderlm.sweep.report import read_rows
 from ponderlm.sweep.stats import paired, welch
 
 
 def seeds_of(tables: list[list[dict]], spec: str) -> dict[int, float]:
     run, _, tau = spec.partition("@")
     for rows in tables:
-        found = {r["seed"]: r["ppl"] for r in rows if r["run"] == run and (r["tau"] == "" if not tau
-                                                                             else r["tau"] == float(tau))}
+        found = {r["seed"]: r["ppl"] for r in rows if r["run"] == run and r["tau"] == (float(tau) if tau else None)}
         if found:
             return found
     sys.exit(f"sweep_tests: no run {spec} in the results given")
@@ -42,7 +41,7 @@ def main() -> None:
     parser.add_argument("--pair", nargs=2, action="append", required=True, metavar=("MINE", "OTHER"))
     parser.add_argument("--out")
     args = parser.parse_args()
-    tables = [json.loads(Path(path).read_text()) for path in args.results]
+    tables = [read_rows(Path(path)) for path in args.results]
     lines = [f"```\npython {' '.join(sys.argv)}\n```", "",
              "| mine | ppl (seeds) | other | ppl (seeds) | difference | 95 % interval | t (df) | p (Welch) | "
              "paired: difference, p (seeds) |", "|---" * 9 + "|"]

@@ -106,7 +106,7 @@ def compare_at_training_cost(merged: list[dict], method: str) -> list[dict]:
 
 def comparison_table(merged: list[dict], method: str, primary: tuple[str, ...] = ()) -> list[str]:
     def name(r):
-        return r["run"] + (f" tau {r['tau']:g}" if r["tau"] != "" else "")
+        return r["run"] + (f" tau {r['tau']:g}" if r["tau"] is not None else "")
 
     def side(r):
         spread = f" +- {r['ppl_std']:.2f}" if r["seeds"] > 1 else ""
@@ -149,8 +149,14 @@ def comparison_table(merged: list[dict], method: str, primary: tuple[str, ...] =
     return lines
 
 
+def _tau_text(tau: float | None):
+    """A row's tau as results.csv and results.json hold it: "" for a run that does not prune."""
+    return "" if tau is None else tau
+
+
 def read_rows(path: Path) -> list[dict]:
-    """A results.json's rows; a diverged run's perplexity, written as null (JSON has no inf), is inf again."""
+    """A results.json's rows; a diverged run's perplexity, written as null (JSON has no inf), is inf again, and the
+    tau of a run that does not prune ("" in the file) is None."""
     rows = json.loads(path.read_text())
     if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
         raise ValueError("not a list of result rows")
@@ -160,6 +166,7 @@ def read_rows(path: Path) -> list[dict]:
         raise ValueError(f"a row lacks {missing[0]!r}")
     for row in rows:
         row.update({key: math.inf for key in ("ppl", "loss") if row[key] is None})
+        row["tau"] = None if row["tau"] in ("", None) else float(row["tau"])
         numbers = ("ppl", "loss", "inference_flops_per_token", "train_flops", "train_tokens")
         if bad := [key for key in numbers if isinstance(row[key], bool) or not isinstance(row[key], (int, float))]:
             raise ValueError(f"run {row['run']}'s {bad[0]} is {row[bad[0]]!r}, not a number")
@@ -179,18 +186,19 @@ def write_results(rows: list[dict], out: Path, lr_search: list[dict] | None = No
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=COLUMNS)
     writer.writeheader()
-    writer.writerows(rows)
+    stored = [{**row, "tau": _tau_text(row["tau"])} for row in rows]
+    writer.writerows(stored)
     atomic_write_bytes(out / "results.csv", table.getvalue().encode())
-    atomic_write_text(out / "results.json", standard_json(rows, indent=1))
+    atomic_write_text(out / "results.json", standard_json(stored, indent=1))
     atomic_write_text(out / "lr_search.json", standard_json(lr_search or [], indent=1))
     merged = aggregate(rows)
     lines = [*_provenance(rows), "", "| method | run | lr | tau | ppl (mean +- std over seeds) | seeds | "
              "inference GFLOPs/token | mean extra steps | training PFLOPs |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(merged, key=lambda r: r["inference_flops_per_token"]):
         spread = f" +- {r['ppl_std']:.2f}" if r["seeds"] > 1 else ""
-        lines.append(f"| {r['method']} | {r['run']} | {r['lr']:g} | {r['tau']} | {r['ppl']:.2f}{spread} | "
-                     f"{r['seeds']} | {r['inference_flops_per_token'] / 1e9:.4f} | {r['mean_extra_steps']:.2f} | "
-                     f"{r['train_flops'] / 1e15:.4f} |")
+        lines.append(f"| {r['method']} | {r['run']} | {r['lr']:g} | {_tau_text(r['tau'])} | {r['ppl']:.2f}"
+                     f"{spread} | {r['seeds']} | {r['inference_flops_per_token'] / 1e9:.4f} | "
+                     f"{r['mean_extra_steps']:.2f} | {r['train_flops'] / 1e15:.4f} |")
     if lr_search:
         lines += ["", "Learning-rate search (evaluation loss at the first seed, in the order tried; "
                   "the lowest is kept):", "", "| run | seed | lr | split | loss |", "|---|---|---|---|---|"]

@@ -217,7 +217,7 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
                            scoring=recipe.eval.get("scoring", "exact"))
         soft_ppl = result.get("soft_ppl", soft_ppl)
         rows.append({"method": config.method, "run": run["name"], "seed": config.train.seed, "lr": config.train.lr,
-                     "tau": "" if tau is None else tau, "ppl": result["ppl"], "loss": result["loss"],
+                     "tau": tau, "ppl": result["ppl"], "loss": result["loss"],
                      "inference_flops_per_token": result["inference_flops_per_token"],
                      "mean_extra_steps": result["mean_extra_steps"], "train_flops": train_flops,
                      "train_tokens": train_tokens, "soft_ppl": soft_ppl, "split": split,
@@ -236,7 +236,7 @@ def _reused(recipe: Recipe, config, found: list[dict], directory: Path, name: st
             first_tau_only: bool) -> list[dict]:
     """A published run's rows, in the recipe's tau order, once they are shown to be what the recipe asks for."""
     by_tau = {r["tau"]: r for r in found}
-    taus = [""] if set(by_tau) == {""} else recipe.taus[:1] if first_tau_only else recipe.taus
+    taus = [None] if set(by_tau) == {None} else recipe.taus[:1] if first_tau_only else recipe.taus
     asked = {"method": config.method, "train_tokens": _train_tokens(config), "split": split}
     differ = {key: (found[0][key], value) for key, value in asked.items() if found[0][key] != value}
     if differ or set(taus) - set(by_tau):

@@ -224,7 +224,7 @@ def test_run_by_run_finishes_every_seed_of_a_run_before_the_next(tiny_data_dir, 
     trained = record_training(monkeypatch)
     rows = run_sweep(recipe, tmp_path / "sweep", progress=False)
     assert [name for name, _ in trained] == ["vanilla-s0", "vanilla-s1", "p3-s0", "p3-s1"]
-    assert [(r["run"], r["seed"]) for r in rows if r["tau"] in ("", 0.0)] == [
+    assert [(r["run"], r["seed"]) for r in rows if r["tau"] in (None, 0.0)] == [
         ("vanilla", 0), ("vanilla", 1), ("p3", 0), ("p3", 1)]
 
 
@@ -235,7 +235,7 @@ def test_lr_from_must_name_an_earlier_run(tmp_path, tiny_data_dir):
         run_sweep(recipe, tmp_path / "sweep")
 
 
-def point(method, ppls, flops, tokens=1000, tau="", train_flops=1.0, run=None, seeds=None):
+def point(method, ppls, flops, tokens=1000, tau=None, train_flops=1.0, run=None, seeds=None):
     """An aggregated point, as `report.aggregate` makes it from one row per seed."""
     seeds = seeds or list(range(len(ppls)))
     rows = [{"method": method, "run": run or method, "tau": tau, "seed": seed, "ppl": ppl,
