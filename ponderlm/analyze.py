@@ -21,13 +21,11 @@ import numpy as np
 import torch
 
 from ponderlm.batching import eval_batches
-from ponderlm.checkpoint import require_run_tokenizer
 from ponderlm.config import check_tau
-from ponderlm.data import TokenShards, read_metadata
 from ponderlm.engine import inspect
+from ponderlm.evaluate import load_with_data
 from ponderlm.errors import PonderError
 from ponderlm.files import standard_json, atomic_path, atomic_write_text
-from ponderlm.runs import load
 
 TABLE_ROWS = 40  # token strings in the per-token table, most frequent first
 SHOWN_TOKENS = 2000  # tokens coloured in the HTML page; the numbers use every analysed token
@@ -108,16 +106,13 @@ def analyze_run(run_dir: str | Path, split: str = "test", max_tokens: int = 1638
     check_tau(tau)
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise PonderError(f"--out {out_dir} is a file; give a folder for the analysis files")
-    model, tokenizer = load(run_dir)
+    model, tokenizer, shards, _ = load_with_data(run_dir, split, data_path)
     config = model.config
     if not model.adaptive:
         raise PonderError(f"analyze needs a run of an adaptive method; {run_dir} is {config.method}, which runs a "
                           "fixed number of steps for every token")
     model.check_tau_applies(tau)
     tau = model.resolve_tau(tau)
-    data_dir = Path(data_path or config.data.path)
-    require_run_tokenizer(run_dir, data_dir, read_metadata(data_dir))
-    shards = TokenShards(data_dir, split)
 
     # eval_batches walks consecutive windows from the start of the split, so concatenating the rows in order gives
     # the held-out text token by token.

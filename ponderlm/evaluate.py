@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ponderlm.batching import eval_batches
 from ponderlm.checkpoint import require_run_tokenizer
 from ponderlm.config import check_tau
-from ponderlm.data import TokenShards, read_metadata
+from ponderlm.data import ModelTokenizer, TokenShards, read_metadata
 from ponderlm.engine import score
 from ponderlm.errors import PonderError
 from ponderlm.machine import machine, precision
@@ -68,12 +68,15 @@ def evaluate_model(model: Method, shards: TokenShards, max_tokens: int | None = 
             "extra_steps_histogram": histogram.tolist(), "inference_flops_per_token": flops / tokens}
 
 
-def _load_for_eval(run_dir: Path, split: str, data_path: str | Path | None) -> tuple[Method, TokenShards, dict]:
-    model, _ = load(run_dir)
+def load_with_data(run_dir: Path, split: str, data_path: str | Path | None
+                   ) -> tuple[Method, ModelTokenizer, TokenShards, dict]:
+    """A run's model and tokenizer, and a split of its data (data_path, default the run's data.path) checked to be
+    tokenized with the run's tokenizer, with the data's metadata."""
+    model, tokenizer = load(run_dir)
     data_dir = Path(data_path or model.config.data.path)
     metadata = read_metadata(data_dir)
     require_run_tokenizer(run_dir, data_dir, metadata)
-    return model, TokenShards(data_dir, split), metadata
+    return model, tokenizer, TokenShards(data_dir, split), metadata
 
 
 def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None = None,
@@ -81,7 +84,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None
                  scoring: str = "exact") -> dict:
     """The `ponderlm eval` JSON. with_soft=False skips a prunable method's soft loss (it does not depend on tau)."""
     check_tau(tau)
-    model, shards, metadata = _load_for_eval(Path(run_dir), split, data_path)
+    model, _, shards, metadata = load_with_data(Path(run_dir), split, data_path)
     model.check_tau_applies(tau)
     config = model.config
     measured = evaluate_model(model, shards, max_tokens, tau, scoring=scoring)
@@ -112,7 +115,7 @@ def tau_table(run_dir: str | Path, taus: list[float], split: str = "val", max_to
     """The trade-off of a prunable run as a markdown table: perplexity, extra steps and FLOPs at each tau."""
     for tau in taus:
         check_tau(tau)
-    model, shards, _ = _load_for_eval(Path(run_dir), split, data_path)
+    model, _, shards, _ = load_with_data(Path(run_dir), split, data_path)
     if not model.prunable:
         raise PonderError(f"--taus needs a run of a prunable method; {run_dir} is {model.config.method}, whose "
                           "compute does not depend on tau")
