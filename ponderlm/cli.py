@@ -51,18 +51,18 @@ def _train(args) -> None:
     if args.config is None and not args.resume:
         raise PonderError("give a config (a YAML file or a preset, see `ponderlm train --help`), "
                           "or --resume an existing run")
-    overrides = args.set
-    if args.init_from:
-        from ponderlm.hf import init_from_overrides
-
-        if args.resume:
-            raise PonderError("--init-from starts a new run; --resume continues one: pass one of them")
-        overrides = init_from_overrides(Path(args.init_from), args.set)
-    if args.config is None and overrides:  # --resume with changes: the run's own config, changed
+    if args.init_from and args.resume:
+        raise PonderError("--init-from starts a new run; --resume continues one: pass one of them")
+    if args.config is None and args.set:  # --resume with changes: the run's own config, changed
         args.config = str(Path(args.out) / "config.yaml")
         if not Path(args.config).is_file():
             raise PonderError(f"cannot resume: {args.out} holds no run (no config.yaml); drop --resume to start one")
-    config = load_config(args.config, overrides) if args.config is not None else None
+    if args.init_from:
+        from ponderlm.hf import init_from_config
+
+        config = init_from_config(args.config, Path(args.init_from), args.set)
+    else:
+        config = load_config(args.config, args.set) if args.config is not None else None
     record = train(config, Path(args.out), resume=args.resume, overwrite=args.overwrite)
     print_json({"run_dir": args.out, **record})
 

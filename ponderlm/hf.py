@@ -157,21 +157,37 @@ def import_llama(hf_dir: Path, run_dir: Path, method: str | None = None, overrid
     return config
 
 
-def init_from_overrides(source: Path, overrides: list[str]) -> list[str]:
-    """`--set` overrides for a run that starts from `source` (a run directory or a Llama folder): its model shape
-    and context, then the user's (a conflicting `model.*` is an error), then train.init_from. The training windows
-    (data.seq_len) are the preset's or the user's."""
+def source_model_settings(source: Path) -> dict:
+    """The `model.*` settings a run starting from `source` (a run directory or a Llama folder) must have: its shape
+    and context."""
     source = Path(source)
     if (source / "config.yaml").is_file():
         source_config = read_run_config(source)
-        settings = {**dataclasses.asdict(source_config.model), "max_position_embeddings": source_config.context}
-    elif (source / "config.json").is_file():
-        settings = llama_model_settings(source)
-    else:
-        raise PonderError(f"--init-from {source} is neither a run directory (config.yaml) nor a Hugging Face "
-                          "folder (config.json)")
+        return {**dataclasses.asdict(source_config.model), "max_position_embeddings": source_config.context}
+    if (source / "config.json").is_file():
+        return llama_model_settings(source)
+    raise PonderError(f"--init-from {source} is neither a run directory (config.yaml) nor a Hugging Face folder "
+                      "(config.json)")
+
+
+def init_from_config(base: str | Path | None, source: Path, overrides: list[str] | None = None) -> Config:
+    """The config of a run that starts from `source` (`train --init-from`): `base` (a preset or YAML file) with the
+    source's model shape and context, then the user's overrides (a conflicting `model.*` is an error); the training
+    windows (data.seq_len) are the base's or the user's."""
+    settings, overrides = source_model_settings(source), list(overrides or [])
     _refuse_model_overrides(overrides, settings, f"--init-from {source}")
-    return [*(f"model.{k}={v}" for k, v in settings.items()), *overrides, f"train.init_from={source}"]
+    return load_config(base, [*(f"model.{k}={v}" for k, v in settings.items()), *overrides,
+                              f"train.init_from={source}"])
+
+
+def check_init_from_shape(config: Config) -> None:
+    """A config built by hand with train.init_from must have the source's shape, as `init_from_config` gives it."""
+    source = Path(config.train.init_from)
+    for key, value in source_model_settings(source).items():
+        if getattr(config.model, key) != value:
+            raise PonderError(f"model.{key} is {getattr(config.model, key)!r} but train.init_from {source} has "
+                              f"{value!r}; build the config with ponderlm.hf.init_from_config (as `train --init-from` "
+                              "does), which takes the source's shape")
 
 
 def load_initial_weights(source: Path, model: torch.nn.Module) -> None:

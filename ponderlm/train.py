@@ -30,7 +30,7 @@ from ponderlm.data.shards import check_data_tokenizer, train_data_fingerprint
 from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_model
 from ponderlm.files import atomic_write_text, read_jsonl, sha256_file
-from ponderlm.hf import load_initial_weights
+from ponderlm.hf import check_init_from_shape, load_initial_weights
 from ponderlm.machine import SESSIONS, machine, precision, read_sessions
 from ponderlm.methods import build_model
 
@@ -230,6 +230,7 @@ class Trainer:
 
     def _init_from(self, source: Path) -> None:
         """Load the weights a continued-pretraining run starts from (its tokenizer was checked with the data)."""
+        check_init_from_shape(self.config)
         load_initial_weights(source, self.model)
 
     def _write_run_dir(self, resume: bool, overwrite: bool, held: contextlib.ExitStack) -> None:

@@ -14,6 +14,7 @@ from ponderlm.checkpoint import save_checkpoint
 from ponderlm.cli import main
 from ponderlm.config import load_config
 from ponderlm.engine import Engine, teacher_forced
+from ponderlm.errors import PonderError
 from ponderlm.methods import METHODS
 from ponderlm.generate import generate, generate_many
 from ponderlm.train import train
@@ -386,3 +387,28 @@ def test_an_instruct_llama_goes_import_eval_chat_continued_pretraining_export(in
         exported_tokenizer = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=remote)
         assert exported_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False) == \
             tokenizer.encode_chat(messages)
+
+
+def test_the_library_starts_from_a_source_as_the_command_line_does(tiny_data_dir, tmp_path, capsys):
+    """`init_from_config` is what `train --init-from` uses; a config built by hand with another shape is refused
+    before anything is written, with the way to build it."""
+    from ponderlm.hf import init_from_config
+
+    source = tmp_path / "vanilla"
+    train(load_config("tiny", [f"data.path={tiny_data_dir}", "train.steps=2", "model.hidden_size=32"]), source,
+          progress=False)
+    overrides = [f"data.path={tiny_data_dir}", "method=ponderlm3", "ponder.extra_steps=2", "train.steps=1"]
+    assert main(["train", "tiny", "--init-from", str(source), "--out", str(tmp_path / "cli"),
+                 *[arg for o in overrides for arg in ("--set", o)]]) == 0
+    capsys.readouterr()
+    config = init_from_config("tiny", source, overrides)
+    assert (tmp_path / "cli" / "config.yaml").read_text() == config.to_yaml()
+    by_hand = load_config("tiny", [*overrides, f"train.init_from={source}"])  # the preset's hidden size, 64
+    with pytest.raises(PonderError, match="model.hidden_size is 64 but train.init_from .* has 32; build the config "
+                                          "with ponderlm.hf.init_from_config"):
+        train(by_hand, tmp_path / "by-hand", progress=False)
+    assert not (tmp_path / "by-hand").exists()
+    train(config, tmp_path / "library", progress=False)
+    first = [json.loads(line) for line in (tmp_path / "library" / "metrics.jsonl").read_text().splitlines()][0]
+    cli_first = [json.loads(line) for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()][0]
+    assert first["loss"] == cli_first["loss"]
