@@ -122,7 +122,7 @@ def analyze_run(run_dir: str | Path, split: str = "test", max_tokens: int = 1638
         inputs.append(batch_inputs.flatten())
         measured.append({k: v.flatten() for k, v in measure(model, batch_inputs, batch_targets, tau, scoring).items()})
     if not inputs:
-        raise PonderError(f"the {split} split of {data_dir} has no tokens to analyse")
+        raise PonderError(f"the {split} split of {data_path or config.data.path} has no tokens to analyse")
     token_ids = torch.cat(inputs).tolist()
     arrays = {key: torch.cat([m[key] for m in measured]).numpy() for key in measured[0]}
     strings = {i: tokenizer.decode([i], skip_special_tokens=False) for i in set(token_ids)}
