@@ -39,9 +39,9 @@ MEASURE = {
     "safetensors": ("from safetensors.torch import load_file; from ponderlm.checkpoint import latest_checkpoint",
                     "[t.clone() for t in load_file(latest_checkpoint(run) / 'model.safetensors').values()]"),
     "ponderlm.load": ("import ponderlm, ponderlm.runs, ponderlm.methods, ponderlm.data", "ponderlm.load(run)"),
-    "ponderlm.load, unchecked": ("import ponderlm, ponderlm.runs, ponderlm.methods, ponderlm.data, ponderlm.checkpoint as c; "
-                                 "c._verify_checksum = lambda path: None; c.first_non_finite = lambda state: None",
-                                 "ponderlm.load(run)"),
+    "ponderlm.load, unchecked": ("import ponderlm, ponderlm.runs, ponderlm.methods, ponderlm.data; "
+                                 "import ponderlm.checkpoint as c; c._verify_checksum = lambda path: None; "
+                                 "c.first_non_finite = lambda state: None", "ponderlm.load(run)"),
     "build_model + load": ("from ponderlm.checkpoint import latest_checkpoint, load_model_weights, read_run_config; "
                            "from ponderlm.methods import build_model",
                            "load_model_weights(build_model(read_run_config(run)), latest_checkpoint(run))"),

@@ -91,7 +91,8 @@ class PonderLMHarness(LM):
         order = sorted(range(len(pairs)), key=lambda i: -len(rows[i][0]))
         bar = tqdm(total=len(pairs), desc="score", unit="request", disable=not self.progress, dynamic_ncols=True)
         if self.decode_scoring:  # every request its own sequence, continuously batched
-            engine = Engine(self.model, max_batch=self.batch_size, max_tokens=max((len(row[0]) for row in rows), default=1))
+            longest = max((len(row[0]) for row in rows), default=1)
+            engine = Engine(self.model, max_batch=self.batch_size, max_tokens=longest)
             for i in order:
                 engine.add(Request(rows[i][0], tau=self.tau, keep_logits=True))
             for sequence in engine.stream():  # a finished sequence's logits are read, then dropped

@@ -36,7 +36,8 @@ def _ours(out_dir: Path) -> set[str]:
         marked = False
     if not marked:
         return set()
-    return {METADATA_FILE, TOKENIZER_FILE, *COMPANION_FILES} | {path.name for path in out_dir.iterdir() if SHARD.match(path.name)}
+    shards = {path.name for path in out_dir.iterdir() if SHARD.match(path.name)}
+    return {METADATA_FILE, TOKENIZER_FILE, *COMPANION_FILES} | shards
 
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
