@@ -27,12 +27,12 @@ from ponderlm.methods import Method
 from ponderlm.runs import load
 
 
-@torch.no_grad()
 def perplexity(loss: float) -> float:
     """exp(loss), inf where it overflows a float (a mean loss above 709 nats: a broken or untrained model)."""
     return math.exp(loss) if loss < 709 else math.inf
 
 
+@torch.no_grad()
 def evaluate_model(model: Method, shards: TokenShards, max_tokens: int | None = None, tau: float | None = None,
                    runner=None, scoring: str = "exact") -> dict:
     """Mean next-token NLL (nats) over the first max_tokens of a split, with pondering statistics.
