@@ -209,9 +209,10 @@ def load_initial_weights(source: Path, model: torch.nn.Module) -> None:
         except RuntimeError as exc:  # q/k/v or gate/up of sizes that do not concatenate
             raise PonderError(f"{source}: its tensors do not have the shapes its config.json describes "
                               f"({str(exc).splitlines()[0]})") from None
-    if (bad := first_non_finite(state)) is not None:
-        raise PonderError(f"{source} holds non-finite values (NaN or inf) in {bad}: the source model is damaged; "
-                          "use an intact copy")
+        # (a run's checkpoint was scanned for NaN and inf as read_model_weights read it)
+        if (bad := first_non_finite(state)) is not None:
+            raise PonderError(f"{source} holds non-finite values (NaN or inf) in {bad}: the source model is "
+                              "damaged; use an intact copy")
     own = model.state_dict()
     fitting = {name: tensor for name, tensor in state.items() if name in own and own[name].shape == tensor.shape}
     unfit = [name for name in own if name.startswith("backbone.") and name not in fitting
