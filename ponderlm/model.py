@@ -207,15 +207,11 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
-        self.tie_weights()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
         # sqrt(2.5 d) turns the init std sqrt(2 / 5d) into unit-scale token inputs (docs/design.md §2, every method).
         self.embed_scale = math.sqrt(2.5 * d) if config.embedding_scale else 1.0
         self.reset_parameters()
-
-    def tie_weights(self) -> None:
-        """One matrix for the embedding and the lm-head, if the config ties them."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
 
     def reset_parameters(self) -> None:
         std = math.sqrt(2.0 / (5 * self.config.hidden_size))

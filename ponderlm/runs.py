@@ -37,4 +37,4 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch
     if expected and expected != sha256_file(tokenizer_path):
         raise PonderError(f"{tokenizer_path} is not the tokenizer {checkpoint.name} was trained with; "
                           "restore the run's original tokenizer.json")
-    return model.to(device).eval(), tokenizer
+    return model.eval(), tokenizer  # empty_model allocated it on `device`

@@ -105,8 +105,6 @@ def run_dir_name(name: str, lr: float | None, seed: int | None) -> str:
     return name + (f"-lr{lr:g}" if lr is not None else "") + (f"-s{seed}" if seed is not None else "")
 
 
-
-
 def _shape_problem(data) -> str | None:
     """What is wrong with the recipe's structure (YAML types), before any key is read; None if nothing."""
     if not isinstance(data, dict):
