@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from machine import describe_machine
-from ponderlm.config import load_config, native_bf16
+from ponderlm.config import load_config
+from ponderlm.machine import native_bf16
 from ponderlm.files import atomic_write_text
 from ponderlm.methods import build_model
 

@@ -19,6 +19,7 @@ import torch
 
 from ponderlm.config import load_config
 from ponderlm.engine import Engine, Request
+from ponderlm.machine import autocast
 from ponderlm.methods import build_model
 from ponderlm.train import build_optimizer
 
@@ -49,7 +50,7 @@ def train_row(method: str, args, backend: str = "sdpa") -> dict:
     torch.cuda.reset_peak_memory_stats()
 
     def step():
-        with config.autocast("cuda"):
+        with autocast(config, "cuda"):
             loss, _ = model.loss(ids, ids)
         loss.backward()
         optimizer.step()

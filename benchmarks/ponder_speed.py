@@ -25,6 +25,7 @@ import ponderlm
 from machine import describe_machine
 from ponderlm.config import load_config
 from ponderlm.engine import Engine, Request
+from ponderlm.machine import autocast
 from ponderlm.methods import build_model
 from ponderlm.train import build_optimizer
 
@@ -63,7 +64,7 @@ def train_step_times(models, steps: int) -> list[list[float]]:
         for i in order:
             model, optimizer = models[i], optimizers[i]
             start = time.perf_counter()
-            with model.config.autocast():
+            with autocast(model.config):
                 loss, _ = model.loss(ids, ids)
             loss.backward()
             optimizer.step()

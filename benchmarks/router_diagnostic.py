@@ -22,6 +22,7 @@ from machine import describe_machine
 from ponderlm.batching import eval_batches
 from ponderlm.data import TokenShards
 from ponderlm.files import atomic_write_text
+from ponderlm.machine import autocast
 from ponderlm.runs import load
 
 
@@ -35,7 +36,7 @@ def diagnose(run_dir: Path, max_tokens: int) -> dict:
     slot_nll, mixture_nll, mass, tokens = torch.zeros(steps + 1), 0.0, torch.zeros(steps + 1), 0
     for inputs, targets in eval_batches(TokenShards(Path(config.data.path), "val"), config.data.seq_len, 16,
                                         max_tokens):
-        with config.autocast("cpu"):
+        with autocast(config, "cpu"):
             seen = model.inspect(inputs, tau=0.0)  # tau = 0 prunes nothing: the soft mask, as in training
             states, s = seen.slot_states, seen.step_distribution
             for k in range(steps + 1):

@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from machine import describe_machine  # noqa: E402
 from ponderlm import distributed  # noqa: E402
-from ponderlm.config import load_config, native_bf16  # noqa: E402
+from ponderlm.config import load_config  # noqa: E402
+from ponderlm.machine import autocast, native_bf16  # noqa: E402
 from ponderlm.hf import llama_config_json  # noqa: E402
 from ponderlm.methods import build_model  # noqa: E402
 from ponderlm.train import build_optimizer  # noqa: E402
@@ -84,7 +85,7 @@ class Contender:
 
     def step(self, inputs, targets) -> float:
         start = time.perf_counter()
-        with self.config.autocast("cpu"):
+        with autocast(self.config, "cpu"):
             loss = self.loss(inputs, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)

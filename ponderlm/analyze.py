@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from ponderlm.batching import eval_batches
-from ponderlm.config import check_tau
+from ponderlm.schema import check_tau
 from ponderlm.engine import inspect
 from ponderlm.evaluate import load_with_data
 from ponderlm.errors import PonderError
 from ponderlm.files import standard_json, atomic_path, atomic_write_text
+from ponderlm.machine import autocast
 
 TABLE_ROWS = 40  # token strings in the per-token table, most frequent first
 SHOWN_TOKENS = 2000  # tokens coloured in the HTML page; the numbers use every analysed token
@@ -38,7 +39,7 @@ def measure(model, input_ids: torch.Tensor, targets: torch.Tensor, tau: float, s
     """Per-position kept steps, expected steps, entropy and NLL for one batch (B, T); every tensor (B, T)."""
     device = model.backbone.lm_head.weight.device
     input_ids, targets = input_ids.to(device), targets.to(device)
-    with model.config.autocast(device.type):
+    with autocast(model.config, device.type):
         seen = inspect(model, input_ids, tau, scoring)
     log_probs = seen.logits.float().log_softmax(-1)
     return {"kept_steps": seen.extra_steps.cpu(),

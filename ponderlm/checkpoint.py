@@ -19,7 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from ponderlm.config import Config, config_from_dict, read_yaml_mapping
+from ponderlm.config import config_from_dict
+from ponderlm.schema import Config, read_yaml_mapping
 from ponderlm.data.shards import check_data_tokenizer
 from ponderlm.data.tokenizer import COMPANION_FILES
 from ponderlm.errors import PonderError, explain_os_error

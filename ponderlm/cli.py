@@ -160,7 +160,7 @@ def read_prompts(path: str) -> list[str]:
 
 
 def _generate(args) -> None:
-    from ponderlm.config import check_tau
+    from ponderlm.schema import check_tau
     from ponderlm.engine import Sampling
     from ponderlm.generate import check_max_new_tokens, check_prompt, generate, generate_many
     from ponderlm.runs import load
@@ -211,7 +211,7 @@ def _generate(args) -> None:
 
 
 def _serve(args) -> None:
-    from ponderlm.config import check_tau
+    from ponderlm.schema import check_tau
     from ponderlm.serve import serve
 
     check_tau(args.tau)
@@ -368,7 +368,7 @@ def _add_data_commands(commands) -> None:
 
 def _add_run_commands(commands) -> None:
     """train, eval, analyze, generate: the commands that make or use one run directory."""
-    from ponderlm.config import PRESET_DIR
+    from ponderlm.schema import PRESET_DIR
     from ponderlm.methods import METHODS
 
     presets = ", ".join(sorted((p.stem for p in PRESET_DIR.glob("*.yaml")), key=lambda n: (n[0].isdigit(), n)))

@@ -177,7 +177,7 @@ def run_lm_eval(run_dir: Path, tasks: list[str], limit: int | None = None, tau: 
     """Evaluate a run on downstream tasks with lm-eval; returns lm-eval's results plus a `ponderlm` section."""
     import os
 
-    from ponderlm.config import check_tau
+    from ponderlm.schema import check_tau
     from ponderlm.runs import load
 
     check_tau(tau)

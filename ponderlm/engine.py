@@ -24,9 +24,10 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from ponderlm.config import check_tau
+from ponderlm.schema import check_tau
 from ponderlm.errors import PonderError
 from ponderlm.kvcache import KVCache
+from ponderlm.machine import autocast
 from ponderlm.methods.base import Inspection
 
 
@@ -148,7 +149,7 @@ class Engine:
         self.max_tokens = max_tokens or self.config.context
         weight = model.backbone.lm_head.weight
         self.device = weight.device
-        self.autocast = lambda: self.config.autocast(self.device.type)
+        self.autocast = lambda: autocast(self.config, self.device.type)
         dtype = torch.bfloat16 if isinstance(self.autocast(), torch.autocast) else weight.dtype
         self.cache = KVCache(self.config.model, max_batch, self.max_tokens * model.slots_per_token, dtype, self.device)
         self.state = model.decode_state(max_batch)

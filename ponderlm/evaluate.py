@@ -18,11 +18,11 @@ import torch.nn.functional as F
 
 from ponderlm.batching import eval_batches
 from ponderlm.checkpoint import require_run_tokenizer
-from ponderlm.config import check_tau
+from ponderlm.schema import check_tau
 from ponderlm.data import ModelTokenizer, TokenShards, read_metadata
 from ponderlm.engine import score
 from ponderlm.errors import PonderError
-from ponderlm.machine import machine, precision
+from ponderlm.machine import autocast, machine, precision
 from ponderlm.methods import Method
 from ponderlm.runs import load
 
@@ -52,7 +52,7 @@ def evaluate_model(model: Method, shards: TokenShards, max_tokens: int | None = 
     # Without gradients a batch of ~16K tokens fits wherever a training micro-batch does, and amortises overhead.
     batch_size = max(config.train.micro_batch_size, 16384 // config.data.seq_len)
     for inputs, targets in eval_batches(shards, config.data.seq_len, batch_size, max_tokens):
-        with config.autocast(device.type):
+        with autocast(config, device.type):
             logits, extra_steps = infer(inputs.to(device), tau)
         nll += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum").item()
         tokens += targets.numel()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ponderlm.config import ModelConfig
+from ponderlm.schema import ModelConfig
 
 
 def block_flops(model: ModelConfig, num_matmul_params: int, slots, keys):

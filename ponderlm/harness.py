@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ponderlm.data import ModelTokenizer
 from ponderlm.engine import Engine, Request, Sampling, score, scores_in_parallel
 from ponderlm.generate import TextStream
+from ponderlm.machine import autocast
 
 
 class PonderLMHarness(LM):
@@ -106,7 +107,7 @@ class PonderLMHarness(LM):
                 inputs = torch.full((len(batch), width), self.eos_id, dtype=torch.long)
                 for r, i in enumerate(batch):
                     inputs[r, : len(rows[i][0])] = torch.tensor(rows[i][0])
-                with self.config.autocast(self.device.type):
+                with autocast(self.config, self.device.type):
                     logits, extra_steps = score(self.model, inputs.to(self.device), self.tau, self.scoring)
                 log_probs = F.log_softmax(logits.float(), dim=-1).cpu()
                 for r, i in enumerate(batch):

@@ -268,7 +268,7 @@ def export_run(run_dir: Path, out_dir: Path, tau: float | None = None, overwrite
 
 def _export_remote_code(run_dir: Path, out_dir: Path, config: Config, checkpoint: Path, tau: float | None) -> Path:
     """The run's weights under `method.`, its whole config, and modeling code that builds the method from it."""
-    from ponderlm.config import check_tau
+    from ponderlm.schema import check_tau
 
     check_tau(tau)
     model = model_skeleton(config)

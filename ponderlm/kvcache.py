@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ponderlm.config import ModelConfig
+from ponderlm.schema import ModelConfig
 
 NO_KEY = -1  # the group of a position that holds no key
 

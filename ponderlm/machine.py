@@ -5,6 +5,7 @@ its numbers, and benchmarks in their results files, so a comparison can say whic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -38,9 +39,28 @@ def machine(device: torch.device | str = "cpu") -> dict:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
 
 
+def native_bf16(device_type: str) -> bool:
+    """Does this device compute bf16 matmuls natively? On a CPU without AVX512-BF16 or AMX, bf16 autocast is
+    emulated and much slower than fp32 (benchmarks/results/bf16_vs_fp32.md)."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # a torch without these probes: assume the slow, emulated path
+        return False
+
+
 def precision(config, device_type: str = "cpu") -> str:
     """The precision forward passes of `config` run in on this device: train.dtype resolved ("auto" decided)."""
-    return "bf16" if isinstance(config.autocast(device_type), torch.autocast) else "fp32"
+    bf16 = config.train.dtype == "bf16" or (config.train.dtype == "auto" and native_bf16(device_type))
+    return "bf16" if bf16 else "fp32"
+
+
+def autocast(config, device_type: str = "cpu"):
+    """The precision context for forward passes of `config`: bf16 autocast, or nothing for fp32."""
+    if precision(config, device_type) == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def describe(info: dict | None = None) -> str:

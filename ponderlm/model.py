@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ponderlm.config import ModelConfig
+from ponderlm.schema import ModelConfig
 
 
 class RMSNorm(nn.Module):

@@ -24,14 +24,14 @@ from ponderlm import distributed
 from ponderlm.batching import WindowSampler
 from ponderlm.checkpoint import (latest_checkpoint, load_trainer_state, prepare_run_dir, read_model_weights,
                                  read_run_config, require_run_tokenizer, save_checkpoint, with_tied_weights)
-from ponderlm.config import Config
+from ponderlm.schema import Config
 from ponderlm.data import TokenShards, copy_tokenizer_files, load_tokenizer, read_metadata
 from ponderlm.data.shards import check_data_tokenizer, train_data_fingerprint
 from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_model
 from ponderlm.files import atomic_write_text, read_jsonl, sha256_file
 from ponderlm.hf import check_init_from_shape, load_initial_weights
-from ponderlm.machine import SESSIONS, machine, precision, read_sessions
+from ponderlm.machine import SESSIONS, autocast, machine, precision, read_sessions
 from ponderlm.methods import build_model
 
 # Keys a resumed run may change: they do not alter what is computed at a given step.
@@ -268,7 +268,7 @@ class Trainer:
             first = (step - 1) * self.sequences_per_step + micro_index * t.micro_batch_size
             inputs, targets = (x.to(topology.device) for x in self.sampler.batch(first, t.micro_batch_size))
             with distributed.gradient_sync(self.wrapped, micro == self.accum - 1), \
-                    self.config.autocast(topology.device.type):
+                    autocast(self.config, topology.device.type):
                 loss, stats = self.wrapped("loss", inputs, targets, train_step=step)
             (loss / self.accum).backward()
             step_loss += loss.item() / self.accum

@@ -219,8 +219,8 @@ def test_measure_matches_infer_and_the_router():
 @pytest.mark.parametrize("method", ["halting", "mor"])
 def test_the_other_adaptive_methods_are_analysed_through_their_inference_path(method, tiny_data_dir, tmp_path):
     run = tmp_path / method
-    train(load_config("tiny", [f"method={method}", f"data.path={tiny_data_dir}", "ponder.extra_steps=2",
-                               "train.steps=2", "train.eval_tokens=64"]), run, progress=False)
+    train(load_config("tiny", [f"method={method}", f"data.path={tiny_data_dir}", "train.steps=2",
+                               "train.eval_tokens=64"], shared=["ponder.extra_steps=2"]), run, progress=False)
     model, _ = ponderlm.load(run)
     tau = 0.5 if model.prunable else None  # fresh gates continue with about 0.5: this tau prunes about half
     summary = analyze_run(run, split="test", max_tokens=MAX_TOKENS, tau=tau, out_dir=tmp_path / "analysis")

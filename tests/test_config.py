@@ -8,7 +8,9 @@ import yaml
 from ponderlm.checkpoint import read_run_config
 from ponderlm.config import PRESET_DIR, load_config
 from ponderlm.errors import PonderError
+from ponderlm.machine import autocast
 from ponderlm.methods import METHODS
+from ponderlm.schema import PonderConfig
 
 PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
@@ -40,7 +42,8 @@ def test_one_field_switches_any_preset_to_any_method(preset, method):
 
 
 def test_overrides_reach_nested_and_list_values():
-    config = load_config("tiny", ["ponder.train_refine_passes=[1,4]", "train.lr=0.5", "ponder.tau=0.01"])
+    config = load_config("tiny", ["method=ponderlm3", "ponder.train_refine_passes=[1,4]", "train.lr=0.5",
+                                  "ponder.tau=0.01"])
     assert config.ponder.train_refine_passes == [1, 4] and config.train.lr == 0.5 and config.ponder.tau == 0.01
 
 
@@ -55,14 +58,51 @@ def test_overrides_reach_nested_and_list_values():
 ])
 def test_bad_values_are_explained(override, message):
     with pytest.raises(PonderError, match=message):
-        config = load_config("tiny", [override])
+        config = load_config("tiny", ["method=ponderlm3", override])
         config.grad_accum_steps()
+
+
+def test_a_setting_given_for_a_method_that_does_not_read_it_is_refused():
+    with pytest.raises(PonderError, match=r"^ponder.penalty: loop runs do not read it \(it reads ponder.extra_steps\); "
+                                          "drop it$"):
+        load_config("tiny", ["method=loop", "ponder.penalty=0.1"])
+    with pytest.raises(PonderError, match="ponder.extra_steps: vanilla runs do not read it .it has no ponder settings"):
+        load_config("tiny", ["ponder.extra_steps=2"])
+    with pytest.raises(PonderError, match="^options.mor: ponderlm3 runs do not read them; drop them$"):
+        load_config("tiny", ["method=ponderlm3", "options.mor.fixed_depth=1"])
+
+
+def test_a_family_setting_reaches_the_methods_that_read_it_and_no_other():
+    """A preset (and a recipe's shared `set`) is for every method: `--set method=NAME` alone changes the method, and
+    a run's config records only what its method reads."""
+    assert load_config("small", ["method=ponderlm3"]).ponder.penalty == 0.002
+    loop = load_config("small", ["method=loop"]).ponder
+    assert loop.extra_steps == 2 and loop.penalty == PonderConfig().penalty
+    assert load_config("small", ["method=vanilla"]).ponder == PonderConfig()
+    shared = ["ponder.penalty=0.1", "options.mor.fixed_depth=1"]
+    assert load_config("tiny", ["method=mor"], shared=shared).options == {"mor": {"fixed_depth": 1}}
+    vanilla = load_config("tiny", [], shared=shared)
+    assert vanilla.ponder == PonderConfig() and vanilla.options == {}
+
+
+def test_a_saved_config_with_settings_its_method_does_not_read_loads_without_them(tmp_path):
+    """Run directories written before methods declared their settings hold the preset's whole ponder section."""
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = load_config("tiny").to_dict()
+    saved["ponder"].update(penalty=0.002, router_init_bias=2.0, extra_steps=2)
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert read_run_config(run).ponder == PonderConfig()
+    saved["method"] = "ponder4"  # an edited method: one line, not a KeyError
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(PonderError, match="config.yaml: unknown method 'ponder4'.*restore the file"):
+        read_run_config(run)
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_dtype_uses_bf16_only_where_the_hardware_has_it(native, monkeypatch):
-    monkeypatch.setattr("ponderlm.config.native_bf16", lambda device_type: native)
+    monkeypatch.setattr("ponderlm.machine.native_bf16", lambda device_type: native)
     config = load_config("tiny", ["train.dtype=auto"])
-    with config.autocast("cpu"):
+    with autocast(config, "cpu"):
         product = torch.ones(2, 2) @ torch.ones(2, 2)
     assert product.dtype == (torch.bfloat16 if native else torch.float32)

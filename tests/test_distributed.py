@@ -17,7 +17,7 @@ from ponderlm.config import load_config
 from ponderlm.methods import build_model
 from ponderlm.train import train
 
-OVERRIDES = ["model.vocab_size=61", "ponder.extra_steps=2", "ponder.train_refine_passes=[2]"]
+SETTINGS = ["ponder.extra_steps=2", "ponder.train_refine_passes=[2]"]  # for the methods that read them
 
 
 def batch():
@@ -48,7 +48,8 @@ def _worker(rank, world_size, init_file, method, strategy, out_file):
 
 def _parallel_gradients(rank, method, strategy):
     torch.manual_seed(0)
-    config = load_config("tiny", [f"method={method}", f"distributed.strategy={strategy}", *OVERRIDES])
+    config = load_config("tiny", [f"method={method}", f"distributed.strategy={strategy}", "model.vocab_size=61"],
+                         shared=SETTINGS)
     model = build_model(config)
     wrapped = distributed.parallelize(model, strategy, distributed.setup(strategy))
     inputs, targets = batch()
@@ -73,7 +74,7 @@ def test_two_process_gradients_equal_one_process_gradients(method, strategy, tmp
     parallel = torch.load(tmp_path / "grads.pt")
 
     torch.manual_seed(0)
-    model = build_model(load_config("tiny", [f"method={method}", *OVERRIDES]))
+    model = build_model(load_config("tiny", [f"method={method}", "model.vocab_size=61"], shared=SETTINGS))
     inputs, targets = batch()
     torch.manual_seed(1)
     model.loss(inputs, targets)[0].backward()

@@ -17,8 +17,8 @@ VOCAB = 53
 
 def make(method, *overrides):
     torch.manual_seed(0)
-    config = load_config("tiny", [f"method={method}", f"model.vocab_size={VOCAB}", "ponder.extra_steps=2",
-                                  *overrides])
+    config = load_config("tiny", [f"method={method}", f"model.vocab_size={VOCAB}"],
+                         shared=["ponder.extra_steps=2", *overrides])
     model = build_model(config).eval()
     if model.adaptive:  # a decisive allocation (router, gates), so tokens run different numbers of extra steps
         with torch.no_grad():

@@ -12,8 +12,8 @@ from ponderlm.methods import build_model
 
 def make(method, *overrides):
     torch.manual_seed(0)
-    config = load_config("tiny", [f"method={method}", "model.vocab_size=101", "ponder.extra_steps=2", "data.seq_len=8",
-                                  "ponder.train_refine_passes=[2]", *overrides])
+    config = load_config("tiny", [f"method={method}", "model.vocab_size=101", "data.seq_len=8"],
+                         shared=["ponder.extra_steps=2", "ponder.train_refine_passes=[2]", *overrides])
     return build_model(config).eval()
 
 

@@ -16,8 +16,8 @@ def tokenizer(tiny_data_dir):
 
 def make(method, tokenizer):
     torch.manual_seed(0)
-    config = load_config("tiny", [f"method={method}", f"model.vocab_size={tokenizer.get_vocab_size()}",
-                                  "ponder.extra_steps=2"])
+    config = load_config("tiny", [f"method={method}", f"model.vocab_size={tokenizer.get_vocab_size()}"],
+                         shared=["ponder.extra_steps=2"])
     model = build_model(config).eval()
     if method == "ponderlm3":  # a decisive router, so tokens keep different numbers of slots
         with torch.no_grad():

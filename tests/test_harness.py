@@ -24,8 +24,8 @@ def tokenizer(tiny_data_dir):
 
 def make(method, tokenizer, *overrides):
     torch.manual_seed(0)
-    config = load_config("tiny", [f"method={method}", f"model.vocab_size={tokenizer.get_vocab_size()}",
-                                  "ponder.extra_steps=2", *overrides])
+    config = load_config("tiny", [f"method={method}", f"model.vocab_size={tokenizer.get_vocab_size()}"],
+                         shared=["ponder.extra_steps=2", *overrides])
     model = build_model(config).eval()
     if method == "ponderlm3":  # a decisive router, so tokens keep different numbers of slots
         with torch.no_grad():

@@ -288,8 +288,8 @@ def test_every_method_exports_to_transformers_with_equal_logits_tied_or_not(meth
     lm-head randomly initialised: logits 18.9 off)."""
     run = tmp_path / "run"
     train(load_config("tiny", [f"data.path={tiny_data_dir}", "train.steps=1", f"method={method}",
-                               "ponder.extra_steps=2", f"model.tie_word_embeddings={str(tied).lower()}",
-                               "model.embedding_scale=false"]), run, progress=False)
+                               f"model.tie_word_embeddings={str(tied).lower()}", "model.embedding_scale=false"],
+                      shared=["ponder.extra_steps=2"]), run, progress=False)
     assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
     capsys.readouterr()
     model, _ = ponderlm.load(run)

@@ -17,7 +17,7 @@ def test_load_fills_every_weight_from_the_checkpoint_without_initialising_any(me
                                                                               monkeypatch):
     run = tmp_path / "run"
     config = load_config("tiny", [f"data.path={tiny_data_dir}", "train.steps=1", f"method={method}",
-                                  "ponder.extra_steps=2", f"model.tie_word_embeddings={str(tied).lower()}"])
+                                  f"model.tie_word_embeddings={str(tied).lower()}"], shared=["ponder.extra_steps=2"])
     train(config, run, progress=False)
     initialised_on, real = [], Transformer.reset_parameters
     monkeypatch.setattr(Transformer, "reset_parameters",

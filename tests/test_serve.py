@@ -37,7 +37,7 @@ def tokenizer(tiny_data_dir):
 def make(method, tokenizer, context=64):
     torch.manual_seed(0)
     config = load_config("tiny", [f"method={method}", f"model.vocab_size={tokenizer.get_vocab_size()}",
-                                  "ponder.extra_steps=2", f"data.seq_len={context}"])
+                                  f"data.seq_len={context}"], shared=["ponder.extra_steps=2"])
     model = build_model(config).eval()
     if method == "ponderlm3":  # a decisive router, so tokens keep different numbers of slots
         with torch.no_grad():

@@ -133,14 +133,15 @@ def test_a_start_killed_before_its_config_is_no_dead_end(tiny_data_dir, tmp_path
 
 def test_resume_refuses_a_changed_config(tiny_data_dir, tmp_path):
     run = tmp_path / "run"
-    train(tiny(tiny_data_dir, "train.steps=2"), run, progress=False)
+    train(tiny(tiny_data_dir, "method=mor", "train.steps=2"), run, progress=False)
     with pytest.raises(PonderError, match="train.lr"):
-        train(tiny(tiny_data_dir, "train.steps=2", "train.lr=0.5"), run, resume=True, progress=False)
+        train(tiny(tiny_data_dir, "method=mor", "train.steps=2", "train.lr=0.5"), run, resume=True, progress=False)
     with pytest.raises(PonderError, match=r"options.mor.fixed_depth: None -> 1"):  # a key the saved run lacks
-        train(tiny(tiny_data_dir, "train.steps=2", "options.mor.fixed_depth=1"), run, resume=True, progress=False)
+        train(tiny(tiny_data_dir, "method=mor", "train.steps=2", "options.mor.fixed_depth=1"), run, resume=True,
+              progress=False)
     # Logging and checkpoint cadence do not change what is computed, so they may change on resume.
-    train(tiny(tiny_data_dir, "train.steps=2", "train.log_every=1", "train.keep_last=1"), run, resume=True,
-          progress=False)
+    train(tiny(tiny_data_dir, "method=mor", "train.steps=2", "train.log_every=1", "train.keep_last=1"), run,
+          resume=True, progress=False)
 
 
 def test_resume_of_a_finished_run_does_nothing_more(tiny_data_dir, tmp_path):

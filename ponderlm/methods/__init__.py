@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ponderlm.config import Config
+from ponderlm.schema import Config
 from ponderlm.methods.base import Inspection, Method, method_options
 from ponderlm.methods.baselines import Loop, Pause, PonderLM1
 from ponderlm.methods.halting import Halting

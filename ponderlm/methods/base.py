@@ -6,7 +6,8 @@ analytic FLOPs, and an inspection call for analysis tools. Callers never branch 
 differ in kind, they read the capability flags below.
 
 tau, the pruning threshold of adaptive methods, is an argument of every inference call (None: the run's `ponder.tau`);
-methods that are not `prunable` ignore it.
+methods that are not `prunable` ignore it. Each method declares the `ponder.*` settings it reads (`settings`) and its
+own options (`Options`, under `options.<name>`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from ponderlm.config import Config
+from ponderlm.schema import Config
 from ponderlm.errors import PonderError
 from ponderlm.flops import lm_head_flops
 from ponderlm.model import Transformer, linear_cross_entropy
@@ -55,6 +56,9 @@ class Method(nn.Module, ABC):
     latent_slots: ClassVar[bool] = False  # extra steps are extra slots of the sequence (not extra passes)
     prunable: ClassVar[bool] = False  # tau decides which extra steps run; a soft (training-mask) loss exists
     adaptive: ClassVar[bool] = False  # the extra steps vary per token (router statistics, `ponderlm analyze`)
+    # The `ponder.*` settings this method reads; ponderlm/config.py refuses the others when given for a run
+    # (tests/methods/test_interface.py checks that no other setting changes what a method computes).
+    settings: ClassVar[tuple[str, ...]] = ()
     # A dataclass of this method's own config keys, set under `options.<name>.<key>`; None if it has none.
     Options: ClassVar[type | None] = None
 

@@ -14,13 +14,15 @@ from abc import abstractmethod
 import torch
 from torch import nn
 
-from ponderlm.config import Config
+from ponderlm.schema import Config
 from ponderlm.flops import causal_pass_flops, interleaved_inference_flops, multipass_inference_flops
 from ponderlm.methods.base import DecodeState, Method
 
 
 class FixedSteps(Method):
     """Shared plumbing: every token runs exactly K extra steps (K = 0: vanilla)."""
+
+    settings = ("extra_steps",)
 
     parallel_prefill = True
 

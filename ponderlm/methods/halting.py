@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ponderlm.config import Config
+from ponderlm.schema import Config
 from ponderlm.errors import PonderError
 from ponderlm.flops import interleaved_inference_flops, lm_head_flops
 from ponderlm.methods.base import SOURCE_MARGIN, DecodeState
-from ponderlm.methods.latent import AdaptiveLatent, LatentState, PonderLM3
+from ponderlm.methods.latent import AdaptiveLatent, LatentState
 
 OPEN_GATE = 1e4  # a continue logit whose log-sigmoid is 0 in float32: the gate of a bypassed (warm-up) step
 
@@ -45,9 +45,6 @@ class Halting(AdaptiveLatent):
 
     def __init__(self, config: Config):
         super().__init__(config)
-        if config.ponder.router_fixed:
-            raise PonderError(f"ponder.router_fixed is an ablation of {PonderLM3.name}'s router; {self.name} has "
-                              "gates instead")
         K, d = self.max_extra_steps, config.model.hidden_size
         count = K if self.options.gate == "per_step" else 1
         self.gates = nn.ModuleList(nn.Linear(d, 1) for _ in range(count))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ponderlm.config import Config
+from ponderlm.schema import Config
 from ponderlm.flops import causal_pass_flops, interleaved_inference_flops
 from ponderlm.methods.base import SOURCE_MARGIN, DecodeState, Inspection, Method
 
@@ -40,6 +40,7 @@ def log_tail_mass(router_logits: torch.Tensor) -> torch.Tensor:
 
 class PonderLM2(Method):
     name = "ponderlm2"
+    settings = ("extra_steps", "train_refine_passes", "eval_refine_passes", "backprop_passes")
     latent_slots = True
     exact_parallel = False  # Jacobi passes approach the sequential recurrence; the engine computes it exactly
 
@@ -157,6 +158,7 @@ class AdaptiveLatent(PonderLM2):
 
     prunable = True
     adaptive = True
+    settings = (*PonderLM2.settings, "router_init_bias", "router_warmup_steps", "penalty", "tau", "renormalize_pruned")
 
     @abstractmethod
     def route(self, states: torch.Tensor, warming_up: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,6 +221,7 @@ class AdaptiveLatent(PonderLM2):
 
 class PonderLM3(AdaptiveLatent):
     name = "ponderlm3"
+    settings = (*AdaptiveLatent.settings, "router_fixed")
 
     def __init__(self, config: Config):
         super().__init__(config)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ponderlm.config import Config
+from ponderlm.schema import Config
 from ponderlm.errors import PonderError
 from ponderlm.flops import block_flops, lm_head_flops
 from ponderlm.methods.base import SOURCE_MARGIN, DecodeState, Inspection, Method
@@ -38,6 +38,7 @@ class MoROptions:
 
 class MoR(Method):
     name = "mor"
+    settings = ("extra_steps", "penalty")
     adaptive = True
     parallel_prefill = True
     Options = MoROptions

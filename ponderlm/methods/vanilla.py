@@ -5,12 +5,13 @@ It is `loop` with no extra pass: the layer stack once per token, a one-pass cach
 
 from __future__ import annotations
 
-from ponderlm.config import Config
+from ponderlm.schema import Config
 from ponderlm.methods.baselines import Loop
 
 
 class Vanilla(Loop):
     name = "vanilla"
+    settings = ()
 
     def __init__(self, config: Config):
         super().__init__(config, max_extra_steps=0)

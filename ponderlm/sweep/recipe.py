@@ -93,7 +93,7 @@ class Recipe:
 
     def config(self, run: dict, lr: float | None = None, seed: int | None = None):
         extra = ([f"train.lr={lr}"] if lr is not None else []) + ([f"train.seed={seed}"] if seed is not None else [])
-        return load_config(self.base, [*self.set, *run.get("set", []), *extra])
+        return load_config(self.base, [*run.get("set", []), *extra], shared=self.set)
 
     def grid(self, run: dict, chosen: dict[str, float | None]) -> tuple[list[float | None], list[int | None]]:
         """The learning rates to choose from and the seeds to run (None: the config's own value)."""
@@ -128,7 +128,7 @@ def _shape_problem(data) -> str | None:
 
 def _check_evaluation(recipe: Recipe, path: Path) -> None:
     """What would otherwise fail only at the first evaluation, after hours of training."""
-    from ponderlm.config import check_tau
+    from ponderlm.schema import check_tau
     from ponderlm.engine import SCORINGS
 
     for tau in recipe.taus:

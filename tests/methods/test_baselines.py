@@ -12,7 +12,7 @@ BASELINES = ["pause", "loop", "ponderlm1"]
 
 def make(method, steps=2):
     torch.manual_seed(0)
-    config = load_config("tiny", [f"method={method}", f"model.vocab_size={VOCAB}", f"ponder.extra_steps={steps}"])
+    config = load_config("tiny", [f"method={method}", f"model.vocab_size={VOCAB}"], shared=[f"ponder.extra_steps={steps}"])
     return build_model(config).eval()
 
 

@@ -31,9 +31,8 @@ def validation_windows(data_dir, count=8):
 
 
 def converted(method, data_dir, source, *overrides):
-    config = load_config("tiny", [f"data.path={data_dir}", f"method={method}", "ponder.extra_steps=2",
-                                  "model.embedding_scale=false", f"model.vocab_size={source_vocab(source)}",
-                                  *overrides])
+    config = load_config("tiny", [f"data.path={data_dir}", f"method={method}", "model.embedding_scale=false",
+                                  f"model.vocab_size={source_vocab(source)}"], shared=["ponder.extra_steps=2", *overrides])
     torch.manual_seed(1)
     model = build_model(config)
     load_initial_weights(source, model)

@@ -1,5 +1,7 @@
 """The method interface: every registered method honours it, and a new method is one module plus one registry line."""
 
+import copy
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -14,17 +16,19 @@ from ponderlm.engine import teacher_forced
 from ponderlm.errors import PonderError
 from ponderlm.methods import METHODS, Method, build_model
 from ponderlm.methods.vanilla import Vanilla
+from ponderlm.schema import PonderConfig
 from ponderlm.sweep import run_sweep
 
 VOCAB = 47
 TOKENS = 7
 
 
-def make(method, *overrides):
+def make(method, *settings):
+    """A tiny model of `method`; `settings` as a recipe's shared `set` (each reaches the methods that read it)."""
     torch.manual_seed(0)
     K = 2
-    config = load_config("tiny", [f"method={method}", f"model.vocab_size={VOCAB}", f"ponder.extra_steps={K}",
-                                  f"ponder.eval_refine_passes={(K + 1) * TOKENS}", *overrides])
+    config = load_config("tiny", [f"method={method}", f"model.vocab_size={VOCAB}"],
+                         shared=[f"ponder.extra_steps={K}", f"ponder.eval_refine_passes={(K + 1) * TOKENS}", *settings])
     model = build_model(config).eval()
     if model.adaptive:  # a decisive allocation (router, gates), so tokens run different numbers of extra steps
         with torch.no_grad():
@@ -118,6 +122,45 @@ def test_a_larger_tau_never_runs_more_extra_steps_or_flops(name):
             flops.append(model.inference_flops(extra))
     assert steps == sorted(steps, reverse=True) and flops == sorted(flops, reverse=True)
     assert steps[0] == model.max_extra_steps and steps[-1] < steps[0]
+
+
+# A value other than the default for every ponder.* setting (a new setting must be added here).
+CHANGED_SETTINGS = {"extra_steps": 1, "train_refine_passes": [1], "eval_refine_passes": 1, "backprop_passes": 1,
+                    "router_init_bias": 1.5, "router_warmup_steps": 5, "router_fixed": [0.2, 0.3, 0.5], "penalty": 0.5,
+                    "tau": 0.5, "renormalize_pruned": False}
+
+
+def _computed(config) -> list[torch.Tensor]:
+    """Everything a method computes from its config: initial weights, the loss at step 1 and its gradients, the
+    logits at the run's tau and at tau 0.5 (which prunes an untrained router's or gates' last slot), the training
+    FLOPs."""
+    torch.manual_seed(0)
+    model = build_model(config)
+    ids = torch.randint(0, VOCAB, (2, TOKENS + 1), generator=torch.Generator().manual_seed(1))
+    loss, _ = model.loss(ids[:, :-1], ids[:, 1:], train_step=1)
+    parameters = list(model.parameters())
+    grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+    with torch.no_grad():
+        logits = [model.infer(ids[:, :-1], tau)[0] for tau in (None, 0.5)]
+    return [*parameters, loss, *(g for g in grads if g is not None), *logits,
+            torch.tensor(model.training_flops_per_token())]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_method_reads_exactly_the_settings_it_declares(name):
+    """Every ponder.* setting a method does not declare leaves all it computes unchanged (so refusing or dropping it
+    loses nothing), and every one it declares changes something (so the declaration is not wider than the code)."""
+    assert set(CHANGED_SETTINGS) == {f.name for f in dataclasses.fields(PonderConfig)}
+    base = load_config("tiny", [f"method={name}", f"model.vocab_size={VOCAB}"], shared=["ponder.extra_steps=2"])
+    reference = _computed(base)
+    for setting, value in CHANGED_SETTINGS.items():
+        changed = copy.deepcopy(base)  # set past the config builder, which would reset an unread setting
+        setattr(changed.ponder, setting, value)
+        assert _same(_computed(changed), reference) == (setting not in METHODS[name].settings), setting
 
 
 # ----- a new method: this module, plus one registry line (monkeypatched here) -----

@@ -14,7 +14,8 @@ VOCAB = 53
 
 def make(method, *overrides, seed=0):
     torch.manual_seed(seed)
-    config = load_config("tiny", [f"method={method}", f"model.vocab_size={VOCAB}", "ponder.extra_steps=2", *overrides])
+    config = load_config("tiny", [f"method={method}", f"model.vocab_size={VOCAB}"],
+                         shared=["ponder.extra_steps=2", *overrides])
     return build_model(config).eval()
 
 
@@ -142,8 +143,8 @@ def test_fixed_router_ablation_uses_one_distribution_for_every_token():
     for bad in ("[0.5,0.5]", "[0.5,0.6,-0.1]", "[0.3,0.3,0.3]"):
         with pytest.raises(PonderError, match="ponder.router_fixed must hold extra_steps \\+ 1 = 3 positive"):
             make("ponderlm3", f"ponder.router_fixed={bad}")
-    with pytest.raises(PonderError, match="ablation of ponderlm3's router; halting has gates"):
-        make("halting", f"ponder.router_fixed={fixed}")
+    with pytest.raises(PonderError, match="ponder.router_fixed: halting runs do not read it"):
+        load_config("tiny", ["method=halting", "ponder.extra_steps=2", f"ponder.router_fixed={fixed}"])
 
 
 def test_router_warmup_trains_as_ponderlm2_then_hands_over_to_the_router():

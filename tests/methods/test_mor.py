@@ -88,7 +88,8 @@ def test_a_fixed_depth_is_vanilla_or_loop_in_the_forward_pass_and_in_training(de
     (the penalty and the balancing loss included, which would otherwise reach the backbone through it)."""
     model = make(f"options.mor.fixed_depth={depth}", f"options.mor.scale_output={scale_output}",
                  "ponder.penalty=0.5", "options.mor.balance_weight=0.5")
-    other = build_model(load_config("tiny", [f"method={peer}", f"model.vocab_size={VOCAB}", "ponder.extra_steps=2"]))
+    other = build_model(load_config("tiny", [f"method={peer}", f"model.vocab_size={VOCAB}"],
+                                    shared=["ponder.extra_steps=2"]))
     other.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith("backbone.")})
     ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
