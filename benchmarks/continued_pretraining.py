@@ -5,7 +5,7 @@ vanilla and of adaptive methods converted from the same weights, at several lear
         --preset small --methods vanilla,ponderlm3 --lrs 3e-4,1e-3,3e-3 --steps 300 --eval-every 25 \\
         --out docs/results/continued-pretraining
 
-Every run is `train --init-from SOURCE` through the library (`ponderlm.hf.init_from_config`), fp32, router warm-up
+Every run is `train --init-from SOURCE` through the library (`ponderlm.sources.init_from_config`), fp32, router warm-up
 0, one seed. Runs live in OUT/runs and resume where they stopped, so the scan can be stopped and restarted. Step 0
 is the source itself, evaluated on the same validation tokens as every logged step (a converted adaptive method
 computes what its source computes there: tests/methods/test_conversion.py). OUT/continued.md gets the table of
@@ -21,10 +21,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from ponderlm.checkpoint import checkpoint_step, latest_checkpoint
+from ponderlm.rundir import RunDir
 from ponderlm.evaluate import evaluate_run
-from ponderlm.files import atomic_write_text
-from ponderlm.hf import import_llama, init_from_config
+from ponderlm.files import atomic_write_text, read_jsonl
+from ponderlm.sources import import_llama, init_from_config
 from ponderlm.machine import describe
 from ponderlm.train import train
 
@@ -36,9 +36,8 @@ def run(args, method: str, lr: float) -> Path:
                  f"train.eval_every={args.eval_every}", f"train.save_every={args.eval_every}",
                  f"train.eval_tokens={args.eval_tokens}", "train.dtype=fp32", "ponder.router_warmup_steps=0",
                  f"train.warmup_steps={args.warmup}", *args.set]
-    checkpoint = latest_checkpoint(run_dir) if (run_dir / "config.yaml").is_file() else None
-    if checkpoint is None or checkpoint_step(checkpoint) < steps:
-        resume = (run_dir / "config.yaml").is_file()
+    if not RunDir(run_dir).finished(steps):
+        resume = RunDir(run_dir).holds_run()
         train(None if resume else init_from_config(args.preset, args.source, overrides), run_dir, resume=resume,
               progress=False)
     return run_dir
@@ -46,7 +45,7 @@ def run(args, method: str, lr: float) -> Path:
 
 def curve(run_dir: Path) -> dict[int, tuple[float, float]]:
     """Validation loss and mean extra steps per token (at the run's tau) at each evaluated step."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_jsonl(RunDir(run_dir).metrics_file)
     return {r["step"]: (r["val_loss"], r.get("val_extra_steps", 0.0)) for r in records if "val_loss" in r}
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from lm_eval.utils import handle_non_serializable
 
 from machine import describe_machine
-from ponderlm.checkpoint import latest_checkpoint, read_run_config
+from ponderlm.rundir import RunDir
 from ponderlm.downstream import TASKS, UNAVAILABLE, run_lm_eval
 from ponderlm.files import atomic_write_text
 from ponderlm.methods import METHODS
@@ -33,15 +33,16 @@ def main() -> None:
 
     started = time.time()
     rows = []
-    for run_dir in sorted(p for p in (args.sweep_dir / "runs").iterdir() if (p / "config.yaml").exists()):
-        config = read_run_config(run_dir)
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None or int(checkpoint.name.split("_")[1]) < config.train.steps:
+    for run_dir in sorted(p for p in (args.sweep_dir / "runs").iterdir() if RunDir(p).holds_run()):
+        run = RunDir(run_dir)
+        config = run.read_config()
+        if not run.finished(config.train.steps):
             print(f"{run_dir.name}: still training, left out", file=sys.stderr)
             continue
+        checkpoint = run.latest_checkpoint()
         for tau in [None] + (args.tau if METHODS[config.method].prunable else []):
             # Stored per run, so the script can run while a sweep trains and only evaluates what is new.
-            store = run_dir / f"downstream_{checkpoint.name}_limit{args.limit}_tau{tau}.json"
+            store = run.report_file(f"downstream_{checkpoint.name}_limit{args.limit}_tau{tau}.json")
             if not store.exists():
                 results = run_lm_eval(run_dir, list(TASKS), limit=args.limit, tau=tau, progress=False)
                 atomic_write_text(store, json.dumps(results, default=handle_non_serializable))

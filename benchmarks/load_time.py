@@ -36,15 +36,16 @@ SHAPE = ["model.vocab_size=49152", "model.hidden_size=576", "model.num_hidden_la
          "model.num_attention_heads=9", "model.num_key_value_heads=3", "model.intermediate_size=1536",
          "model.tie_word_embeddings=true", "model.embedding_scale=false", "data.seq_len=2048"]
 MEASURE = {
-    "safetensors": ("from safetensors.torch import load_file; from ponderlm.checkpoint import latest_checkpoint",
-                    "[t.clone() for t in load_file(latest_checkpoint(run) / 'model.safetensors').values()]"),
-    "ponderlm.load": ("import ponderlm, ponderlm.runs, ponderlm.methods, ponderlm.data", "ponderlm.load(run)"),
-    "ponderlm.load, unchecked": ("import ponderlm, ponderlm.runs, ponderlm.methods, ponderlm.data; "
+    "safetensors": ("from safetensors.torch import load_file; from ponderlm.rundir import RunDir",
+                    "[t.clone() for t in load_file(RunDir(run).latest_checkpoint() / 'model.safetensors').values()]"),
+    "ponderlm.load": ("import ponderlm, ponderlm.rundir, ponderlm.methods, ponderlm.data", "ponderlm.load(run)"),
+    "ponderlm.load, unchecked": ("import ponderlm, ponderlm.rundir, ponderlm.methods, ponderlm.data; "
                                  "import ponderlm.checkpoint as c; c._verify_checksum = lambda path: None; "
                                  "c.first_non_finite = lambda state: None", "ponderlm.load(run)"),
-    "build_model + load": ("from ponderlm.checkpoint import latest_checkpoint, load_model_weights, read_run_config; "
+    "build_model + load": ("from ponderlm.checkpoint import load_model_weights; from ponderlm.rundir import RunDir; "
                            "from ponderlm.methods import build_model",
-                           "load_model_weights(build_model(read_run_config(run)), latest_checkpoint(run))"),
+                           "load_model_weights(build_model(RunDir(run).read_config()), "
+                           "RunDir(run).latest_checkpoint())"),
 }
 TIMED = ("import sys, time, json, torch; from pathlib import Path; torch.set_num_threads({threads}); {imports}; "
          "run = Path(sys.argv[1]); start = time.perf_counter(); {call}; "
@@ -56,17 +57,18 @@ def write_run(run: Path, method: str) -> int:
     import torch
     from tokenizers import Tokenizer, models
 
-    from ponderlm.checkpoint import save_checkpoint
+    from ponderlm.rundir import RunDir
     from ponderlm.config import load_config
     from ponderlm.methods import build_model
 
     config = load_config(None, [f"method={method}", *SHAPE])
     run.mkdir(parents=True)
-    Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(run / "tokenizer.json"))
-    atomic_write_text(run / "config.yaml", config.to_yaml())
+    rundir = RunDir(run)
+    Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(rundir.tokenizer_file))
+    atomic_write_text(rundir.config_file, config.to_yaml())
     torch.manual_seed(0)
-    checkpoint = save_checkpoint(run, 1, build_model(config).state_dict(), {"step": 1}, {"method": method},
-                                 keep_last=1)
+    checkpoint = rundir.save_checkpoint(1, build_model(config).state_dict(), {"step": 1}, {"method": method},
+                                        keep_last=1)
     return (checkpoint / "model.safetensors").stat().st_size
 
 

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from machine import describe_machine
 from ponderlm.batching import eval_batches
-from ponderlm.checkpoint import list_checkpoints, load_model_weights, read_run_config
+from ponderlm.checkpoint import load_model_weights
+from ponderlm.rundir import RunDir
 from ponderlm.data import TokenShards
 from ponderlm.files import atomic_write_text
 from ponderlm.methods import build_model
@@ -92,13 +93,13 @@ def reference_losses(data_dir: Path, vocab: int, targets: np.ndarray, previous: 
 
 @torch.no_grad()
 def probe(run_dir: Path, max_tokens: int) -> tuple[list[dict], dict]:
-    config = read_run_config(run_dir)
+    config = RunDir(run_dir).read_config()
     model = build_model(config).eval()
     if not isinstance(model, Pause):
         raise SystemExit(f"{run_dir} is a {config.method} run; this probe reads {Pause.name} runs")
     batches = list(eval_batches(TokenShards(Path(config.data.path), "val"), config.data.seq_len, 8, max_tokens))
     rows = []
-    for checkpoint in list_checkpoints(run_dir):
+    for checkpoint in RunDir(run_dir).checkpoints():
         load_model_weights(model, checkpoint)
         nll, count, per_layer = 0.0, 0, None
         for inputs, targets in batches:

@@ -23,7 +23,7 @@ from ponderlm.batching import eval_batches
 from ponderlm.data import TokenShards
 from ponderlm.files import atomic_write_text
 from ponderlm.machine import autocast
-from ponderlm.runs import load
+from ponderlm.rundir import load
 
 
 @torch.no_grad()

@@ -23,10 +23,10 @@ import torch
 from ponderlm.batching import eval_batches
 from ponderlm.schema import check_tau
 from ponderlm.engine import inspect
-from ponderlm.evaluate import load_with_data
 from ponderlm.errors import PonderError
 from ponderlm.files import standard_json, atomic_path, atomic_write_text
 from ponderlm.machine import autocast
+from ponderlm.rundir import RunDir
 
 TABLE_ROWS = 40  # token strings in the per-token table, most frequent first
 SHOWN_TOKENS = 2000  # tokens coloured in the HTML page; the numbers use every analysed token
@@ -103,14 +103,14 @@ def analyze_run(run_dir: str | Path, split: str = "test", max_tokens: int = 1638
                 data_path: str | Path | None = None, out_dir: str | Path | None = None, scoring: str = "exact"
                 ) -> dict:
     """Measure an adaptive run on the first max_tokens of a split; write the three files; return the summary."""
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     check_tau(tau)
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise PonderError(f"--out {out_dir} is a file; give a folder for the analysis files")
-    model, tokenizer, shards, _ = load_with_data(run_dir, split, data_path)
+    model, tokenizer, shards, _ = run.load_with_data(split, data_path)
     config = model.config
     if not model.adaptive:
-        raise PonderError(f"analyze needs a run of an adaptive method; {run_dir} is {config.method}, which runs a "
+        raise PonderError(f"analyze needs a run of an adaptive method; {run} is {config.method}, which runs a "
                           "fixed number of steps for every token")
     model.check_tau_applies(tau)
     tau = model.resolve_tau(tau)
@@ -129,9 +129,9 @@ def analyze_run(run_dir: str | Path, split: str = "test", max_tokens: int = 1638
     strings = {i: tokenizer.decode([i], skip_special_tokens=False) for i in set(token_ids)}
     token_strings = [strings[i] for i in token_ids]
 
-    summary = {"method": config.method, "run_dir": str(run_dir), "split": split, "tau": tau, "scoring": scoring,
+    summary = {"method": config.method, "run_dir": str(run), "split": split, "tau": tau, "scoring": scoring,
                **summarize(token_strings, max_steps=model.max_extra_steps, **arrays)}
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "analysis"
+    out_dir = Path(out_dir) if out_dir is not None else run.report_file(RunDir.ANALYSIS)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"json": out_dir / "analysis.json", "histogram": out_dir / "steps_histogram.png",
              "html": out_dir / "analysis.html"}

@@ -1,9 +1,7 @@
-"""Run directories and checkpoints.
-
-A run directory holds `config.yaml`, `tokenizer.json`, `metrics.jsonl` and `checkpoints/step_NNNNNNN/` folders,
+"""Checkpoints: the `step_NNNNNNN/` folders in a run's checkpoints/ (rundir.py owns the rest of a run directory),
 each with `model.safetensors`, `trainer_state.pt` and `checksums.json` (their sha256, checked whenever they are
-read). A checkpoint is written into a hidden temporary folder and
-renamed into place, so a kill at any moment leaves either the whole checkpoint or none of it.
+read). A checkpoint is written into a hidden temporary folder and renamed into place, so a kill at any moment leaves
+either the whole checkpoint or none of it.
 """
 
 from __future__ import annotations
@@ -13,70 +11,21 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import IO
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from ponderlm.config import config_from_dict
-from ponderlm.schema import Config, read_yaml_mapping
-from ponderlm.data.shards import check_data_tokenizer
-from ponderlm.data.tokenizer import COMPANION_FILES
 from ponderlm.errors import PonderError, explain_os_error
-from ponderlm.files import LOCK_FILE, lock_directory, save_safetensors, sha256_file
+from ponderlm.files import save_safetensors, sha256_file
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7})$")
 CHECKSUMS_FILE = "checksums.json"  # sha256 of each file of a checkpoint, written at save time
 TORCH_WRITE_ERRORS = ("PytorchStreamWriter", "inline_container", "iostream")  # how torch.save reports a failed write
-RUN_MARKER = ".ponderlm-run"  # written first when a run starts, so that a start killed before config.yaml is ours
-RUN_FILES = ("config.yaml", "tokenizer.json", *COMPANION_FILES, "metrics.jsonl", "sessions.jsonl", "checkpoints")
 
 
-def lock_run_dir(run_dir: Path) -> IO:
-    return lock_directory(run_dir, "run directory")
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> IO:
-    """Lock the run directory, refusing a used one unless the user said --resume or --overwrite; returns the lock."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise PonderError(f"{run_dir} exists and is not a directory")
-    if resume and not (run_dir / "config.yaml").is_file():
-        raise PonderError(f"cannot resume: {run_dir} holds no run (no config.yaml); drop --resume to start one")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_run_dir(run_dir)
-    if resume:
-        return lock
-    names = {path.name for path in run_dir.iterdir()} - {LOCK_FILE}
-    if RUN_MARKER in names and not names - {RUN_MARKER, "tokenizer.json", *COMPANION_FILES, ".config.tmp.yaml"}:
-        for name in names:  # a start killed before its config.yaml: ours, and nothing to keep
-            (run_dir / name).unlink()
-        names = set()
-    used = bool(names - {RUN_MARKER})
-    if used and not overwrite:
-        lock.close()
-        raise PonderError(
-            f"run directory {run_dir} is not empty; pass --resume to continue it or --overwrite to start over"
-        )
-    if used:
-        if not (run_dir / "config.yaml").is_file():
-            lock.close()
-            raise PonderError(f"refusing to --overwrite {run_dir}: it is not empty and does not look like a run "
-                              "directory (no config.yaml); choose another --out")
-        for name in RUN_FILES:
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-        for leftover in run_dir.glob("events.out.tfevents.*"):
-            leftover.unlink()
-    (run_dir / RUN_MARKER).touch()
-    return lock
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    folder = run_dir / "checkpoints"
+def list_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoint folders in `folder` (a run's checkpoints/), oldest first."""
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
@@ -88,14 +37,9 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: dict,
+def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: dict,
                     metadata: dict[str, str], keep_last: int) -> Path:
-    folder = run_dir / "checkpoints"
+    """Write step's checkpoint into `folder` (a run's checkpoints/) and keep the last `keep_last`."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step:07d}"
     tmp = folder / f".tmp_step_{step:07d}"
@@ -128,7 +72,7 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
+    for old in list_checkpoints(folder)[:-keep_last]:
         shutil.rmtree(old)
     return final
 
@@ -192,7 +136,7 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> dict[str, st
     missing, unexpected = model.load_state_dict(with_tied_weights(model, state), strict=False)
     if missing or unexpected:
         raise PonderError(f"checkpoint {path} does not fit the configured model (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}); check config.yaml in the run directory")
+                          f"unexpected {unexpected[:3]}); check the config.yaml of its run directory")
     return metadata
 
 
@@ -214,28 +158,3 @@ def load_trainer_state(checkpoint: Path) -> dict:
         return torch.load(path, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged pickle/zip
         raise PonderError(f"cannot read trainer state {path}: {exc}") from None
-
-
-def require_run_tokenizer(run_dir: Path, data_dir: Path, data_metadata: dict) -> None:
-    """Refuse data tokenised with another tokenizer than the run's own tokenizer.json."""
-    data_tokenizer = check_data_tokenizer(data_dir, data_metadata)
-    if not (run_dir / "tokenizer.json").is_file():
-        raise PonderError(f"{run_dir} has lost its tokenizer.json; copy back the one the run was trained with "
-                          f"(for a run on unchanged data: {data_tokenizer})")
-    if sha256_file(data_tokenizer) != sha256_file(run_dir / "tokenizer.json"):
-        raise PonderError(f"the data at {data_dir} was tokenised with another tokenizer than the run {run_dir} "
-                          "(its tokenizer.json); use data prepared with the run's tokenizer")
-
-
-def read_run_config(run_dir: Path) -> Config:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise PonderError(f"{run_dir} is not a run directory (no config.yaml); make one with `ponderlm train demo "
-                          f"--out {run_dir}` or `ponderlm import HF_DIR --out {run_dir}`")
-    data = read_yaml_mapping(path)
-    if not data:
-        raise PonderError(f"{path} is empty; restore the config.yaml the run was trained with")
-    try:
-        return config_from_dict(data).validate()
-    except PonderError as exc:
-        raise PonderError(f"{path}: {exc}; restore the file the run was trained with") from None

@@ -46,6 +46,7 @@ def _data_merge(args) -> None:
 
 def _train(args) -> None:
     from ponderlm.config import load_config
+    from ponderlm.rundir import RunDir
     from ponderlm.train import train
 
     if args.config is None and not args.resume:
@@ -54,11 +55,12 @@ def _train(args) -> None:
     if args.init_from and args.resume:
         raise PonderError("--init-from starts a new run; --resume continues one: pass one of them")
     if args.config is None and args.set:  # --resume with changes: the run's own config, changed
-        args.config = str(Path(args.out) / "config.yaml")
-        if not Path(args.config).is_file():
-            raise PonderError(f"cannot resume: {args.out} holds no run (no config.yaml); drop --resume to start one")
+        run = RunDir(args.out)
+        if not run.holds_run():
+            raise PonderError(f"cannot resume: {run} holds no run (no {run.CONFIG}); drop --resume to start one")
+        args.config = str(run.config_file)
     if args.init_from:
-        from ponderlm.hf import init_from_config
+        from ponderlm.sources import init_from_config
 
         config = init_from_config(args.config, Path(args.init_from), args.set)
     else:
@@ -163,7 +165,7 @@ def _generate(args) -> None:
     from ponderlm.schema import check_tau
     from ponderlm.engine import Sampling
     from ponderlm.generate import check_max_new_tokens, check_prompt, generate, generate_many
-    from ponderlm.runs import load
+    from ponderlm.rundir import load
 
     if (args.prompt is None) == (args.prompts_file is None):
         raise PonderError("give either --prompt TEXT or --prompts-file FILE")
@@ -223,7 +225,7 @@ def _serve(args) -> None:
 
 
 def _import(args) -> None:
-    from ponderlm.hf import import_llama
+    from ponderlm.sources import import_llama
 
     config = import_llama(Path(args.hf_dir), Path(args.out), args.method, args.set, args.overwrite)
     print_json({"run_dir": args.out, "method": config.method, "imported_from": args.hf_dir})

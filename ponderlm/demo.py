@@ -9,10 +9,13 @@ import json
 import sys
 from pathlib import Path
 
+from ponderlm.files import read_jsonl
+from ponderlm.rundir import RunDir
+
 
 def summary(run: Path, vanilla: Path) -> str:
     ours, theirs = (json.loads((path / "eval_test.json").read_text()) for path in (run, vanilla))
-    trained = [max(json.loads(line).get("tokens", 0) for line in (path / "metrics.jsonl").read_text().splitlines())
+    trained = [max(record.get("tokens", 0) for record in read_jsonl(RunDir(path).metrics_file))
                for path in (run, vanilla)]
     return "\n".join([
         "",

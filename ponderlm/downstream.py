@@ -17,7 +17,6 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from ponderlm.checkpoint import latest_checkpoint
 from ponderlm.data import resolve_cache_dir
 from ponderlm.data.corpus import fetch_package
 from ponderlm.errors import PonderError
@@ -178,7 +177,7 @@ def run_lm_eval(run_dir: Path, tasks: list[str], limit: int | None = None, tau: 
     import os
 
     from ponderlm.schema import check_tau
-    from ponderlm.runs import load
+    from ponderlm.rundir import RunDir
 
     check_tau(tau)
     runnable, unavailable = resolve_tasks(tasks)
@@ -194,7 +193,8 @@ def run_lm_eval(run_dir: Path, tasks: list[str], limit: int | None = None, tau: 
 
     from ponderlm.harness import PonderLMHarness
 
-    model, tokenizer = load(run_dir)
+    run = RunDir(run_dir)
+    model, tokenizer = run.load()
     model.check_tau_applies(tau)
     harness = PonderLMHarness(model, tokenizer, tau=tau, batch_size=batch_size, progress=progress)
     results: dict = {"results": {}}
@@ -205,7 +205,7 @@ def run_lm_eval(run_dir: Path, tasks: list[str], limit: int | None = None, tau: 
                                   task_manager=manager, log_samples=False, bootstrap_iters=1000)
     compute = harness.compute_summary()
     results["ponderlm"] = {
-        "run_dir": str(run_dir), "checkpoint": latest_checkpoint(run_dir).name, "method": model.config.method,
+        "run_dir": str(run_dir), "checkpoint": run.require_checkpoint().name, "method": model.config.method,
         "limit": limit,
         "tau": model.resolve_tau(tau) if model.prunable else None,
         "compute": {task.removeprefix("ponderlm_"): numbers for task, numbers in compute.items()},
@@ -219,11 +219,13 @@ PER_TASK_SECTIONS = ("results", "configs", "versions", "n-shot", "higher_is_bett
 
 def results_path(results: dict) -> Path:
     """Where a call's results go: one file per checkpoint, tau and limit, so that no call replaces another's."""
+    from ponderlm.rundir import RunDir
+
     info = results["ponderlm"]
     name = f"lm_eval_{info['checkpoint']}"
     name += f"_tau{info['tau']:g}" if info["tau"] is not None else ""
     name += f"_limit{info['limit']}" if info["limit"] else ""
-    return Path(info["run_dir"]) / f"{name}.json"
+    return RunDir(info["run_dir"]).report_file(f"{name}.json")
 
 
 def merge_results(earlier: dict, new: dict) -> dict:

@@ -17,14 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from ponderlm.batching import eval_batches
-from ponderlm.checkpoint import require_run_tokenizer
 from ponderlm.schema import check_tau
-from ponderlm.data import ModelTokenizer, TokenShards, read_metadata
+from ponderlm.data import TokenShards
 from ponderlm.engine import score
 from ponderlm.errors import PonderError
 from ponderlm.machine import autocast, machine, precision
 from ponderlm.methods import Method
-from ponderlm.runs import load
+from ponderlm.rundir import RunDir
 
 
 def perplexity(loss: float) -> float:
@@ -68,23 +67,12 @@ def evaluate_model(model: Method, shards: TokenShards, max_tokens: int | None = 
             "extra_steps_histogram": histogram.tolist(), "inference_flops_per_token": flops / tokens}
 
 
-def load_with_data(run_dir: Path, split: str, data_path: str | Path | None
-                   ) -> tuple[Method, ModelTokenizer, TokenShards, dict]:
-    """A run's model and tokenizer, and a split of its data (data_path, default the run's data.path) checked to be
-    tokenized with the run's tokenizer, with the data's metadata."""
-    model, tokenizer = load(run_dir)
-    data_dir = Path(data_path or model.config.data.path)
-    metadata = read_metadata(data_dir)
-    require_run_tokenizer(run_dir, data_dir, metadata)
-    return model, tokenizer, TokenShards(data_dir, split), metadata
-
-
 def evaluate_run(run_dir: str | Path, split: str = "val", max_tokens: int | None = None,
                  data_path: str | Path | None = None, tau: float | None = None, with_soft: bool = True,
                  scoring: str = "exact") -> dict:
     """The `ponderlm eval` JSON. with_soft=False skips a prunable method's soft loss (it does not depend on tau)."""
     check_tau(tau)
-    model, _, shards, metadata = load_with_data(Path(run_dir), split, data_path)
+    model, _, shards, metadata = RunDir(run_dir).load_with_data(split, data_path)
     model.check_tau_applies(tau)
     config = model.config
     measured = evaluate_model(model, shards, max_tokens, tau, scoring=scoring)
@@ -115,7 +103,7 @@ def tau_table(run_dir: str | Path, taus: list[float], split: str = "val", max_to
     """The trade-off of a prunable run as a markdown table: perplexity, extra steps and FLOPs at each tau."""
     for tau in taus:
         check_tau(tau)
-    model, _, shards, _ = load_with_data(Path(run_dir), split, data_path)
+    model, _, shards, _ = RunDir(run_dir).load_with_data(split, data_path)
     if not model.prunable:
         raise PonderError(f"--taus needs a run of a prunable method; {run_dir} is {model.config.method}, whose "
                           "compute does not depend on tau")

@@ -1,12 +1,11 @@
 """What a run or a measurement actually ran on: precision, torch, CPU model and the flags that change numerics and
-speed (AVX512-BF16, AMX), threads, device. Runs record it per training session (`sessions.jsonl`), `eval` beside
+speed (AVX512-BF16, AMX), threads, device. Runs record it per training session (rundir.py), `eval` beside
 its numbers, and benchmarks in their results files, so a comparison can say which machine and precision it rests on.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 from pathlib import Path
@@ -68,27 +67,3 @@ def describe(info: dict | None = None) -> str:
     info = info or machine()
     return (f"{info['cpu']} ({info['cpu_capability']}), {info['cpu_cores']} cores, {info['threads']} torch threads, "
             f"torch {info['torch']}")
-
-
-SESSIONS = "sessions.jsonl"  # in a run directory: a "start" and an "end" line per training session
-
-
-def read_sessions(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / SESSIONS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def session_summary(run_dir: Path) -> dict:
-    """What a run's training sessions ran with: precision, CPU, torch, threads (joined with "; " where sessions
-    differ) and the wall time of the sessions that ended. Empty for a run trained before runs recorded it."""
-    lines = read_sessions(run_dir)
-    if not lines:
-        return {}
-    starts = [line for line in lines if line["event"] == "start"]
-
-    def joined(key: str) -> str:
-        return "; ".join(dict.fromkeys(str(line[key]) for line in starts))
-
-    return {"precision": joined("precision"), "cpu": joined("cpu"), "cpu_capability": joined("cpu_capability"),
-            "torch": joined("torch"), "threads": joined("threads"),
-            "train_seconds": round(sum(line["seconds"] for line in lines if line["event"] == "end"), 1)}

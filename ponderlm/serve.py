@@ -429,10 +429,10 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, tau: f
     """`ponderlm serve`: load a run and serve it until SIGINT/SIGTERM (which finish running requests first)."""
     import uvicorn
 
-    from ponderlm.runs import load
+    from ponderlm.rundir import RunDir
 
     run_dir = Path(run_dir)
-    model, tokenizer = load(run_dir)
+    model, tokenizer = RunDir(run_dir).load()
     app = create_app(model, tokenizer, run_dir.resolve().name, tau, max_batch, max_queue, max_model_len)
     cache = app.state.service.worker.engine.cache
     print(f"ponderlm: serving {run_dir} ({model.config.method}) on http://{host}:{port}  (page: /, API: /v1); "

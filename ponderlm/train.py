@@ -8,7 +8,6 @@ checkpoint's step before training continues, so the file ends up as if the run h
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -22,17 +21,17 @@ from tqdm import tqdm
 
 from ponderlm import distributed
 from ponderlm.batching import WindowSampler
-from ponderlm.checkpoint import (latest_checkpoint, load_trainer_state, prepare_run_dir, read_model_weights,
-                                 read_run_config, require_run_tokenizer, save_checkpoint, with_tied_weights)
-from ponderlm.schema import Config
-from ponderlm.data import TokenShards, copy_tokenizer_files, load_tokenizer, read_metadata
+from ponderlm.checkpoint import load_trainer_state, read_model_weights, with_tied_weights
+from ponderlm.data import TokenShards, load_tokenizer, read_metadata
 from ponderlm.data.shards import check_data_tokenizer, train_data_fingerprint
 from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_model
 from ponderlm.files import atomic_write_text, read_jsonl, sha256_file
-from ponderlm.hf import check_init_from_shape, load_initial_weights
-from ponderlm.machine import SESSIONS, autocast, machine, precision, read_sessions
+from ponderlm.machine import autocast, machine, precision
 from ponderlm.methods import build_model
+from ponderlm.rundir import RunDir
+from ponderlm.schema import Config
+from ponderlm.sources import check_source_shape, check_source_tokenizer, load_initial_weights
 
 # Keys a resumed run may change: they do not alter what is computed at a given step.
 # The strategy too: checkpoints hold full state, so a run saved under torchrun resumes in one process and back.
@@ -130,11 +129,11 @@ def _check_resumed_config(saved: Config, requested: Config) -> None:
                           "or start a new run")
 
 
-def _resolve_config(config: Config | None, run_dir: Path, resume: bool, overwrite: bool) -> Config:
+def _resolve_config(config: Config | None, run: RunDir, resume: bool, overwrite: bool) -> Config:
     if resume and overwrite:
         raise PonderError("pass either --resume or --overwrite, not both")
     if resume:
-        saved = read_run_config(run_dir)
+        saved = run.read_config()
         if config is None:
             return saved
         _check_resumed_config(saved, config)  # only RESUMABLE_CHANGES may differ: run the requested config
@@ -147,12 +146,12 @@ def _resolve_config(config: Config | None, run_dir: Path, resume: bool, overwrit
 def train(config: Config | None, run_dir: Path, resume: bool = False, overwrite: bool = False,
           progress: bool | None = None) -> dict:
     """Train (or continue) a run; returns the last logged record. Under torchrun, every rank calls this."""
-    run_dir = Path(run_dir)
-    config = _resolve_config(config, run_dir, resume, overwrite)
+    run = RunDir(run_dir)
+    config = _resolve_config(config, run, resume, overwrite)
     topology = distributed.setup(config.distributed.strategy)
     try:
-        with contextlib.ExitStack() as held:  # the run directory's lock, released however training ends
-            return Trainer(config, run_dir, resume, overwrite, topology, held).fit(progress)
+        with run:  # its lock, released however training ends
+            return Trainer(config, run, resume, overwrite, topology).fit(progress)
     except BaseException as exc:
         # Free the DDP/FSDP objects the traceback holds before the process group goes: a gloo group destroyed
         # from a Reducer's destructor can deadlock on the GIL.
@@ -165,9 +164,8 @@ def train(config: Config | None, run_dir: Path, resume: bool = False, overwrite:
 class Trainer:
     """One run on this rank: set-up and resume, then optimizer steps, evaluations and checkpoints."""
 
-    def __init__(self, config: Config, run_dir: Path, resume: bool, overwrite: bool,
-                 topology: distributed.Topology, held: contextlib.ExitStack):
-        self.config, self.run_dir, self.topology = config, run_dir, topology
+    def __init__(self, config: Config, run: RunDir, resume: bool, overwrite: bool, topology: distributed.Topology):
+        self.config, self.run, self.topology = config, run, topology
         # Everything that can refuse the run comes before the first write, so a refused run leaves nothing behind.
         self.data_tokenizer = self._check_data(resume)
         self.train_shards = TokenShards(Path(config.data.path), "train")
@@ -178,14 +176,18 @@ class Trainer:
         self.tokens_per_step = self.sequences_per_step * config.data.seq_len
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.model = build_model(config).to(topology.device)
-        if t.init_from and not (resume and latest_checkpoint(run_dir)):  # a run killed before its first checkpoint
-            self._init_from(Path(t.init_from))                               # starts from the source again
-        self._write_run_dir(resume, overwrite, held)
+        if t.init_from and not (resume and run.latest_checkpoint()):  # a run killed before its first checkpoint
+            load_initial_weights(Path(t.init_from), self.model)           # starts from the source again
+        if topology.is_main:
+            run.claim(resume, overwrite)
+            if not resume:
+                run.create(config, self.data_tokenizer)
+        distributed.barrier(topology)
         self.wrapped = distributed.parallelize(self.model, config.distributed.strategy, topology, t.compile)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s + 1, config) / t.lr)
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl", run_dir if t.tensorboard and topology.is_main else None)
-        self.tokenizer_sha = sha256_file(run_dir / "tokenizer.json")
+        self.metrics = MetricsLog(run.metrics_file, run.path if t.tensorboard and topology.is_main else None)
+        self.tokenizer_sha = sha256_file(run.tokenizer_file)
         self.sampler = WindowSampler(self.train_shards, config.data.seq_len, t.seed)
         self.start_step = self._resume() if resume else 0
         if topology.is_main:
@@ -199,7 +201,8 @@ class Trainer:
         vocab_size = data_meta["tokenizer"]["vocab_size"]
         tokenizer_file = check_data_tokenizer(Path(config.data.path), data_meta)
         if config.train.init_from:  # first: another tokenizer is the cause of any size mismatch below
-            self._check_init_from_tokenizer(Path(config.train.init_from), data_meta, tokenizer_file)
+            check_source_tokenizer(Path(config.train.init_from), Path(config.data.path),
+                                   data_meta["tokenizer"].get("sha256") or sha256_file(tokenizer_file))
         if 0 < config.model.vocab_size < vocab_size:  # more rows than tokens is fine (imported models pad)
             raise PonderError(f"model.vocab_size={config.model.vocab_size} but the tokenizer of {config.data.path} "
                               f"has {vocab_size} tokens; drop model.vocab_size to take it from the data")
@@ -209,43 +212,16 @@ class Trainer:
                               f"the metadata.json beside it says {vocab_size}; re-run `ponderlm data prepare` "
                               "--overwrite for that directory")
         config.model.vocab_size = config.model.vocab_size or vocab_size
+        if config.train.init_from:
+            check_source_shape(config)
         self.train_data = train_data_fingerprint(data_meta)
         if resume:
-            require_run_tokenizer(self.run_dir, Path(config.data.path), data_meta)
-            started_on = [s.get("train_data") for s in read_sessions(self.run_dir) if s["event"] == "start"]
-            if started_on and started_on[-1] not in (None, self.train_data):
-                raise PonderError(f"the training data at {config.data.path} changed since this run last trained "
-                                  "(its train shards differ from the ones sessions.jsonl records): resume on that "
-                                  "data, or start a new run from this one with --init-from")
+            self.run.check_data(Path(config.data.path), data_meta, self.train_data)
         return tokenizer_file
-
-    def _check_init_from_tokenizer(self, source: Path, data_meta: dict, data_tokenizer: Path) -> None:
-        """A continued-pretraining run's source must share the data's tokenizer (already checked against the sha256
-        its metadata records, which is compared here instead of hashing the file again)."""
-        data_sha = data_meta["tokenizer"].get("sha256") or sha256_file(data_tokenizer)
-        if not (source / "tokenizer.json").is_file() or sha256_file(source / "tokenizer.json") != data_sha:
-            raise PonderError(f"the data at {self.config.data.path} was not tokenized with the tokenizer of "
-                              f"--init-from {source}; prepare it with `ponderlm data prepare --tokenizer "
-                              f"{source / 'tokenizer.json'}`")
-
-    def _init_from(self, source: Path) -> None:
-        """Load the weights a continued-pretraining run starts from (its tokenizer was checked with the data)."""
-        check_init_from_shape(self.config)
-        load_initial_weights(source, self.model)
-
-    def _write_run_dir(self, resume: bool, overwrite: bool, held: contextlib.ExitStack) -> None:
-        """Lock (until `held` closes) and create or reuse the run directory on the main rank."""
-        config, run_dir = self.config, self.run_dir
-        if self.topology.is_main:
-            held.enter_context(prepare_run_dir(run_dir, resume, overwrite))
-            if not resume:
-                copy_tokenizer_files(self.data_tokenizer, run_dir)
-                atomic_write_text(run_dir / "config.yaml", config.to_yaml())
-        distributed.barrier(self.topology)
 
     def _resume(self) -> int:
         """Load the latest checkpoint (if any); returns the step it was saved at."""
-        checkpoint = latest_checkpoint(self.run_dir)
+        checkpoint = self.run.latest_checkpoint()
         if checkpoint is None:
             return 0
         distributed.load_full_model_state(self.wrapped, with_tied_weights(self.model, read_model_weights(checkpoint)))
@@ -302,9 +278,9 @@ class Trainer:
         state = {"step": step, "optimizer": distributed.full_optimizer_state(self.wrapped, self.optimizer),
                  "scheduler": self.scheduler.state_dict(), "rng_torch": torch.get_rng_state()}
         if self.topology.is_main:
-            save_checkpoint(self.run_dir, step, weights, state,
-                            {"method": self.config.method, "tokenizer_sha256": self.tokenizer_sha},
-                            self.config.train.keep_last)
+            self.run.save_checkpoint(step, weights, state,
+                                     {"method": self.config.method, "tokenizer_sha256": self.tokenizer_sha},
+                                     self.config.train.keep_last)
         distributed.barrier(self.topology)
 
     def fit(self, progress: bool | None) -> dict:
@@ -316,11 +292,11 @@ class Trainer:
                    disable=True if not main else None if progress is None else not progress)
         plain = main and progress is None and not sys.stderr.isatty()  # a log file gets lines, not a bar
         if plain:
-            print(f"train: {self.run_dir}, step {self.start_step} of {t.steps}", file=sys.stderr, flush=True)
+            print(f"train: {self.run}, step {self.start_step} of {t.steps}", file=sys.stderr, flush=True)
         window_start, window_tokens = time.perf_counter(), 0
         session_start = time.perf_counter()
         if main:
-            self._record_session({"event": "start", "step": self.start_step, "time": time.time(),
+            self.run.record_session({"event": "start", "step": self.start_step, "time": time.time(),
                                   "precision": precision(self.config, self.topology.device.type),
                                   "world_size": self.topology.world_size, "train_data": self.train_data,
                                   **machine(self.topology.device)})
@@ -356,10 +332,5 @@ class Trainer:
                 self.save(step)
         bar.close()
         if main:
-            self._record_session({"event": "end", "step": t.steps, "seconds": time.perf_counter() - session_start})
+            self.run.record_session({"event": "end", "step": t.steps, "seconds": time.perf_counter() - session_start})
         return record
-
-    def _record_session(self, record: dict) -> None:
-        """sessions.jsonl: what each training session ran with (precision, machine) and how long it took."""
-        with open(self.run_dir / SESSIONS, "a") as file:
-            file.write(json.dumps(record) + "\n")

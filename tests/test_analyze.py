@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import ponderlm
 from ponderlm.analyze import analyze_run, measure, summarize
-from ponderlm.checkpoint import latest_checkpoint
+from ponderlm.rundir import RunDir
 from ponderlm.cli import main
 from ponderlm.config import load_config
 from ponderlm.data import TokenShards
@@ -34,7 +34,7 @@ def naive_ranks(values):
 
 def sharpen_router_in_checkpoint(run):
     """Large random router weights, written into the run's checkpoint, so tokens get 0, 1 or 2 kept steps."""
-    path = latest_checkpoint(run) / "model.safetensors"
+    path = RunDir(run).latest_checkpoint() / "model.safetensors"
     with safe_open(path, "pt") as handle:
         metadata = handle.metadata()
         state = {name: handle.get_tensor(name) for name in handle.keys()}

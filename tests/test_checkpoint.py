@@ -78,7 +78,7 @@ def test_non_finite_weights_are_never_saved_and_a_file_holding_them_is_refused(t
     with pytest.raises(PonderError, match="step 2's weights .*non-finite values .*backbone.norm.weight"):
         save(tmp_path, 2, weights, keep_last=1)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001"]
-    bad = tmp_path / "checkpoints" / "step_0000001" / "model.safetensors"
+    bad = tmp_path / "step_0000001" / "model.safetensors"
     save_file({k: v.contiguous() for k, v in weights.items()}, bad)  # a file from elsewhere, with inf inside
     (bad.parent / "checksums.json").unlink()  # as in checkpoints written before checksums were
     with pytest.raises(PonderError, match=f"the weights in {bad} hold non-finite values"):

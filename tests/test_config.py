@@ -5,11 +5,11 @@ import torch
 
 import yaml
 
-from ponderlm.checkpoint import read_run_config
 from ponderlm.config import PRESET_DIR, load_config
 from ponderlm.errors import PonderError
 from ponderlm.machine import autocast
 from ponderlm.methods import METHODS
+from ponderlm.rundir import RunDir
 from ponderlm.schema import PonderConfig
 
 PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
@@ -29,7 +29,7 @@ def test_a_run_directory_written_before_k_was_renamed_still_loads(tmp_path):
     old = load_config("small").to_dict()
     old["ponder"]["steps"] = old["ponder"].pop("extra_steps")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
-    assert read_run_config(tmp_path).ponder.extra_steps == 2
+    assert RunDir(tmp_path).read_config().ponder.extra_steps == 2
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -92,11 +92,11 @@ def test_a_saved_config_with_settings_its_method_does_not_read_loads_without_the
     saved = load_config("tiny").to_dict()
     saved["ponder"].update(penalty=0.002, router_init_bias=2.0, extra_steps=2)
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert read_run_config(run).ponder == PonderConfig()
+    assert RunDir(run).read_config().ponder == PonderConfig()
     saved["method"] = "ponder4"  # an edited method: one line, not a KeyError
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(PonderError, match="config.yaml: unknown method 'ponder4'.*restore the file"):
-        read_run_config(run)
+        RunDir(run).read_config()
 
 
 @pytest.mark.parametrize("native", [True, False])

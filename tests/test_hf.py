@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ponderlm
-from ponderlm.checkpoint import save_checkpoint
+from ponderlm.rundir import RunDir
 from ponderlm.cli import main
 from ponderlm.config import load_config
 from ponderlm.engine import Engine, teacher_forced
@@ -180,7 +180,7 @@ def test_a_ponderlm3_run_exports_with_its_modeling_code_and_generates(tiny_data_
     with torch.no_grad():  # a decisive router, so that tau prunes some tokens and not others
         model.router.weight.normal_(0, 0.5)
     weights = tmp_path / "p3" / "checkpoints" / "step_0000002"
-    save_checkpoint(run, 3, model.state_dict(), {"step": 3}, {"method": "ponderlm3"}, keep_last=1)
+    RunDir(run).save_checkpoint(3, model.state_dict(), {"step": 3}, {"method": "ponderlm3"}, keep_last=1)
     assert not weights.exists()
     assert main(["export", str(run), "--out", str(tmp_path / "hf"), "--tau", "0.3"]) == 0
     capsys.readouterr()
@@ -392,7 +392,7 @@ def test_an_instruct_llama_goes_import_eval_chat_continued_pretraining_export(in
 def test_the_library_starts_from_a_source_as_the_command_line_does(tiny_data_dir, tmp_path, capsys):
     """`init_from_config` is what `train --init-from` uses; a config built by hand with another shape is refused
     before anything is written, with the way to build it."""
-    from ponderlm.hf import init_from_config
+    from ponderlm.sources import init_from_config
 
     source = tmp_path / "vanilla"
     train(load_config("tiny", [f"data.path={tiny_data_dir}", "train.steps=2", "model.hidden_size=32"]), source,
@@ -405,7 +405,7 @@ def test_the_library_starts_from_a_source_as_the_command_line_does(tiny_data_dir
     assert (tmp_path / "cli" / "config.yaml").read_text() == config.to_yaml()
     by_hand = load_config("tiny", [*overrides, f"train.init_from={source}"])  # the preset's hidden size, 64
     with pytest.raises(PonderError, match="model.hidden_size is 64 but train.init_from .* has 32; build the config "
-                                          "with ponderlm.hf.init_from_config"):
+                                          "with ponderlm.sources.init_from_config"):
         train(by_hand, tmp_path / "by-hand", progress=False)
     assert not (tmp_path / "by-hand").exists()
     train(config, tmp_path / "library", progress=False)

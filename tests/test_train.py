@@ -16,7 +16,7 @@ import torch
 
 import ponderlm
 from ponderlm.batching import WindowSampler
-from ponderlm.checkpoint import list_checkpoints
+from ponderlm.rundir import RunDir
 from ponderlm.config import load_config
 from ponderlm.data import TokenShards
 from ponderlm.errors import PonderError
@@ -52,7 +52,7 @@ def test_training_logs_metrics_and_lowers_the_loss(tiny_data_dir, tmp_path):
     assert records[-1]["tokens"] == 30 * 256
     assert records[-1]["loss"] < records[0]["loss"] - 0.5
     assert "val_loss" in records[4] and math.isfinite(records[-1]["val_loss"])
-    assert [p.name for p in list_checkpoints(run)] == ["step_0000020", "step_0000030"]  # keep_last = 2
+    assert [p.name for p in RunDir(run).checkpoints()] == ["step_0000020", "step_0000030"]  # keep_last = 2
     assert (run / "config.yaml").is_file() and (run / "tokenizer.json").is_file()
 
 
@@ -87,7 +87,7 @@ def test_resume_after_sigkill_reproduces_every_loss_bit_for_bit(tiny_data_dir, t
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    interrupted_at = int(list_checkpoints(killed)[-1].name.split("_")[1])
+    interrupted_at = int(RunDir(killed).checkpoints()[-1].name.split("_")[1])
     assert interrupted_at < 60
 
     train(None, killed, resume=True, progress=False)
@@ -177,7 +177,7 @@ def test_ponderlm3_resume_is_exact(tiny_data_dir, tmp_path):
     run = tmp_path / "run"
     train(load_config("tiny", overrides), run, progress=False)
     full = without_timing(read_metrics(run))
-    shutil.rmtree(list_checkpoints(run)[-1])  # as if killed between step 3 and step 6
+    shutil.rmtree(RunDir(run).checkpoints()[-1])  # as if killed between step 3 and step 6
     train(None, run, resume=True, progress=False)
     assert without_timing(read_metrics(run)) == full
 
@@ -201,27 +201,26 @@ def test_non_finite_gradients_are_never_applied_nor_saved_and_the_good_checkpoin
     with pytest.raises(PonderError, match="non-finite gradients at step 4"):
         train(tiny(tiny_data_dir, "train.steps=6", "train.save_every=2", "train.keep_last=1",
                    "train.batch_tokens=128"), run, progress=False)  # one backward per step
-    assert [p.name for p in list_checkpoints(run)] == ["step_0000002"]
+    assert [p.name for p in RunDir(run).checkpoints()] == ["step_0000002"]
     model, _ = ponderlm.load(run)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_a_second_process_cannot_train_into_a_run_in_use_and_a_dead_ones_lock_never_blocks(tiny_data_dir, tmp_path):
-    from ponderlm.checkpoint import lock_run_dir
-
     run = tmp_path / "run"
     train(tiny(tiny_data_dir, "train.steps=4", "train.save_every=2"), run, progress=False)
     shutil.rmtree(run / "checkpoints" / "step_0000004")
     metrics = (run / "metrics.jsonl").read_text()
-    held = lock_run_dir(run)  # another training process, as far as the lock can tell
+    held = RunDir(run)  # another training process, as far as the lock can tell
+    held.claim(resume=True, overwrite=False)
     try:
         for resume, overwrite in ((True, False), (False, True)):
             with pytest.raises(PonderError, match=f"{run} is in use by another ponderlm process \\(pid {os.getpid()}"):
                 train(None if resume else tiny(tiny_data_dir, "train.steps=4"), run, resume=resume,
                       overwrite=overwrite, progress=False)
-        assert (run / "metrics.jsonl").read_text() == metrics and list_checkpoints(run)
+        assert (run / "metrics.jsonl").read_text() == metrics and RunDir(run).checkpoints()
     finally:
-        held.close()
+        held.release()
     (run / ".lock").write_text("999999999\n")  # left behind by a killed process: no lock is held on it
     train(None, run, resume=True, progress=False)
     assert [r["step"] for r in read_metrics(run)][-1] == 4

@@ -56,6 +56,7 @@ class Method(nn.Module, ABC):
     latent_slots: ClassVar[bool] = False  # extra steps are extra slots of the sequence (not extra passes)
     prunable: ClassVar[bool] = False  # tau decides which extra steps run; a soft (training-mask) loss exists
     adaptive: ClassVar[bool] = False  # the extra steps vary per token (router statistics, `ponderlm analyze`)
+    backbone_only: ClassVar[bool] = False  # computes what the backbone computes alone: exports as a plain Llama
     # The `ponder.*` settings this method reads; ponderlm/config.py refuses the others when given for a run
     # (tests/methods/test_interface.py checks that no other setting changes what a method computes).
     settings: ClassVar[tuple[str, ...]] = ()

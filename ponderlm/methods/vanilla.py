@@ -12,6 +12,7 @@ from ponderlm.methods.baselines import Loop
 class Vanilla(Loop):
     name = "vanilla"
     settings = ()
+    backbone_only = True
 
     def __init__(self, config: Config):
         super().__init__(config, max_extra_steps=0)

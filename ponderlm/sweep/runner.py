@@ -9,37 +9,32 @@ import sys
 import time
 from pathlib import Path
 
-from ponderlm.checkpoint import checkpoint_step, latest_checkpoint, read_run_config
 from ponderlm.data import read_metadata
 from ponderlm.errors import PonderError
 from ponderlm.evaluate import evaluate_run
 from ponderlm.files import standard_json, atomic_write_bytes, atomic_write_text
-from ponderlm.machine import session_summary
 from ponderlm.methods import model_skeleton
+from ponderlm.rundir import RunDir
 from ponderlm.sweep.recipe import Recipe, run_dir_name
 from ponderlm.sweep.report import RECORDED, read_results, write_results
 from ponderlm.train import config_changes, train
 
 
-def _finished(checkpoint: Path | None, steps: int) -> bool:
-    return checkpoint is not None and checkpoint_step(checkpoint) >= steps
-
-
-def _evaluate(run_dir: Path, split: str, max_tokens: int | None, tau: float | None, with_soft: bool,
+def _evaluate(run: RunDir, split: str, max_tokens: int | None, tau: float | None, with_soft: bool,
               scoring: str) -> dict:
     """Evaluate once and store the result in the run directory, keyed by what was asked."""
-    store = run_dir / "sweep_eval.json"
+    store = run.report_file("sweep_eval.json")
     try:
         stored = json.loads(store.read_text()) if store.exists() else {}
         if not isinstance(stored, dict):
             raise ValueError("not a mapping")
     except ValueError as exc:  # a cache: evaluating again is the repair
-        _log(f"{store} is damaged ({exc}); evaluating {run_dir.name} again")
+        _log(f"{store} is damaged ({exc}); evaluating {run.path.name} again")
         stored = {}
-    checkpoint = latest_checkpoint(run_dir).name
+    checkpoint = run.require_checkpoint().name
     key = f"{checkpoint}|{split}|{max_tokens}|{tau}|{with_soft}" + ("" if scoring == "jacobi" else f"|{scoring}")
     if key not in stored:
-        stored[key] = evaluate_run(run_dir, split=split, max_tokens=max_tokens, tau=tau, with_soft=with_soft,
+        stored[key] = evaluate_run(run.path, split=split, max_tokens=max_tokens, tau=tau, with_soft=with_soft,
                                    scoring=scoring)
         atomic_write_text(store, standard_json(stored, indent=1))
     return stored[key]
@@ -152,8 +147,8 @@ def _trained(recipe: Recipe, run: dict, lr: float | None, seed: int | None, out:
     """Whether a run needs no more training: finished under `out`, or published."""
     if published is not None and published.rows_of(run["name"], lr, seed):
         return True
-    return _finished(latest_checkpoint(out / "runs" / run_dir_name(run["name"], lr, seed)),
-                     recipe.config(run, lr, seed).train.steps)
+    rundir = RunDir(out / "runs" / run_dir_name(run["name"], lr, seed))
+    return rundir.finished(recipe.config(run, lr, seed).train.steps)
 
 
 def search_lr(lrs: list[float], loss_at, local: bool) -> float:
@@ -188,32 +183,32 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
     The learning-rate search compares the first tau only, so a learning rate that loses is not evaluated at the
     others."""
     config = recipe.config(run, lr, seed)
-    run_dir = out / "runs" / run_dir_name(run["name"], lr, seed)
+    rundir = RunDir(out / "runs" / run_dir_name(run["name"], lr, seed))
     if published is not None and (found := published.rows_of(run["name"], lr, seed)):
-        return _reused(recipe, config, found, published.directory, run_dir.name, split, first_tau_only)
-    resume = (run_dir / "config.yaml").is_file()
-    if resume and (changed := config_changes(read_run_config(run_dir), config)):
-        raise PonderError(f"{run_dir} was trained with another config than the recipe now gives it ({changed}); "
+        return _reused(recipe, config, found, published.directory, rundir.path.name, split, first_tau_only)
+    resume = rundir.holds_run()
+    if resume and (changed := config_changes(rundir.read_config(), config)):
+        raise PonderError(f"{rundir} was trained with another config than the recipe now gives it ({changed}); "
                           "sweep into a new --out, or delete that run directory to retrain it")
     started = time.monotonic()
-    checkpoint = latest_checkpoint(run_dir)
-    trained_now = not _finished(checkpoint, config.train.steps)
+    checkpoint = rundir.latest_checkpoint()
+    trained_now = not rundir.finished(config.train.steps)
     if trained_now:
-        _log(f"{run_dir.name}: training" + (f", resuming from {checkpoint.name}" if checkpoint else ""))
-        train(None if resume else config, run_dir, resume=resume, progress=progress)
-    config = read_run_config(run_dir)  # as trained: training sets model.vocab_size from the tokenizer
+        _log(f"{rundir.path.name}: training" + (f", resuming from {checkpoint.name}" if checkpoint else ""))
+        train(None if resume else config, rundir.path, resume=resume, progress=progress)
+    config = rundir.read_config()  # as trained: training sets model.vocab_size from the tokenizer
     model = model_skeleton(config)
     train_tokens = _train_tokens(config)
     train_flops = model.training_flops_per_token() * train_tokens
     max_tokens = recipe.eval.get("max_tokens")
     (out / "logs").mkdir(exist_ok=True)
-    atomic_write_bytes(out / "logs" / f"{run_dir.name}.jsonl", (run_dir / "metrics.jsonl").read_bytes())
+    atomic_write_bytes(out / "logs" / f"{rundir.path.name}.jsonl", rundir.metrics_file.read_bytes())
     rows, soft_ppl = [], ""
-    ran = session_summary(run_dir)
+    ran = rundir.session_summary()
     taus = (recipe.taus[:1] if first_tau_only else recipe.taus) if model.prunable else [None]
     for index, tau in enumerate(taus):
         # The soft loss does not depend on tau: compute it with the first tau only.
-        result = _evaluate(run_dir, split, max_tokens, tau, with_soft=index == 0,
+        result = _evaluate(rundir, split, max_tokens, tau, with_soft=index == 0,
                            scoring=recipe.eval.get("scoring", "exact"))
         soft_ppl = result.get("soft_ppl", soft_ppl)
         rows.append({"method": config.method, "run": run["name"], "seed": config.train.seed, "lr": config.train.lr,
@@ -223,7 +218,7 @@ def _train_and_evaluate(recipe: Recipe, run: dict, lr: float | None, seed: int |
                      "train_tokens": train_tokens, "soft_ppl": soft_ppl, "split": split,
                      "eval_tokens": result["tokens"], "scoring": result.get("scoring", "jacobi"),
                      **{key: ran.get(key, "") for key in RECORDED}})
-    _log(f"{run_dir.name}: ppl {rows[0]['ppl']:.2f}" + (f" at tau {taus[0]:g}" if taus[0] is not None else "")
+    _log(f"{rundir.path.name}: ppl {rows[0]['ppl']:.2f}" + (f" at tau {taus[0]:g}" if taus[0] is not None else "")
          + f" ({(time.monotonic() - started) / 60:.1f} min{'' if trained_now else ', trained earlier'})")
     return rows
 

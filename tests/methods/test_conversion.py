@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ponderlm.config import load_config
 from ponderlm.data import TokenShards
 from ponderlm.batching import eval_batches
-from ponderlm.hf import load_initial_weights
+from ponderlm.sources import load_initial_weights
 from ponderlm.methods import METHODS, build_model
 from ponderlm.methods.base import SOURCE_MARGIN
 from ponderlm.train import train
@@ -40,9 +40,9 @@ def converted(method, data_dir, source, *overrides):
 
 
 def source_vocab(source):
-    from ponderlm.checkpoint import read_run_config
+    from ponderlm.rundir import RunDir
 
-    return read_run_config(source).model.vocab_size
+    return RunDir(source).read_config().model.vocab_size
 
 
 def cross_entropy(logits, targets):

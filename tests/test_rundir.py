@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import ponderlm
-from ponderlm.checkpoint import latest_checkpoint, read_model_weights, with_tied_weights
+from ponderlm.checkpoint import read_model_weights, with_tied_weights
 from ponderlm.config import load_config
 from ponderlm.methods import METHODS
 from ponderlm.model import Transformer
+from ponderlm.rundir import RunDir
 from ponderlm.train import train
 
 
@@ -25,7 +26,7 @@ def test_load_fills_every_weight_from_the_checkpoint_without_initialising_any(me
     model, _ = ponderlm.load(run)
     assert initialised_on == ["meta"]  # the structure only: no random numbers drawn for weights the checkpoint has
     assert (model.backbone.lm_head.weight is model.backbone.embed_tokens.weight) == tied
-    stored = with_tied_weights(model, read_model_weights(latest_checkpoint(run)))
+    stored = with_tied_weights(model, read_model_weights(RunDir(run).latest_checkpoint()))
     assert set(stored) == set(model.state_dict())
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, stored[name]), name
