@@ -78,7 +78,7 @@ class Contender:
             self.flops_per_token = build_model(self.config).training_flops_per_token()
         else:
             wrapped = distributed.parallelize(self.model, "none", distributed.Topology(), self.config.train.compile)
-            self.loss = lambda x, y: wrapped("loss", x, y, train_step=10**9)[0]  # past any warm-up schedule
+            self.loss = lambda x, y: wrapped(x, y, train_step=10**9)[0]  # past any warm-up schedule
             self.flops_per_token = self.model.training_flops_per_token()
         self.optimizer = build_optimizer(self.model, self.config)
         self.times: list[float] = []

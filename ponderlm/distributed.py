@@ -4,9 +4,9 @@ Launch with torchrun (`torchrun --nproc-per-node N -m ponderlm train ...`, multi
 `distributed.strategy`: `none` (one process), `ddp` (DistributedDataParallel) or `fsdp` (FSDP2 `fully_shard` on
 every block, then on the root). The backend follows the device: nccl on CUDA, gloo on CPU.
 
-Methods are called through `Entry.forward(name, ...)` so that DDP and FSDP2 see a forward call (their hooks
-synchronise gradients and gather sharded parameters there). Checkpoints hold full, unsharded state keyed by
-parameter name, so a run saved at one world size resumes at any other.
+Training calls the model (`Method.forward` with targets is the training objective), so DDP and FSDP2 hook in where
+they do for any model; FSDP2 also gathers the parameters around `infer`, which validation calls. Checkpoints hold
+full, unsharded state keyed by parameter name, so a run saved at one world size resumes at any other.
 """
 
 from __future__ import annotations
@@ -61,19 +61,9 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-class Entry(nn.Module):
-    """Routes `entry(name, *args)` to `model.name(*args)` through forward(), where DDP and FSDP2 hook in."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, name: str, *args, **kwargs):
-        return getattr(self.model, name)(*args, **kwargs)
-
-
 def parallelize(model: nn.Module, strategy: str, topology: Topology, compile_blocks: bool = False) -> nn.Module:
-    """Wrap a method for training on this topology; returns the module to call as `wrapped(name, *args)`.
+    """Wrap a method for training on this topology; returns the module to call as `wrapped(inputs, targets, ...)`
+(the model itself, sharded in place under FSDP2; a DistributedDataParallel wrapper under DDP).
 
     compile_blocks: torch.compile each block first, as torchtitan does: small graphs, one compile reused by
     every layer (the first steps pay the compile time).
@@ -85,17 +75,17 @@ def parallelize(model: nn.Module, strategy: str, topology: Topology, compile_blo
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in model.backbone.layers:
             block.compile()
-    entry = Entry(model)
     if topology.world_size == 1 or strategy == "none":
-        return entry
+        return model
     if strategy == "ddp":
-        return nn.parallel.DistributedDataParallel(entry)
-    from torch.distributed.fsdp import fully_shard
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for block in model.backbone.layers:
         fully_shard(block)
-    fully_shard(entry)
-    return entry
+    fully_shard(model)
+    register_fsdp_forward_method(model, "infer")
+    return model
 
 
 def gradient_sync(wrapped: nn.Module, enabled: bool):
@@ -130,13 +120,11 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 def full_model_state(wrapped: nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded model weights, named as in the bare model (collective under FSDP: call on every rank)."""
-    state = get_model_state_dict(_inner(wrapped), options=FULL)
-    return {name.removeprefix("model."): tensor for name, tensor in state.items()}
+    return get_model_state_dict(_inner(wrapped), options=FULL)
 
 
 def load_full_model_state(wrapped: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    set_model_state_dict(_inner(wrapped), {f"model.{k}": v for k, v in state.items()},
-                         options=StateDictOptions(full_state_dict=True, strict=True))
+    set_model_state_dict(_inner(wrapped), state, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
 def full_optimizer_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

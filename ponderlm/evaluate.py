@@ -33,16 +33,10 @@ def perplexity(loss: float) -> float:
 
 @torch.no_grad()
 def evaluate_model(model: Method, shards: TokenShards, max_tokens: int | None = None, tau: float | None = None,
-                   runner=None, scoring: str = "exact") -> dict:
-    """Mean next-token NLL (nats) over the first max_tokens of a split, with pondering statistics.
-
-    runner: the distributed wrapper to call the model's parallel forward through (`runner("infer", ...)`), if any.
-    """
+                   scoring: str = "exact") -> dict:
+    """Mean next-token NLL (nats) over the first max_tokens of a split, with pondering statistics (scoring: see
+    engine.score; training validates with the parallel forward, "jacobi", which FSDP2 gathers parameters for)."""
     config = model.config
-    if runner is not None:
-        infer = lambda ids, t: runner("infer", ids, t)  # noqa: E731
-    else:
-        infer = lambda ids, t: score(model, ids, t, scoring, max_batch=len(ids))  # noqa: E731
     device = model.backbone.lm_head.weight.device
     was_training = model.training
     model.eval()
@@ -52,7 +46,7 @@ def evaluate_model(model: Method, shards: TokenShards, max_tokens: int | None = 
     batch_size = max(config.train.micro_batch_size, 16384 // config.data.seq_len)
     for inputs, targets in eval_batches(shards, config.data.seq_len, batch_size, max_tokens):
         with autocast(config, device.type):
-            logits, extra_steps = infer(inputs.to(device), tau)
+            logits, extra_steps = score(model, inputs.to(device), tau, scoring, max_batch=len(inputs))
         nll += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum").item()
         tokens += targets.numel()
         extra_steps = extra_steps.cpu()

@@ -245,7 +245,7 @@ class Trainer:
             inputs, targets = (x.to(topology.device) for x in self.sampler.batch(first, t.micro_batch_size))
             with distributed.gradient_sync(self.wrapped, micro == self.accum - 1), \
                     autocast(self.config, topology.device.type):
-                loss, stats = self.wrapped("loss", inputs, targets, train_step=step)
+                loss, stats = self.wrapped(inputs, targets, train_step=step)
             (loss / self.accum).backward()
             step_loss += loss.item() / self.accum
             for key, value in stats.items():
@@ -267,7 +267,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Validation numbers for the log. Every rank evaluates (FSDP needs them all for its gathers)."""
-        val = evaluate_model(self.model, self.val_shards, self.config.train.eval_tokens, runner=self.wrapped)
+        val = evaluate_model(self.model, self.val_shards, self.config.train.eval_tokens, scoring="jacobi")
         record = {"val_loss": val["loss"], "val_ppl": math.exp(min(val["loss"], 50.0))}
         if self.model.max_extra_steps:
             record["val_extra_steps"] = val["mean_extra_steps"]

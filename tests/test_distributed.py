@@ -55,7 +55,7 @@ def _parallel_gradients(rank, method, strategy):
     inputs, targets = batch()
     share = slice(2 * rank, 2 * rank + 2)  # each rank takes its half of the global batch
     torch.manual_seed(1)
-    loss, _ = wrapped("loss", inputs[share], targets[share])
+    loss, _ = wrapped(inputs[share], targets[share])
     loss.backward()
     return full_gradients(model)
 
@@ -84,8 +84,9 @@ def test_two_process_gradients_equal_one_process_gradients(method, strategy, tmp
         torch.testing.assert_close(parallel[name], single[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def read_losses(run_dir):
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+def read_losses(run_dir, key="loss"):
+    return {r["step"]: r[key] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if key in r}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -104,6 +105,8 @@ def test_checkpoint_from_two_processes_resumes_on_one(strategy, tiny_data_dir, t
     two = read_losses(run)
     for step in (1, 2, 3, 4):  # the same global batches, so the same losses up to reduction order
         assert two[step] == pytest.approx(read_losses(reference)[step], rel=1e-4)
+    # validation calls `infer`, which FSDP2 gathers the sharded parameters for
+    assert read_losses(run, "val_loss")[4] == pytest.approx(read_losses(reference, "val_loss")[4], rel=1e-4)
 
     shutil.rmtree(run / "checkpoints" / "step_0000004")  # continue from step 2, now on one process
     train(None, run, resume=True, progress=False)

@@ -78,7 +78,7 @@ class Method(nn.Module, ABC):
 
         train_step: the optimizer step (from 1), for objectives that follow a schedule; None outside training.
         """
-        logits = self(input_ids)
+        logits = self.infer(input_ids)[0]
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()), {}
 
     def lm_loss(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -95,8 +95,12 @@ class Method(nn.Module, ABC):
     def infer(self, input_ids: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) of the inference path and the extra steps each token ran (B, T)."""
 
-    def forward(self, input_ids: torch.Tensor, tau: float | None = None) -> torch.Tensor:
-        return self.infer(input_ids, tau)[0]
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, train_step: int | None = None):
+        """With targets, the training objective and its statistics (`loss`): training calls the module, so that DDP
+        and FSDP hook in as they do for any model. Without, the logits of the inference path at the run's tau."""
+        if targets is None:
+            return self.infer(input_ids)[0]
+        return self.loss(input_ids, targets, train_step)
 
     def inspect(self, input_ids: torch.Tensor, tau: float | None = None) -> Inspection:
         logits, extra_steps = self.infer(input_ids, tau)

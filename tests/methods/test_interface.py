@@ -64,8 +64,9 @@ def test_every_method_decodes_what_its_parallel_inference_computes(name):
 @pytest.mark.parametrize("name", METHODS)
 def test_training_loss_is_the_cross_entropy_of_the_inference_logits(name):
     """With no term beyond the cross-entropy (penalty 0; mor's balancing weight 0) and nothing pruned (tau 0), the
-    fused lm-head + cross-entropy of `loss` equals F.cross_entropy of `infer`'s logits, in value and in gradient:
-    training optimises what inference computes, for every method."""
+    fused lm-head + cross-entropy of the training objective (the module's forward with targets) equals
+    F.cross_entropy of `infer`'s logits, in value and in gradient: training optimises what inference computes, for
+    every method."""
     own_terms = ["options.mor.balance_weight=0"] if name == "mor" else []
     model = make(name, "ponder.train_refine_passes=[7]", "ponder.eval_refine_passes=7", "ponder.penalty=0", *own_terms)
     if model.adaptive:
@@ -73,8 +74,9 @@ def test_training_loss_is_the_cross_entropy_of_the_inference_logits(name):
             for parameter in (p for n, p in model.named_parameters() if not n.startswith("backbone.")):
                 parameter.normal_(0, 0.5)
     ids = torch.randint(0, VOCAB, (2, TOKENS + 1))
-    loss, _ = model.loss(ids[:, :-1], ids[:, 1:], train_step=1)
+    loss, _ = model(ids[:, :-1], ids[:, 1:], train_step=1)
     logits = model.infer(ids[:, :-1], 0.0 if model.prunable else None)[0]
+    torch.testing.assert_close(model(ids[:, :-1]), model.infer(ids[:, :-1])[0], rtol=0, atol=0)
     reference = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
     parameters = [p for p in model.parameters() if p.requires_grad]
