@@ -335,7 +335,7 @@ def _tau_help() -> str:
 
 
 def _add_data_commands(commands) -> None:
-    from ponderlm.data.prepare import SAMPLE_BYTES
+    from ponderlm.data.defaults import SAMPLE_BYTES, SHARD_TOKENS, TEST_FRACTION, VAL_FRACTION, VOCAB_SIZE
 
     data = commands.add_parser("data", help="prepare datasets").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser("prepare", help="fetch a corpus, train the tokenizer, write token shards")
@@ -345,16 +345,20 @@ def _add_data_commands(commands) -> None:
     prep.add_argument("--files", nargs="+", help="your own text instead: .txt/.jsonl/.jsonl.gz/.jsonl.zst/.parquet/"
                       ".arrow files, folders (a `datasets` save_to_disk folder too) or quoted glob patterns")
     prep.add_argument("--text-field", default="text", help="the JSON field or table column holding the text")
-    prep.add_argument("--vocab-size", type=positive_int, default=8192, help="tokens of a trained BPE (default 8192)")
+    prep.add_argument("--vocab-size", type=positive_int, default=VOCAB_SIZE,
+                      help=f"tokens of a trained BPE (default {VOCAB_SIZE})")
     prep.add_argument("--tokenizer", default="bpe", help="bpe (train one, default), gpt2, or a tokenizer.json file "
                       "or Hugging Face folder (a model's own tokenizer, e.g. for --init-from)")
     prep.add_argument("--tokenizer-sample-bytes", type=positive_int, default=SAMPLE_BYTES,
                       help=f"train the BPE on at most this much training text (default {SAMPLE_BYTES >> 20} MiB)")
     prep.add_argument("--workers", type=positive_int,
                       help="tokenizing processes (default: every core; 1: tokenize in this process)")
-    prep.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for val (default 0.05)")
-    prep.add_argument("--test-fraction", type=float, default=0.05, help="share of documents for test (default 0.05)")
-    prep.add_argument("--shard-tokens", type=positive_int, default=50_000_000, help="tokens per shard file")
+    prep.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                      help=f"share of documents for val (default {VAL_FRACTION})")
+    prep.add_argument("--test-fraction", type=float, default=TEST_FRACTION,
+                      help=f"share of documents for test (default {TEST_FRACTION})")
+    prep.add_argument("--shard-tokens", type=positive_int, default=SHARD_TOKENS,
+                      help=f"tokens per shard file (default {SHARD_TOKENS:,})")
     prep.add_argument("--cache-dir", help="download cache (default: $PONDERLM_CACHE or ~/.cache/ponderlm)")
     prep.add_argument("--seed", type=int, default=0, help="seed of the document split")
     prep.add_argument("--overwrite", action="store_true", help="replace the data in --out once the new data is "

@@ -220,9 +220,9 @@ class RunDir:
         config = self.read_config()
         checkpoint = self.require_checkpoint()
         tokenizer = self.read_tokenizer(config)
-        # No random initialisation to overwrite: the structure on the meta device, then memory, then the
-        # checkpoint, which must fill every weight (load_model_weights refuses a missing one). Issue 34 measured the
-        # init at 12 of the 15 s a 135M model took to load.
+        # No random initialisation to overwrite (most of a large model's load time before:
+        # benchmarks/results/load_time.md): the structure on the meta device, then memory, then the checkpoint,
+        # which must fill every weight (load_model_weights refuses a missing one).
         model = empty_model(config, device)
         metadata = load_model_weights(model, checkpoint)
         expected = metadata.get("tokenizer_sha256")

@@ -78,8 +78,8 @@ class TrainConfig:
     save_every: int = 200
     keep_last: int = 2  # checkpoints kept on disk
     tensorboard: bool = False
-    # torch.compile each block: 1.29x faster ponderlm3 training steps on CPU, vanilla unchanged
-    # (benchmarks/results/train_throughput.md); the first steps pay about a minute of compilation.
+    # torch.compile each block; its speed-up and the compile time the first steps pay are measured in
+    # benchmarks/results/train_throughput*.md.
     compile: bool = True
     # Start from the weights of this run directory or Hugging Face Llama folder (fresh optimizer); the model shape
     # comes from it (`ponderlm train --init-from`). Every tensor whose name and shape fit is loaded.

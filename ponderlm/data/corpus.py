@@ -18,6 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ponderlm.data.defaults import TEST_FRACTION, VAL_FRACTION
 from ponderlm.errors import PonderError
 from ponderlm.files import sha256_file
 
@@ -164,7 +165,7 @@ def _unit_hash(doc: Document, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_documents(docs: list[Document], val_fraction: float = 0.05, test_fraction: float = 0.05,
+def split_documents(docs: list[Document], val_fraction: float = VAL_FRACTION, test_fraction: float = TEST_FRACTION,
                     seed: int = 0) -> dict[str, list[Document]]:
     """Deterministic train/val/test split by document, stable across runs and Python versions."""
     bounds = {"val": (0.0, val_fraction), "test": (val_fraction, val_fraction + test_fraction),

@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from ponderlm.data.corpus import Document, fetch_default_corpus, fetch_package, load_ptb, source_record, split_documents
+from ponderlm.data.defaults import SAMPLE_BYTES, SHARD_TOKENS, TEST_FRACTION, VAL_FRACTION, VOCAB_SIZE
 from ponderlm.data.outdir import TOKENIZER_FILE, building, check_out_dir
 from ponderlm.data.inputs import PIECE_BYTES, Piece, expand_inputs, iter_texts, piece_texts, read_pieces
 from ponderlm.data.shards import METADATA_FILE, SplitWriter, write_json_atomic
@@ -40,7 +41,6 @@ from ponderlm.files import sha256_file
 SOURCES = ("default", "ptb", "files")
 TOKENIZERS = ("bpe", "gpt2")
 SPLITS = ("train", "val", "test")
-SAMPLE_BYTES = 256 << 20  # BPE training text: enough for a stable vocabulary, bounded memory
 ENCODE_CHARS = 1 << 20  # characters per encode_batch call in a worker: bounds its memory (~200 bytes a character)
 CHUNK_CHARS = 1 << 20  # a longer document is encoded in chunks of at most this many characters
 CUT = re.compile(r"\s+(?=\S)")  # reversed text: a whitespace run's start that follows a non-space
@@ -61,8 +61,8 @@ def default_workers() -> int:
 class SplitRule:
     """A document's split from sha256(seed, text): u in [0, val) is val, [val, val + test) test, the rest train."""
     seed: int = 0
-    val_fraction: float = 0.05
-    test_fraction: float = 0.05
+    val_fraction: float = VAL_FRACTION
+    test_fraction: float = TEST_FRACTION
     moved: tuple[tuple[str, str], ...] = ()  # (digest, split): documents moved into a split that stayed empty
 
     def ranges(self) -> dict[str, tuple[float, float]]:
@@ -359,11 +359,11 @@ def _check_arguments(source: str, files: list | None, tokenizer: str, workers: i
         raise PonderError("workers, the tokenizer sample bytes and the shard tokens must be at least 1")
 
 
-def prepare(out_dir: Path, source: str = "default", files: list[Path] | None = None, vocab_size: int = 8192,
+def prepare(out_dir: Path, source: str = "default", files: list[Path] | None = None, vocab_size: int = VOCAB_SIZE,
             cache_dir: Path | None = None, tokenizer: str = "bpe", seed: int = 0, overwrite: bool = False,
-            shard_tokens: int = 50_000_000, text_field: str = "text", workers: int | None = None,
-            tokenizer_sample_bytes: int = SAMPLE_BYTES, val_fraction: float = 0.05,
-            test_fraction: float = 0.05) -> dict:
+            shard_tokens: int = SHARD_TOKENS, text_field: str = "text", workers: int | None = None,
+            tokenizer_sample_bytes: int = SAMPLE_BYTES, val_fraction: float = VAL_FRACTION,
+            test_fraction: float = TEST_FRACTION) -> dict:
     """Build a data directory from a text source; returns (and writes, last) its metadata.json."""
     started, out_dir = time.time(), Path(out_dir)
     workers = default_workers() if workers is None else workers

@@ -14,6 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
+from ponderlm.data.defaults import SHARD_TOKENS
 from ponderlm.errors import PonderError
 from ponderlm.files import atomic_path, atomic_write_text, sha256_file
 
@@ -34,7 +35,7 @@ class SplitWriter:
     """Streams one split's tokens into `{split}_{i:04d}.bin` shards of `shard_tokens` each, holding none of them in
     memory: each shard is written to a temporary file, hashed as written, and renamed when full (or at `close`)."""
 
-    def __init__(self, out_dir: Path, split: str, eos_id: int, vocab_size: int, shard_tokens: int = 50_000_000):
+    def __init__(self, out_dir: Path, split: str, eos_id: int, vocab_size: int, shard_tokens: int = SHARD_TOKENS):
         self.out_dir, self.split, self.shard_tokens, self.vocab_size = Path(out_dir), split, shard_tokens, vocab_size
         self.dtype = token_dtype(vocab_size)
         self.shards: list[dict] = []
@@ -87,7 +88,7 @@ class SplitWriter:
 
 
 def write_split(token_docs: Iterable[list[int]], out_dir: Path, split: str, eos_id: int, vocab_size: int,
-                shard_tokens: int = 50_000_000) -> dict:
+                shard_tokens: int = SHARD_TOKENS) -> dict:
     """Write one split's documents (token id lists) as shards; returns the split's metadata."""
     writer = SplitWriter(out_dir, split, eos_id, vocab_size, shard_tokens)
     for ids in token_docs:

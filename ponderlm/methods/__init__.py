@@ -42,9 +42,9 @@ def model_skeleton(config: Config) -> Method:
 def empty_model(config: Config, device: torch.device | str = "cpu") -> Method:
     """The model with memory for every weight and none of them initialised, for a checkpoint to fill: built on the
     meta device, then each parameter allocated with `torch.empty` (not `Module.to_empty`, whose meta `empty_like`
-    imports sympy: 0.4 s of a 1 s load), shared weights shared again."""
+    imports sympy; benchmarks/results/load_time.md), shared weights shared again."""
     model = model_skeleton(config)
-    # Buffers computed at construction would stay garbage here; no method has one (tests/test_runs.py loads each).
+    # Buffers computed at construction would stay garbage here; no method has one (tests/test_rundir.py loads each).
     if any(True for _ in model.buffers()):
         raise NotImplementedError(f"{config.method} has buffers, which empty_model cannot fill")
     allocated: dict[int, torch.nn.Parameter] = {}
