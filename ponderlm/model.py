@@ -15,6 +15,18 @@ from torch import nn
 
 from ponderlm.schema import ModelConfig
 
+HARD_MASK = -1e9  # the key bias of a slot no query may see: finite, so nothing turns into NaN
+
+
+def init_std(hidden_size: int) -> float:
+    """The std every weight starts from, sqrt(2 / 5d) (docs/design.md §2): the backbone's and a method's own."""
+    return math.sqrt(2.0 / (5 * hidden_size))
+
+
+def init_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """Normal(0, std) truncated at two standard deviations, in place."""
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -214,14 +226,14 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        std = math.sqrt(2.0 / (5 * self.config.hidden_size))
+        std = init_std(self.config.hidden_size)
         residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         for name, module in self.named_modules():
             if module is self.lm_head and self.config.tie_word_embeddings:
                 continue  # the embedding matrix, initialised once
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 s = residual_std if name.endswith(("o_proj", "down_proj")) else std
-                nn.init.trunc_normal_(module.weight, mean=0.0, std=s, a=-2 * s, b=2 * s)
+                init_normal_(module.weight, s)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 

@@ -65,6 +65,8 @@ class Method(nn.Module, ABC):
 
     def __init__(self, config: Config, max_extra_steps: int | None = None):
         super().__init__()
+        if type(self).infer is Method.infer and type(self).inspect is Method.inspect:
+            raise TypeError(f"{type(self).__name__} implements neither infer nor inspect")
         self.config = config
         self.options = method_options(config, type(self))
         self.max_extra_steps = config.ponder.extra_steps if max_extra_steps is None else max_extra_steps
@@ -91,9 +93,11 @@ class Method(nn.Module, ABC):
 
     # ----- inference in parallel -----
 
-    @abstractmethod
     def infer(self, input_ids: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, T, V) of the inference path and the extra steps each token ran (B, T)."""
+        """Logits (B, T, V) of the inference path and the extra steps each token ran (B, T). A method implements
+        `infer`, or `inspect` where it computes the soft allocation anyway."""
+        seen = self.inspect(input_ids, tau)
+        return seen.logits, seen.extra_steps
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, train_step: int | None = None):
         """With targets, the training objective and its statistics (`loss`): training calls the module, so that DDP
@@ -103,6 +107,7 @@ class Method(nn.Module, ABC):
         return self.loss(input_ids, targets, train_step)
 
     def inspect(self, input_ids: torch.Tensor, tau: float | None = None) -> Inspection:
+        """`infer` with the expected extra steps of each token (those it ran, unless the method routes softly)."""
         logits, extra_steps = self.infer(input_ids, tau)
         return Inspection(logits, extra_steps, extra_steps.float())
 

@@ -17,6 +17,7 @@ from torch import nn
 from ponderlm.schema import Config
 from ponderlm.flops import causal_pass_flops, interleaved_inference_flops, multipass_inference_flops
 from ponderlm.methods.base import DecodeState, Method
+from ponderlm.model import init_normal_, init_std
 
 
 class FixedSteps(Method):
@@ -61,8 +62,7 @@ class Pause(FixedSteps):
     def __init__(self, config: Config):
         super().__init__(config)
         self.pause_embedding = nn.Parameter(torch.empty(config.model.hidden_size))
-        std = (2.0 / (5 * config.model.hidden_size)) ** 0.5  # initialised and scaled like a token embedding
-        nn.init.trunc_normal_(self.pause_embedding, std=std, a=-2 * std, b=2 * std)
+        init_normal_(self.pause_embedding, init_std(config.model.hidden_size))  # initialised like a token embedding
 
     def slots(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Interleaved inputs (B, T * (K + 1), d) and their positions, relative to the first token."""

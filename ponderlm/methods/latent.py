@@ -25,8 +25,8 @@ from torch import nn
 from ponderlm.schema import Config
 from ponderlm.flops import causal_pass_flops, interleaved_inference_flops
 from ponderlm.methods.base import SOURCE_MARGIN, DecodeState, Inspection, Method
+from ponderlm.model import HARD_MASK
 
-HARD_MASK = -1e9  # the bias of a pruned slot: invisible to every query, yet finite so nothing turns into NaN
 
 
 def log_tail_mass(router_logits: torch.Tensor) -> torch.Tensor:
@@ -90,12 +90,8 @@ class PonderLM2(Method):
         one_hot = F.one_hot(used, self.max_extra_steps + 1).float()
         return states[:, :, -1], used, {"_step_distribution": one_hot, "_expected_extra": used.float()}
 
-    def infer(self, input_ids: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The inference path in parallel; tau = 0 keeps every slot (the soft forward)."""
-        seen = self.inspect(input_ids, tau)
-        return seen.logits, seen.extra_steps
-
     def inspect(self, input_ids: torch.Tensor, tau: float | None = None) -> Inspection:
+        """The inference path in parallel; tau = 0 keeps every slot (the soft forward)."""
         tau = self.resolve_tau(tau)
         states = self.jacobi(input_ids, self.config.ponder.eval_refine_passes, tau)
         output, used, stats = self._output_states(states, tau)

@@ -27,6 +27,7 @@ from ponderlm.schema import Config
 from ponderlm.errors import PonderError
 from ponderlm.flops import block_flops, lm_head_flops
 from ponderlm.methods.base import SOURCE_MARGIN, DecodeState, Inspection, Method
+from ponderlm.model import init_normal_, init_std
 
 
 @dataclass
@@ -46,8 +47,8 @@ class MoR(Method):
     def __init__(self, config: Config):
         super().__init__(config)
         self.router = nn.Linear(config.model.hidden_size, self.max_extra_steps + 1)
-        std = (2.0 / (5 * config.model.hidden_size)) ** 0.5  # the backbone's init: a zero router would tie every
-        nn.init.trunc_normal_(self.router.weight, std=std, a=-2 * std, b=2 * std)  # depth and send all to depth 1
+        # The backbone's init: a zero router would tie every depth and send all to depth 1.
+        init_normal_(self.router.weight, init_std(config.model.hidden_size))
         nn.init.zeros_(self.router.bias)
         if not 0 <= self.options.fixed_depth <= self.max_extra_steps + 1:
             raise PonderError(f"options.mor.fixed_depth={self.options.fixed_depth}: a depth is 1..K + 1 = "
@@ -64,7 +65,7 @@ class MoR(Method):
             self.router.bias[0] = SOURCE_MARGIN
         return True
 
-    def route(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def choose_depths(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router weights g (..., N_r) over depths 1..N_r and the chosen depth d (...), from x_1. With a fixed depth
         g is only reported: computed without gradient, so no loss reaches the router or, through it, the backbone."""
         if self.options.fixed_depth:
@@ -88,7 +89,7 @@ class MoR(Method):
         prefill view of the engine's cache, recursion r stores its tokens' keys in group r - 1."""
         x0 = self.backbone.embed(input_ids)
         x = self.backbone.hidden_states(x0, final_norm=False, cache=cache)
-        g, depth = self.route(x)
+        g, depth = self.choose_depths(x)
         for recursion in range(2, self.max_extra_steps + 2):
             active = depth >= recursion
             if not active.any():
@@ -105,10 +106,6 @@ class MoR(Method):
         updated = self.backbone.hidden_states(x.gather(1, index), positions=order, final_norm=False, cache=cache,
                                               cache_pass=recursion - 1, slot_mask=active.gather(1, order))
         return torch.where(active[..., None], x.scatter(1, index, updated), x)
-
-    def infer(self, input_ids: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        seen = self.inspect(input_ids, tau)
-        return seen.logits, seen.extra_steps
 
     def inspect(self, input_ids: torch.Tensor, tau: float | None = None) -> Inspection:
         out, g, depth = self.recurse(input_ids)
@@ -188,7 +185,7 @@ class RecursionState(DecodeState):
         phase = self.phase[:rows]
         routed = (phase == 0).nonzero()[:, 0]  # the router reads x_1, once per token
         if len(routed):
-            g, depth = method.route(hidden[routed])
+            g, depth = method.choose_depths(hidden[routed])
             self.depth[routed], self.gate[routed] = depth, method.gate(g, depth, self.gate.dtype)
         x0, depth = self.token_embeds[:rows], self.depth[:rows]
         out = self.backbone.norm(x0 + self.gate[:rows].to(hidden.dtype) * (hidden - x0))

@@ -226,3 +226,12 @@ def test_method_options_are_typed_and_checked(tempered):
         load_config("tiny", ["options.tempered.temperature=warm"])
     with pytest.raises(PonderError, match="no method 'vanilla' takes options.*tempered"):
         load_config("tiny", ["options.vanilla.temperature=2"])
+
+
+def test_a_method_must_implement_infer_or_inspect():
+    """Each has a default made of the other: a method with neither fails at construction, not in endless recursion."""
+    class Silent(Vanilla):
+        infer, inspect = Method.infer, Method.inspect
+
+    with pytest.raises(TypeError, match="Silent implements neither infer nor inspect"):
+        Silent(load_config("tiny"))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from ponderlm.config import load_config
 from ponderlm.errors import PonderError
 from ponderlm.methods import build_model
-from ponderlm.methods.latent import HARD_MASK
+from ponderlm.model import HARD_MASK
 
 VOCAB = 43
 
