@@ -91,6 +91,12 @@ class Method(nn.Module, ABC):
     def training_flops_per_token(self) -> float:
         """Forward + backward (3x forward) FLOPs per token of one training sequence of data.seq_len tokens."""
 
+    def backprop_flops_per_token(self, stack_forward: float) -> float:
+        """3x the forward FLOPs per token of a training sequence whose layer stack costs `stack_forward` (its
+        lm-head added), for methods that backpropagate through every pass."""
+        T = self.config.data.seq_len
+        return 3 * (stack_forward + T * self.per_token_flops()) / T
+
     # ----- inference in parallel -----
 
     def infer(self, input_ids: torch.Tensor, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:

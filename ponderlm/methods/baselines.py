@@ -88,8 +88,8 @@ class Pause(FixedSteps):
 
     def training_flops_per_token(self) -> float:
         T = self.config.data.seq_len
-        forward = causal_pass_flops(self.config.model, self.num_matmul_params(), (self.max_extra_steps + 1) * T)
-        return 3 * (forward + T * self.per_token_flops()) / T
+        return self.backprop_flops_per_token(
+            causal_pass_flops(self.config.model, self.num_matmul_params(), (self.max_extra_steps + 1) * T))
 
 
 class PauseState(DecodeState):
@@ -124,8 +124,8 @@ class Loop(FixedSteps):
 
     def training_flops_per_token(self) -> float:
         T = self.config.data.seq_len
-        forward = (self.max_extra_steps + 1) * causal_pass_flops(self.config.model, self.num_matmul_params(), T)
-        return 3 * (forward + T * self.per_token_flops()) / T
+        return self.backprop_flops_per_token(
+            (self.max_extra_steps + 1) * causal_pass_flops(self.config.model, self.num_matmul_params(), T))
 
 
 class PonderLM1(Loop):

@@ -159,7 +159,7 @@ class MoR(Method):
         for recursion in range(1, depths + 1):
             n = T * (recursion <= fixed if fixed else (depths - recursion + 1) / depths)
             forward += block_flops(self.config.model, self.num_matmul_params(), n, n * (n + 1) / 2)
-        return 3 * (forward + T * self.per_token_flops()) / T
+        return self.backprop_flops_per_token(forward)
 
 
 class RecursionState(DecodeState):
