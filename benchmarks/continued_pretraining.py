@@ -66,9 +66,9 @@ def main() -> None:
     command = "python benchmarks/continued_pretraining.py " + shlex.join(sys.argv[1:])
     methods, lrs = args.methods.split(","), [float(lr) for lr in args.lrs.split(",")]
     source_run = args.source
-    if not (args.source / "config.yaml").is_file():  # a Llama folder: its step 0 is evaluated as an imported run
+    if not RunDir(args.source).holds_run():  # a Llama folder: its step 0 is evaluated as an imported run
         source_run = args.out / "runs" / "source"
-        if not (source_run / "config.yaml").is_file():
+        if not RunDir(source_run).holds_run():
             import_llama(args.source, source_run, overrides=[f"data.path={args.data}"])
     source_loss = evaluate_run(source_run, split="val", max_tokens=args.eval_tokens, data_path=args.data)["loss"]
     curves = {}
