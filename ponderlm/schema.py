@@ -64,6 +64,9 @@ class TrainConfig:
     batch_tokens: int = 16384  # tokens per optimizer step, all ranks and micro-batches together
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
     lr: float = 1e-3
+    # The method's own parts (router, gates: every parameter outside the backbone) train at lr x this; `--init-from`
+    # raises it, so that parts new to a pretrained model learn faster than the model (docs/design.md 4.4).
+    method_lr_scale: float = 1.0
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
     warmup_steps: int = 100
     weight_decay: float = 0.1
@@ -182,8 +185,9 @@ class Config:
         for key, value in finite.items():
             if not math.isfinite(value):
                 raise PonderError(f"{key} must be a finite number, got {value}")
-        if t.lr <= 0 or t.grad_clip <= 0:
-            raise PonderError(f"train.lr and train.grad_clip must be positive, got {t.lr} and {t.grad_clip}")
+        if t.lr <= 0 or t.grad_clip <= 0 or not 0 < t.method_lr_scale < math.inf:
+            raise PonderError(f"train.lr, train.method_lr_scale and train.grad_clip must be positive and finite, got "
+                              f"{t.lr}, {t.method_lr_scale} and {t.grad_clip}")
         if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
             raise PonderError(f"train.beta1 and train.beta2 must be in [0, 1), got {t.beta1} and {t.beta2}")
         if t.weight_decay < 0 or not 0 <= t.min_lr_ratio <= 1 or t.warmup_steps < 0:

@@ -81,14 +81,28 @@ def source_model_settings(source: Path) -> dict:
                       "(config.json)")
 
 
+# Continued pretraining wants a far smaller learning rate than training from scratch: a preset's lr makes the first
+# steps forget what the source knows. The method's own parts, new to the model, start on a saddle (all mass on the
+# source's path, `Method.start_as_source`) that they leave only at a rate that grows with their own lr: they train at
+# the base's lr. Both measured by benchmarks/continued_pretraining.py (docs/results/continued-pretraining).
+CONTINUED_LR_FRACTION = 0.1
+CONTINUED_METHOD_LR_SCALE = 10.0
+
+
 def init_from_config(base: str | Path | None, source: Path, overrides: list[str] | None = None) -> Config:
     """The config of a run that starts from `source` (`train --init-from`): `base` (a preset or YAML file) with the
     source's model shape and context, then the user's overrides (a conflicting `model.*` is an error); the training
-    windows (data.seq_len) are the base's or the user's."""
+    windows (data.seq_len) are the base's or the user's. Unless the overrides set them, `train.lr` is
+    `CONTINUED_LR_FRACTION` of the base's and `train.method_lr_scale` is `CONTINUED_METHOD_LR_SCALE`."""
     settings, overrides = source_model_settings(source), list(overrides or [])
     _refuse_model_overrides(overrides, settings, f"--init-from {source}")
-    return load_config(base, [*(f"model.{k}={v}" for k, v in settings.items()), *overrides,
-                              f"train.init_from={source}"])
+    shape = [f"model.{k}={v}" for k, v in settings.items()]
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    defaults = [] if "train.method_lr_scale" in given else [f"train.method_lr_scale={CONTINUED_METHOD_LR_SCALE:g}"]
+    if "train.lr" not in given:
+        base_lr = load_config(base, [*shape, *overrides]).train.lr
+        defaults.append(f"train.lr={base_lr * CONTINUED_LR_FRACTION:.6g}")
+    return load_config(base, [*shape, *defaults, *overrides, f"train.init_from={source}"])
 
 
 def check_source_tokenizer(source: Path, data_dir: Path, data_sha: str) -> None:

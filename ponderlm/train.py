@@ -53,15 +53,22 @@ def lr_at(step: int, config: Config) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norms and biases
-    groups = [{"params": decay, "weight_decay": config.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW with weight decay on matrices only (not norms and biases); with `train.method_lr_scale` other than 1, the
+    parameters outside the backbone (the method's own parts) form groups of their own at lr x that scale."""
+    t = config.train
+    named = list(model.named_parameters())
+    if t.method_lr_scale == 1:  # two groups, as every checkpoint written before the scale existed has
+        parts = [(1.0, [p for _, p in named])]
+    else:
+        parts = [(1.0, [p for n, p in named if n.startswith("backbone.")]),
+                 (t.method_lr_scale, [p for n, p in named if not n.startswith("backbone.")])]
+    groups = [{"params": [p for p in params if (p.dim() >= 2) == decays], "lr": t.lr * scale,
+               "weight_decay": t.weight_decay if decays else 0.0}
+              for scale, params in parts for decays in (True, False)]
     # The fused kernel: one pass over each parameter instead of a dozen elementwise ops (numerically equivalent up to
     # rounding). FSDP's sharded DTensor parameters keep the default implementation.
     fused = not any(isinstance(p, DTensor) for p in model.parameters())
-    return torch.optim.AdamW(groups, lr=config.train.lr, betas=(config.train.beta1, config.train.beta2),
-                             fused=fused)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
 
 
 class MetricsLog:
@@ -259,7 +266,7 @@ class Trainer:
         if not math.isfinite(grad_norm):  # a finite loss can still have inf/NaN gradients: never apply them
             raise PonderError(f"non-finite gradients at step {step} (norm {grad_norm}); nothing was applied and "
                               "the last checkpoint is intact; lower train.lr or use train.dtype=fp32")
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.optimizer.param_groups[0]["lr"]  # the backbone's (the first group's): train.lr's schedule
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

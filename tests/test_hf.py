@@ -392,7 +392,7 @@ def test_an_instruct_llama_goes_import_eval_chat_continued_pretraining_export(in
 def test_the_library_starts_from_a_source_as_the_command_line_does(tiny_data_dir, tmp_path, capsys):
     """`init_from_config` is what `train --init-from` uses; a config built by hand with another shape is refused
     before anything is written, with the way to build it."""
-    from ponderlm.sources import init_from_config
+    from ponderlm.sources import CONTINUED_LR_FRACTION, CONTINUED_METHOD_LR_SCALE, init_from_config
 
     source = tmp_path / "vanilla"
     train(load_config("tiny", [f"data.path={tiny_data_dir}", "train.steps=2", "model.hidden_size=32"]), source,
@@ -403,6 +403,11 @@ def test_the_library_starts_from_a_source_as_the_command_line_does(tiny_data_dir
     capsys.readouterr()
     config = init_from_config("tiny", source, overrides)
     assert (tmp_path / "cli" / "config.yaml").read_text() == config.to_yaml()
+    # continued pretraining: a fraction of the preset's learning rate, the router faster, unless the user says
+    assert config.train.lr == pytest.approx(load_config("tiny").train.lr * CONTINUED_LR_FRACTION)
+    assert config.train.method_lr_scale == CONTINUED_METHOD_LR_SCALE > 1
+    given = init_from_config("tiny", source, [*overrides, "train.lr=0.25", "train.method_lr_scale=1"])
+    assert (given.train.lr, given.train.method_lr_scale) == (0.25, 1)
     by_hand = load_config("tiny", [*overrides, f"train.init_from={source}"])  # the preset's hidden size, 64
     with pytest.raises(PonderError, match="model.hidden_size is 64 but train.init_from .* has 32; build the config "
                                           "with ponderlm.sources.init_from_config"):

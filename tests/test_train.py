@@ -285,3 +285,36 @@ def test_a_swapped_tokenizer_or_changed_training_data_is_refused(tiny_data_dir, 
     (data / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(PonderError, match="training data at .* changed since this run last trained"):
         train(None, run, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_the_methods_own_parts_train_at_their_scale_of_the_lr(scale):
+    """`train.method_lr_scale`: the router's first Adam step is `scale` times the backbone's (Adam's first update is
+    lr * sign(gradient)), every parameter is in exactly one group, and only matrices decay."""
+    from ponderlm.methods import build_model
+    from ponderlm.train import build_optimizer
+
+    config = load_config("tiny", ["method=ponderlm3", "model.vocab_size=64", f"train.method_lr_scale={scale}"])
+    model = build_model(config)
+    optimizer = build_optimizer(model, config)
+    grouped = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(grouped) == len(set(map(id, grouped))) == len(list(model.parameters()))
+    assert all((p.dim() >= 2) == (group["weight_decay"] > 0) for group in optimizer.param_groups
+               for p in group["params"])
+    for group in optimizer.param_groups:
+        group["weight_decay"] = 0.0  # a pure Adam step below
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in model.named_parameters()}
+    router = [moved[n] for n in moved if not n.startswith("backbone.")]
+    backbone = [moved[n] for n in moved if n.startswith("backbone.")]
+    assert router and backbone
+    assert max(backbone) == pytest.approx(config.train.lr, rel=1e-4)
+    assert min(router) == max(router) == pytest.approx(config.train.lr * scale, rel=1e-4)
+
+
+def test_a_method_lr_scale_that_is_not_positive_is_refused():
+    with pytest.raises(PonderError, match="train.method_lr_scale"):
+        load_config("tiny", ["train.method_lr_scale=0"])
