@@ -391,7 +391,8 @@ def _add_run_commands(commands) -> None:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
     tr.add_argument("--init-from", metavar="RUN_OR_HF_DIR", help="start from the weights of a run directory or a "
-                    "Hugging Face Llama folder (fresh optimizer; the model shape comes from it)")
+                    "Hugging Face Llama folder (fresh optimizer; the model shape comes from it; unless set, train.lr "
+                    "is a tenth of the config's and the method's own parts train at 10x it: train.method_lr_scale)")
     tr.set_defaults(handler=_train)
 
     ev = commands.add_parser("eval", help="evaluate a run; prints one JSON object")

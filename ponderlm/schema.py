@@ -185,9 +185,10 @@ class Config:
         for key, value in finite.items():
             if not math.isfinite(value):
                 raise PonderError(f"{key} must be a finite number, got {value}")
-        if t.lr <= 0 or t.grad_clip <= 0 or not 0 < t.method_lr_scale < math.inf:
-            raise PonderError(f"train.lr, train.method_lr_scale and train.grad_clip must be positive and finite, got "
-                              f"{t.lr}, {t.method_lr_scale} and {t.grad_clip}")
+        if t.lr <= 0 or t.grad_clip <= 0:
+            raise PonderError(f"train.lr and train.grad_clip must be positive, got {t.lr} and {t.grad_clip}")
+        if not 0 < t.method_lr_scale < math.inf:
+            raise PonderError(f"train.method_lr_scale must be a positive number, got {t.method_lr_scale}")
         if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
             raise PonderError(f"train.beta1 and train.beta2 must be in [0, 1), got {t.beta1} and {t.beta2}")
         if t.weight_decay < 0 or not 0 <= t.min_lr_ratio <= 1 or t.warmup_steps < 0:

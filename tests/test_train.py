@@ -315,6 +315,7 @@ def test_the_methods_own_parts_train_at_their_scale_of_the_lr(scale):
     assert min(router) == max(router) == pytest.approx(config.train.lr * scale, rel=1e-4)
 
 
-def test_a_method_lr_scale_that_is_not_positive_is_refused():
-    with pytest.raises(PonderError, match="train.method_lr_scale"):
-        load_config("tiny", ["train.method_lr_scale=0"])
+@pytest.mark.parametrize("scale", ["0", "-1", "inf", "nan"])
+def test_a_method_lr_scale_that_is_not_a_positive_number_is_refused(scale):
+    with pytest.raises(PonderError, match="train.method_lr_scale must be a positive number"):
+        load_config("tiny", [f"train.method_lr_scale={scale}"])
