@@ -1,9 +1,11 @@
 """Continued pretraining from a pretrained source (issue 33): validation loss over the first continued steps of
 vanilla and of adaptive methods converted from the same weights, at several learning rates.
 
-    .venv/bin/python benchmarks/continued_pretraining.py --source runs/vanilla-long --data data/default \\
-        --preset small --methods vanilla,ponderlm3 --lrs 3e-4,1e-3,3e-3 --steps 200 --eval-every 25 \\
-        --runs runs/cp-scan --out docs/results/continued-pretraining
+    .venv/bin/python benchmarks/continued_pretraining.py --source runs/cp-source --data data/default \\
+        --preset small --methods vanilla,ponderlm3 --lrs 1e-4,3e-4,1e-3,3e-3 --adaptive 3e-4x1,3e-4x10,1e-3x10 \\
+        --steps 200 --eval-every 25 --runs runs/cp-scan --out docs/results/continued-pretraining
+
+(docs/results/continued-pretraining/README.md has the source's command and what the scan found.)
 
 Every run is `train --init-from SOURCE` through the library (`ponderlm.sources.init_from_config`), fp32, router
 warm-up 0 (the default), one seed. Runs live in RUNS/METHOD-lrLR and resume where they stopped, so the scan can be
@@ -74,7 +76,7 @@ def main() -> None:
     parser.add_argument("--lrs", default="3e-4,1e-3,3e-3")
     parser.add_argument("--adaptive", default="", metavar="LRxSCALE,...",
                         help="the adaptive methods' runs: backbone lr x train.method_lr_scale (default: --lrs x 1)")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-tokens", type=int, default=65536)
     parser.add_argument("--warmup", type=int, default=20, help="train.warmup_steps of every run")
