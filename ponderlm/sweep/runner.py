@@ -100,6 +100,8 @@ def run_sweep(recipe_path: Path, out: Path, progress: bool | None = None, reuse:
                     loss = train_and_evaluate(run, lr, seeds[0], split, first_tau_only=True)[0]["loss"]
                 loss = loss if math.isfinite(loss) else math.inf  # a diverged lr loses; NaN would not compare
                 search.append({"run": run["name"], "seed": seeds[0], "lr": lr, "loss": loss, "split": split})
+                # each point as it comes: a machine lost mid-search keeps the points published (--reuse reads them)
+                write_results(rows(), out, search, recipe.compare_to, recipe.primary)
                 return loss
             lr = search_lr(lrs, loss_at, local=recipe.lr_search == "local")
             if lr in (min(lrs), max(lrs)):

@@ -218,6 +218,24 @@ def test_a_sweep_reuses_published_runs_instead_of_training_them_again(tiny_data_
         run_sweep(recipe, tmp_path / "again", progress=False, reuse=published)
 
 
+def test_a_learning_rate_search_publishes_each_point_as_it_comes(tiny_data_dir, tmp_path, monkeypatch):
+    """A machine lost in the middle of a search loses only the point in progress: lr_search.json holds the others."""
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_data_dir, [{"name": "vanilla", "set": ["method=vanilla"]}])
+    recipe.write_text(recipe.read_text()[:-1] + ', "lrs": [1e-5, 3e-3]}')
+    trained, real_train = [], sweep_module.train
+
+    def train_then_lose_the_machine(config, run_dir, **kw):
+        if trained:
+            raise KeyboardInterrupt
+        trained.append(run_dir.name)
+        return real_train(config, run_dir, **kw)
+    monkeypatch.setattr(sweep_module, "train", train_then_lose_the_machine)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(recipe, tmp_path / "sweep", progress=False)
+    search = json.loads((tmp_path / "sweep" / "lr_search.json").read_text())
+    assert [(r["run"], r["lr"]) for r in search] == [("vanilla", 1e-5)] and math.isfinite(search[0]["loss"])
+
+
 def test_run_by_run_finishes_every_seed_of_a_run_before_the_next(tiny_data_dir, tmp_path, monkeypatch):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_data_dir, RUNS)
     recipe.write_text(recipe.read_text()[:-1] + ', "seeds": [0, 1], "order": "run_by_run"}')
