@@ -51,7 +51,8 @@ def import_llama(hf_dir: Path, run_dir: Path, method: str | None = None, overrid
         raise PonderError(f"{run} is not empty; choose a new --out, or pass --overwrite to replace the run in it")
     # The folder fills the backbone: only a method with parts of its own (router, gates, ...) needs an initialised
     # model, the others skip the random initialisation (seconds at 135M).
-    own_parts = any(not name.startswith("backbone.") for name, _ in model_skeleton(config).named_parameters())
+    skeleton = model_skeleton(config)
+    own_parts = any(skeleton.is_own_part(name) for name, _ in skeleton.named_parameters())
     model = build_model(config) if own_parts else empty_model(config)
     load_initial_weights(hf_dir, model)
     created = not run.path.exists()
@@ -135,12 +136,12 @@ def load_initial_weights(source: Path, model: torch.nn.Module) -> None:
         state = llama_state(source, model.config)
     own = model.state_dict()
     fitting = {name: tensor for name, tensor in state.items() if name in own and own[name].shape == tensor.shape}
-    unfit = [name for name in own if name.startswith("backbone.") and name not in fitting
+    unfit = [name for name in own if not model.is_own_part(name) and name not in fitting
              and not (model.config.model.tie_word_embeddings and name == "backbone.lm_head.weight")]
     if unfit:
         raise PonderError(f"{source} does not hold {unfit[0]} in the shape its config describes")
     model.load_state_dict(with_tied_weights(model, fitting), strict=False)
-    if all(name in fitting for name in own if not name.startswith("backbone.")):
+    if all(name in fitting for name in own if model.is_own_part(name)):
         return  # the source had this method's parts too (a run of the same method): it continues as it was
     if not model.start_as_source():
         print(f"ponderlm: notice: a {model.config.method} model runs its extra steps on every token, so it cannot "

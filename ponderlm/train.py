@@ -60,8 +60,8 @@ def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW
     if t.method_lr_scale == 1:  # two groups, as every checkpoint written before the scale existed has
         parts = [(1.0, [p for _, p in named])]
     else:
-        parts = [(1.0, [p for n, p in named if n.startswith("backbone.")]),
-                 (t.method_lr_scale, [p for n, p in named if not n.startswith("backbone.")])]
+        parts = [(1.0, [p for n, p in named if not model.is_own_part(n)]),
+                 (t.method_lr_scale, [p for n, p in named if model.is_own_part(n)])]
     groups = [{"params": [p for p in params if (p.dim() >= 2) == decays], "lr": t.lr * scale,
                "weight_decay": t.weight_decay if decays else 0.0}
               for scale, params in parts for decays in (True, False)]

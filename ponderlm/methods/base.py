@@ -157,6 +157,11 @@ class Method(nn.Module, ABC):
 
     # ----- conversion from a model without this method's parts (`train --init-from`, `import --method`) -----
 
+    @staticmethod
+    def is_own_part(name: str) -> bool:
+        """Whether a parameter (or state-dict entry) is the method's own (router, gates, ...), not the backbone's."""
+        return not name.startswith("backbone.")
+
     def start_as_source(self) -> bool:
         """Set this method's own parts (router, gates) so that the model computes what its backbone computes alone,
         as a model converted from a source without them should at step 0 (docs/design.md §4.4); False where no
