@@ -93,41 +93,41 @@ def main() -> None:
             import_llama(args.source, source_run, overrides=[f"data.path={args.data}"])
     source_loss = evaluate_run(source_run, split="val", max_tokens=args.eval_tokens, data_path=args.data)["loss"]
     curves = {}
-    for method, lr, scale in scan(args):
-        name = run_name(method, lr, scale)
-        curves[name] = curve(run(args, method, lr, scale))
-        print(f"{name}: {curves[name]}", flush=True)
+    for spec in scan(args):
+        curves[spec] = curve(run(args, *spec))
+        print(f"{run_name(*spec)}: {curves[spec]}", flush=True)
         report(args, command, source_loss, curves)  # after every run: a scan runs for hours
     print(f"wrote {args.out / 'continued.md'}")
 
 
-def report(args, command: str, source_loss: float, curves: dict) -> None:
-    """OUT/continued.md and OUT/curves.json from the runs finished so far."""
+def report(args, command: str, source_loss: float, curves: dict[tuple[str, float, float], dict]) -> None:
+    """OUT/continued.md and OUT/curves.json from the runs finished so far, by (method, lr, method_lr_scale)."""
     steps = sorted({step for found in curves.values() for step in found})
     lines = ["# Continued pretraining from a pretrained source", "", f"Command: `{command}`", "",
              f"Machine: {describe()}; fp32, one seed per run, validation loss on the first {args.eval_tokens} "
              f"validation tokens; each cell is the loss (mean extra steps per token at the run's tau). A run is "
              f"METHOD-lrLR[-xSCALE]: the backbone at LR, the method's own parts at LR x SCALE. Source: "
              f"`{args.source}`, validation loss {source_loss:.4f} (step 0).", "",
-             "| step | " + " | ".join(curves) + " |", "|---" * (len(curves) + 1) + "|"]
+             "| step | " + " | ".join(run_name(*spec) for spec in curves) + " |", "|---" * (len(curves) + 1) + "|"]
     lines += [f"| {step} | " + " | ".join(f"{c[step][0]:.4f} ({c[step][1]:.2f})" if step in c else ""
                                           for c in curves.values()) + " |" for step in steps]
-    vanillas = [c for name, c in curves.items() if name.startswith("vanilla-")]
+    vanillas = [c for (method, _, _), c in curves.items() if method == "vanilla"]
     best_vanilla = {step: min(c[step][0] for c in vanillas if step in c) for step in steps
                     if any(step in c for c in vanillas)}
     lines += ["", "First logged step at which a run's validation loss is below vanilla's at the same lr / below "
               "vanilla's best of that step:", ""]
-    for name, found in curves.items():
-        if name.startswith("vanilla-"):
+    for (method, lr, scale), found in curves.items():
+        if method == "vanilla":
             continue
-        base = curves.get("vanilla-" + name.split("-", 1)[1].split("-x")[0], {})
+        base = curves.get(("vanilla", lr, 1.0), {})
         same = next((s for s in steps if s in found and s in base and found[s][0] < base[s][0]), None)
         best = next((s for s in steps if s in found and s in best_vanilla and found[s][0] < best_vanilla[s]), None)
-        lines.append(f"- {name}: " + " / ".join(f"step {s}" if s is not None else "not within the run"
-                                               for s in (same, best)))
+        found_at = " / ".join(f"step {s}" if s is not None else "not within the run" for s in (same, best))
+        lines.append(f"- {run_name(method, lr, scale)}: {found_at}")
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "continued.md", "\n".join(lines) + "\n")
-    atomic_write_text(args.out / "curves.json", json.dumps({"source_val_loss": source_loss, "curves": curves},
+    by_name = {run_name(*spec): found for spec, found in curves.items()}
+    atomic_write_text(args.out / "curves.json", json.dumps({"source_val_loss": source_loss, "curves": by_name},
                                                            indent=1) + "\n")
 
 
