@@ -4,9 +4,10 @@
 
 A run is RUN or RUN@TAU (a prunable run's evaluation at that tau), looked up in every results.json given (the first
 that has it); A~B is the per-seed difference A - B over the seeds both ran (e.g. RUN@0.99~RUN@0.0001: what running
-the latent steps buys each seed), so --pair X@0.99~X@0.0001 Y@0.99~Y@0.0001 tests whether Y's latent steps buy more. Each pair gives OTHER's mean perplexity minus MINE's (positive: MINE lower), its 95 % Welch interval,
-t with the Welch-Satterthwaite degrees of freedom, the two-sided p, and the paired test over the seeds both ran. The
-p-values are not adjusted: a sentence that quotes several says how many it tested.
+the latent steps buys each seed), so --pair X@0.99~X@0.0001 Y@0.99~Y@0.0001 tests whether Y's latent steps buy more.
+Each pair gives OTHER's mean perplexity minus MINE's (positive: MINE lower), its 95 % Welch interval, t with the
+Welch-Satterthwaite degrees of freedom, the two-sided p, and the paired test over the seeds both ran. The p-values are
+not adjusted: a sentence that quotes several says how many it tested.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from ponderlm.sweep.stats import paired, welch
 def seeds_of(tables: list[list[dict]], spec: str) -> dict[int, float]:
     if "~" in spec:
         minuend, subtrahend = (seeds_of(tables, part) for part in spec.split("~", 1))
-        return {seed: minuend[seed] - subtrahend[seed] for seed in sorted(set(minuend) & set(subtrahend))}
+        shared = sorted(set(minuend) & set(subtrahend))
+        if not shared:
+            sys.exit(f"sweep_tests: the two sides of {spec} share no seed")
+        return {seed: minuend[seed] - subtrahend[seed] for seed in shared}
     run, _, tau = spec.partition("@")
     for rows in tables:
         found = {r["seed"]: r["ppl"] for r in rows if r["run"] == run and r["tau"] == (float(tau) if tau else None)}
